@@ -1,0 +1,85 @@
+"""Fixtures: tiny random Kandinsky 2.2 repos and image sets on disk, and a runner that launches the real scripts
+with `accelerate launch` in a subprocess, offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+PRIOR_SCRIPT = str(REPO / "train_text_to_image_prior.py")
+DECODER_SCRIPT = str(REPO / "train_text_to_image_decoder.py")
+
+
+def offline_env(**extra):
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "DIFFUSERS_VERBOSITY": "warning", "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.pop("KANDINSKY_TRAIN_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def launch(script, args, *, env=None, check=True, launcher=None, timeout=300):
+    """Run a training script as a user does: `accelerate launch [launcher flags] script args`."""
+    launcher = launcher or ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                            "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or offline_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{Path(script).name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def checkpoints(output_dir):
+    return sorted((p.name for p in Path(output_dir).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny prior + decoder repos, an image folder and a parquet dataset, built once per session."""
+    import tiny_kandinsky
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: Path(v) for k, v in tiny_kandinsky.build_all(str(root)).items()}
+
+
+def base_args(tiny, output_dir, steps=4, **overrides):
+    """A small, fast command line shared by most tests."""
+    args = {
+        "--pretrained_prior_model_name_or_path": tiny["prior"],
+        "--pretrained_decoder_model_name_or_path": tiny["decoder"],
+        "--train_data_dir": tiny["images"],
+        "--output_dir": output_dir,
+        "--resolution": 64,
+        "--train_batch_size": 2,
+        "--max_train_steps": steps,
+        "--learning_rate": 1e-3,
+        "--lr_warmup_steps": 0,
+        "--checkpointing_steps": 1000,
+        "--seed": 0,
+        "--report_to": "none",
+        "--validation_inference_steps": 2,
+    }
+    args.update(overrides)
+    flat = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        flat.append(key)
+        if value is True:
+            continue
+        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    return flat
+
+
+def read_state(checkpoint_dir):
+    return json.loads((Path(checkpoint_dir) / "training_state.json").read_text())

@@ -1,0 +1,53 @@
+"""The options a real run combines: --use_ema, --snr_gamma, gradient accumulation, validation images in
+TensorBoard, --max_train_samples and --dataset_name on a local dataset."""
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch
+
+
+def tensorboard_events(output_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(Path(output_dir, "logs").rglob("events.out.tfevents.*"))
+    assert files, "no TensorBoard event file"
+    accumulators = []
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        accumulators.append(acc)
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for acc in accumulators
+               for tag in acc.Tags()["scalars"]}
+    images = {tag: [e.step for e in acc.Images(tag)] for acc in accumulators for tag in acc.Tags()["images"]}
+    return scalars, images
+
+
+@pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
+def test_ema_snr_accumulation_validation_and_local_dataset(script, sub, tiny, tmp_path):
+    args = base_args(tiny, tmp_path, steps=3, **{
+        "--train_data_dir": None, "--dataset_name": tiny["parquet"], "--image_column": "img",
+        "--max_train_samples": 6, "--use_ema": True, "--snr_gamma": 5.0, "--gradient_accumulation_steps": 2,
+        "--validation_prompts": ["a red circle", "a blue square"], "--validation_epochs": 1,
+        "--checkpointing_steps": 3, "--report_to": "tensorboard"})
+    if script == PRIOR_SCRIPT:
+        args += ["--caption_column", "caption"]
+    proc = launch(script, args)
+    assert "6 examples" in proc.stdout + proc.stderr  # --max_train_samples of 8
+    # 6 samples / batch 2 = 3 micro-batches, accumulation 2 -> 2 optimizer steps per epoch: 3 steps = 2 epochs
+    scalars, images = tensorboard_events(tmp_path)
+    assert [s for s, _ in scalars["train_loss"]] == [1, 2, 3]
+    assert {"lr", "grad_norm", "samples_per_second"} <= set(scalars)
+    assert len(images) == 2, images  # one tag per prompt
+    assert all(steps[-1] == 3 for steps in images.values())
+    assert len(list((tmp_path / "validation").glob("*.png"))) >= 4
+    assert (tmp_path / "val_imgs_grid.png").is_file()
+    # EMA weights are saved in the checkpoint and are what the final folder holds
+    assert checkpoints(tmp_path) == ["checkpoint-3"]
+    ema = load_file(next((tmp_path / "checkpoint-3" / f"{sub}_ema").glob("*.safetensors")))
+    raw = load_file(next((tmp_path / "checkpoint-3" / sub).glob("*.safetensors")))
+    final = load_file(next((tmp_path / sub).glob("*.safetensors")))
+    assert all((final[k] == ema[k]).all() for k in ema)
+    assert any((raw[k] != ema[k]).any() for k in ema)

@@ -1,0 +1,254 @@
+"""Runs that survive (issue: exact resume, multi-process, safe checkpoints, clear errors). Each test injects a
+fault the reference scripts do not survive: KANDINSKY_TRAIN_FAULT makes the script send itself a real signal at
+a given micro-batch ("micro:N") or in the middle of writing a checkpoint ("save:STEP")."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, offline_env, read_state
+
+
+def state_of(checkpoint, sub):
+    """Everything that defines where a run is: weights, EMA, optimizer, LR schedule, step."""
+    state = {"model": load_file(next((checkpoint / sub).glob("*.safetensors"))),
+             "optimizer": torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"],
+             "scheduler": torch.load(checkpoint / "scheduler.bin", weights_only=False),
+             "step": read_state(checkpoint)["global_step"]}
+    if (checkpoint / f"{sub}_ema").is_dir():
+        state["ema"] = load_file(next((checkpoint / f"{sub}_ema").glob("*.safetensors")))
+    return state
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    assert a["scheduler"]["_last_lr"] == b["scheduler"]["_last_lr"]
+    for key in ("model", "ema"):
+        assert set(a.get(key, {})) == set(b.get(key, {}))
+        for name, tensor in a.get(key, {}).items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
+    for index, slots in a["optimizer"].items():
+        for slot, tensor in slots.items():
+            assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(b["optimizer"][index][slot])), slot
+
+
+def trace(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script,sub,fault,resumed_from", [
+    (DECODER_SCRIPT, "unet", "micro:5:TERM", 3),   # SIGTERM between the two micro-batches of step 3
+    (PRIOR_SCRIPT, "prior", "micro:9:KILL", 4),    # SIGKILL in the second epoch; resume from checkpoint-4
+])
+def test_stopped_and_resumed_run_equals_the_uninterrupted_run(script, sub, fault, resumed_from, tiny, tmp_path):
+    # 8 images, batch 1, accumulation 2: 4 optimizer steps per epoch, shuffled; 6 steps cross an epoch boundary.
+    common = {"--train_batch_size": 1, "--gradient_accumulation_steps": 2, "--use_ema": True,
+              "--checkpointing_steps": 2, "--lr_scheduler": "cosine", "--lr_warmup_steps": 1}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    launch(script, base_args(tiny, whole, steps=6, **common),
+           env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
+    stopped = launch(script, base_args(tiny, parts, steps=6, **common), check=False,
+                     env=offline_env(KANDINSKY_TRAIN_FAULT=fault, KANDINSKY_TRAIN_TRACE=str(tmp_path / "p1.jsonl")))
+    if fault.endswith("TERM"):
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert "Received SIGTERM: saved checkpoint-3" in stopped.stdout + stopped.stderr
+        assert checkpoints(parts) == ["checkpoint-2", "checkpoint-3"]
+    else:
+        assert stopped.returncode != 0
+        assert checkpoints(parts) == ["checkpoint-2", "checkpoint-4"]
+    launch(script, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}),
+           env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "p2.jsonl")))
+    assert_same_state(state_of(whole / "checkpoint-6", sub), state_of(parts / "checkpoint-6", sub))
+    # The resumed run saw exactly the micro-batches the checkpoint had not consumed, in the same order.
+    seen = {name: [(r["epoch"], r["micro"], r["index"]) for r in trace(tmp_path / f"{name}.jsonl")]
+            for name in ("whole", "p1", "p2")}
+    assert len(seen["whole"]) == 12
+    assert seen["p2"] == seen["whole"][2 * resumed_from:]
+    assert seen["p1"][:2 * resumed_from] == seen["whole"][:2 * resumed_from]
+    first_epoch = sorted(i for _, _, idx in seen["whole"][:8] for i in idx)
+    assert first_epoch == list(range(8))
+    assert [r[2] for r in seen["whole"][:4]] != [r[2] for r in seen["whole"][8:12]]  # reshuffled per epoch
+
+
+def test_learning_rate_schedule_is_counted_in_optimizer_steps(tiny, tmp_path):
+    from test_options import tensorboard_events
+
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=6, **{
+        "--gradient_accumulation_steps": 3, "--train_batch_size": 1, "--lr_scheduler": "linear",
+        "--lr_warmup_steps": 2, "--learning_rate": 1e-3, "--report_to": "tensorboard"}))
+    logged = dict(tensorboard_events(tmp_path)[0]["lr"])
+
+    def expected(k, warmup=2, total=6):
+        return 1e-3 * (k / warmup if k < warmup else max(0.0, (total - k) / (total - warmup)))
+
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for step, value in logged.items():
+        assert math.isclose(value, expected(step), abs_tol=1e-9), (step, value, expected(step))
+
+
+DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+       "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+@pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
+def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, tiny, tmp_path):
+    env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
+    first = launch(script, base_args(tiny, tmp_path, steps=2, **{"--checkpointing_steps": 2}), launcher=DDP, env=env)
+    assert "2 process(es)" in first.stdout + first.stderr
+    assert checkpoints(tmp_path) == ["checkpoint-2"]
+    proc = launch(script, base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2,
+                                                                 "--resume_from_checkpoint": "latest"}),
+                  launcher=DDP, env=env)
+    text = proc.stdout + proc.stderr
+    assert "Resuming from" in text and "identical on all 2 processes" in text
+    assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / sub / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
+    records = trace(tmp_path / "trace.jsonl")
+    by_rank = {r: [x["index"] for x in records if x["rank"] == r and x["epoch"] == 0] for r in (0, 1)}
+    assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])  # different shards
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_kill_during_save_keeps_the_previous_checkpoint(limit, tiny, tmp_path):
+    args = base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2, "--checkpoints_total_limit": limit})
+    killed = launch(PRIOR_SCRIPT, args, check=False, env=offline_env(KANDINSKY_TRAIN_FAULT="save:4:KILL"))
+    assert killed.returncode != 0
+    assert checkpoints(tmp_path) == ["checkpoint-2"]  # rotation never ran before the new one was complete
+    assert (tmp_path / ".tmp-checkpoint-4").is_dir()  # the half-written one is set apart...
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=4, **{
+        "--checkpointing_steps": 2, "--checkpoints_total_limit": limit, "--resume_from_checkpoint": "latest"}))
+    assert "checkpoint-2" in proc.stdout + proc.stderr  # ...and `latest` ignores it
+    assert checkpoints(tmp_path) == (["checkpoint-4"] if limit else ["checkpoint-2", "checkpoint-4"])
+    assert not (tmp_path / ".tmp-checkpoint-4").exists()
+
+
+def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=4), check=False,
+                  env=offline_env(KANDINSKY_TRAIN_FAULT="micro:2:INT"))
+    assert "Received SIGINT: saved checkpoint-3" in proc.stdout + proc.stderr
+    assert checkpoints(tmp_path) == ["checkpoint-3"] and proc.returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clear errors, before the models are loaded where possible
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_direct(script, args, env=None):
+    """Plain `python script.py ...`: the error must be one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env or offline_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_errors_name_the_problem(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    bad_captions = tmp_path / "bad_captions"
+    shutil.copytree(tiny["images"], bad_captions)
+    rows = [json.loads(line) for line in (bad_captions / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["text"], rows[3]["text"] = None, 7
+    (bad_captions / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cases = [
+        (PRIOR_SCRIPT, {"--train_data_dir": None}, "Need training data: give --dataset_name"),
+        (PRIOR_SCRIPT, {"--dataset_name": tiny["parquet"]}, "Conflicting flags: give either --dataset_name"),
+        (DECODER_SCRIPT, {"--train_data_dir": empty}, "holds no images"),
+        (DECODER_SCRIPT, {"--image_column": "picture"},
+         "--image_column 'picture' is not a column of .*; its columns are: image, text"),
+        (PRIOR_SCRIPT, {"--caption_column": "caption"}, "--caption_column 'caption' is not a column"),
+        (PRIOR_SCRIPT, {"--train_data_dir": bad_captions},
+         r"2 sample\(s\) have a missing or non-string caption in column 'text' \(rows 1, 3\)"),
+        (PRIOR_SCRIPT, {"--pretrained_prior_model_name_or_path": tiny["decoder"]},
+         "--pretrained_prior_model_name_or_path .* has no prior, text_encoder, image_encoder, tokenizer, "
+         "image_processor subfolder"),
+        (DECODER_SCRIPT, {"--pretrained_decoder_model_name_or_path": tmp_path / "nowhere"},
+         "is neither a model folder nor a Hub model id"),
+        (DECODER_SCRIPT, {"--resolution": 60}, "--resolution must be a positive multiple of 8, got 60"),
+        (PRIOR_SCRIPT, {"--report_to": "wandb", "--hub_token": "hf_x"}, "would expose your token"),
+        (PRIOR_SCRIPT, {"--lr_scheduler": "warmup_cosine"}, "Unknown --lr_scheduler 'warmup_cosine'; choose one of"),
+        (DECODER_SCRIPT, {"--enable_xformers_memory_efficient_attention": True}, "needs xformers: pip install"),
+        (PRIOR_SCRIPT, {"--use_8bit_adam": True}, "needs bitsandbytes"),
+        (PRIOR_SCRIPT, {"--use_ema": True, "--use_lora": True}, "Conflicting flags: --use_ema with --use_lora"),
+        (PRIOR_SCRIPT, {"--resume_from_checkpoint": "checkpoint-old"}, "takes \"latest\" or a folder named"),
+    ]
+    import re
+
+    for script, overrides, message in cases:
+        if overrides.get("--enable_xformers_memory_efficient_attention") and _has("xformers"):
+            continue
+        if overrides.get("--use_8bit_adam") and _has("bitsandbytes"):
+            continue
+        stderr = run_direct(script, base_args(tiny, tmp_path / "out", **overrides))
+        assert re.search(message, stderr), f"{overrides}: expected {message!r} in\n{stderr[-2000:]}"
+        assert not (tmp_path / "out" / "logs").exists()
+
+
+def _has(package):
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def write_bad_images(folder, tiny):
+    folder.mkdir()
+    rows = []
+
+    def add(name, caption):
+        rows.append({"file_name": name, "text": caption})
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "good.png")
+    add("good.png", "a good image")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    add("cmyk.jpg", "a cmyk image")
+    Image.fromarray((rng.random((64, 64)) * 65535).astype(np.uint16)).save(folder / "sixteen.png")
+    add("sixteen.png", "a 16-bit image")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    add("palette.png", "a palette image")
+    Image.fromarray(np.dstack([rgb, np.full((64, 64), 128, np.uint8)])).save(folder / "rgba.png")
+    add("rgba.png", "an rgba image")
+    (folder / "zero.png").write_bytes(b"")
+    add("zero.png", "an empty file")
+    (folder / "garbage.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    add("garbage.jpg", "a corrupt file")
+    Image.fromarray(rgb).save(folder / "full.jpg")
+    (folder / "truncated.jpg").write_bytes((folder / "full.jpg").read_bytes()[:300])
+    (folder / "full.jpg").unlink()
+    add("truncated.jpg", "a truncated file")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path):
+    data = write_bad_images(tmp_path / "data", tiny)
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "out", steps=2, **{"--train_data_dir": data}))
+    text = proc.stdout + proc.stderr
+    for name in ("zero.png", "garbage.jpg", "truncated.jpg"):
+        assert f"Skipping unreadable image" in text and name in text
+    assert "5 examples (3 unreadable image(s) skipped" in text
+    assert "Data: 3 unreadable image(s) skipped" in text  # and again at the end
+
+
+def test_all_images_unreadable_is_an_error(tiny, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(b"\x89PNG broken")
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": "x"})
+                                                   for i in range(3)))
+    stderr = run_direct(PRIOR_SCRIPT, base_args(tiny, tmp_path / "out", **{"--train_data_dir": data}))
+    assert "None of the 3 images could be read" in stderr

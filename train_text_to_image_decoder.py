@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune the Kandinsky 2.2 decoder: a UNet that denoises MoVQ latents conditioned on the CLIP image embedding.
+The MoVQ and the CLIP image encoder stay frozen. Same command line as diffusers'
+examples/kandinsky2_2/text_to_image/train_text_to_image_decoder.py, plus the flags listed in README.md."""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+import train_common as common
+
+STAGE = "decoder"
+DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
+PRIOR_SUBFOLDERS_NEEDED = ["image_encoder", "image_processor"]
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Fine-tune the Kandinsky 2.2 decoder (UNet).")
+    common.add_common_arguments(parser, STAGE)
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                        help="Use xformers' memory-efficient attention in the UNet.")
+    args = parser.parse_args(input_args)
+    return common.finish_args(args)
+
+
+def main(args):
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline, UNet2DConditionModel
+    from diffusers import VQModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    common.check_args(args, STAGE)
+    prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    common.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
+    needed = PRIOR_SUBFOLDERS_NEEDED + (["prior", "text_encoder", "tokenizer", "scheduler"]
+                                        if args.validation_prompts else [])
+    common.check_model_repo(prior_path, needed, "--pretrained_prior_model_name_or_path")
+    load = dict(cache_dir=args.cache_dir)
+    with common.loading("MoVQ configuration", "--pretrained_decoder_model_name_or_path", decoder_path):
+        movq_config = VQModel.load_config(decoder_path, subfolder="movq", **load)
+    scale = 2 ** (len(movq_config["block_out_channels"]) - 1)
+    if args.resolution % scale:
+        common.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
+    accelerator = common.make_accelerator(args)
+    dataset, report = common.load_training_data(args)
+
+    weight_dtype = common.weight_dtype_of(accelerator)
+    device = accelerator.device
+    with common.loading("decoder model", "--pretrained_decoder_model_name_or_path", decoder_path):
+        noise_scheduler = DDPMScheduler.from_pretrained(decoder_path, subfolder="scheduler", **load)
+        movq = VQModel.from_pretrained(decoder_path, subfolder="movq", torch_dtype=weight_dtype, **load)
+        unet = UNet2DConditionModel.from_pretrained(decoder_path, subfolder="unet", **load)
+    with common.loading("CLIP image encoder", "--pretrained_prior_model_name_or_path", prior_path):
+        image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            prior_path, subfolder="image_encoder", torch_dtype=weight_dtype, **load)
+    movq.eval().requires_grad_(False).to(device)
+    image_encoder.eval().requires_grad_(False).to(device)
+
+    validation_embeds = []
+    if args.validation_prompts:
+        # The prior is frozen here, so the prompts' image embeddings are computed once and the prior freed.
+        with common.loading("prior (used for validation prompts)", "--pretrained_prior_model_name_or_path",
+                            prior_path):
+            prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
+                prior_path, image_encoder=image_encoder, image_processor=image_processor, torch_dtype=weight_dtype,
+                **load)
+        prior_pipe.set_progress_bar_config(disable=True)
+        prior_pipe.prior.to(device)
+        prior_pipe.text_encoder.to(device)
+        generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+        with torch.no_grad(), accelerator.autocast():
+            for prompt in args.validation_prompts:
+                for _ in range(args.num_validation_images):
+                    out = prior_pipe(prompt, num_inference_steps=args.validation_inference_steps,
+                                     guidance_scale=args.validation_guidance_scale, generator=generator)
+                    validation_embeds.append((prompt, out.image_embeds, out.negative_image_embeds))
+        del prior_pipe
+
+    if args.use_lora:
+        common.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    unet.train()
+
+    def make_sample(image, row):
+        pixels = np.asarray(common.center_crop_resize(image, args.resolution), dtype=np.float32) / 127.5 - 1.0
+        return {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1),
+                "clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0]}
+
+    def encode(batch):
+        return {"latents": movq.encode(batch["pixel_values"].to(device, weight_dtype)).latents,
+                "image_embeds": image_encoder(batch["clip_pixel_values"].to(device, weight_dtype)).image_embeds}
+
+    # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
+    with torch.no_grad():
+        crop = image_processor.crop_size
+        zero_embed = image_encoder(torch.zeros(1, 3, crop["height"], crop["width"], device=device,
+                                               dtype=weight_dtype)).image_embeds
+
+    def compute_loss(model, features, generator):
+        latents = features["latents"].to(device, non_blocking=True)
+        image_embeds = features["image_embeds"].to(device, non_blocking=True)
+        bsz = latents.shape[0]
+        if args.conditioning_dropout_prob > 0:
+            drop = torch.rand(bsz, device=device, generator=generator) < args.conditioning_dropout_prob
+            image_embeds = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), image_embeds)
+        noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
+                                  generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        # The UNet also predicts the variance in its last 4 channels; only the first 4 are trained.
+        pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": image_embeds}).sample[:, :4]
+        return common.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+
+    def validate(model):
+        pipe = KandinskyV22Pipeline(unet=model, scheduler=noise_scheduler, movq=movq)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+        images = []
+        with torch.no_grad(), accelerator.autocast(), common.on_device(device, movq):
+            for prompt, embeds, negative in validation_embeds:
+                image = pipe(image_embeds=embeds, negative_image_embeds=negative, height=args.resolution,
+                             width=args.resolution, num_inference_steps=args.validation_inference_steps,
+                             guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
+                images.append((prompt, image))
+        return images
+
+    def free_frozen():
+        movq.to("cpu")  # the decoder's validation still needs the MoVQ, on the CPU until then
+        image_encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    samples = common.TrainingSamples(dataset, args.image_column, make_sample)
+    stage = common.Stage(
+        name="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode, loss=compute_loss,
+        validate=validate if args.validation_prompts else None, free_frozen=free_frozen,
+        frozen_models=(movq, image_encoder),
+        cache_key={"stage": STAGE, "resolution": args.resolution, "image_processor": image_processor.to_dict()})
+    model, ema, images = common.train(args, accelerator, stage, samples, dataset._fingerprint, report)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(args, accelerator, model, ema, images, noise_scheduler)
+    accelerator.end_training()
+
+
+def save_final(args, accelerator, unet, ema, images, scheduler):
+    """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora). Its model card
+    names the prior, so AutoPipelineForText2Image can load the pair from OUTPUT_DIR alone."""
+    from diffusers import KandinskyV22Pipeline, VQModel
+
+    decoder_path, prior_path = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
+    prior_ref = os.path.abspath(prior_path) if os.path.isdir(prior_path) else prior_path
+    prompt = (args.validation_prompts or ["a photo"])[0]
+    if args.use_lora:
+        unet.save_lora_adapter(args.output_dir)
+        snippet = f'''
+import torch
+from diffusers import AutoPipelineForText2Image
+
+pipe = AutoPipelineForText2Image.from_pretrained("{decoder_path}", torch_dtype=torch.float16).to("cuda")
+pipe.unet.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None)
+image = pipe("{prompt}").images[0]'''
+    else:
+        if ema is not None:
+            ema.copy_to(unet.parameters())
+        movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored
+        KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(args.output_dir)
+        snippet = f'''
+import torch
+from diffusers import AutoPipelineForText2Image
+
+pipe = AutoPipelineForText2Image.from_pretrained("{args.hub_model_id or args.output_dir}",
+                                                 torch_dtype=torch.float16).to("cuda")
+image = pipe("{prompt}").images[0]'''
+    common.write_model_card(args, "Kandinsky 2.2 decoder" + (" LoRA" if args.use_lora else ""), decoder_path,
+                            snippet, images, extra_yaml={"prior": [prior_ref]},
+                            wandb_url=common.wandb_run_url(accelerator))
+    if args.push_to_hub:
+        repo_id = common.push_output(args, STAGE)
+        accelerator.print(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+    accelerator.print(f"Saved the fine-tuned decoder pipeline to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    common.main_guard(lambda: main(parse_args()))

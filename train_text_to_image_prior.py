@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune the Kandinsky 2.2 prior: a PriorTransformer that predicts the CLIP image embedding of a picture from
+its caption. The CLIP text and image encoders stay frozen. Same command line as diffusers'
+examples/kandinsky2_2/text_to_image/train_text_to_image_prior.py, plus the flags listed in README.md."""
+
+import argparse
+import os
+
+import torch
+
+import train_common as common
+
+STAGE = "prior"
+PRIOR_SUBFOLDERS = ["prior", "text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler"]
+DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Fine-tune the Kandinsky 2.2 prior.")
+    common.add_common_arguments(parser, STAGE)
+    parser.add_argument("--caption_column", type=str, default="text",
+                        help="The dataset column that holds the captions.")
+    args = parser.parse_args(input_args)
+    return common.finish_args(args)
+
+
+def enable_prior_gradient_checkpointing(prior):
+    """PriorTransformer has no built-in gradient checkpointing: recompute each transformer block in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in prior.transformer_blocks:
+        def checkpointed(*inputs, _forward=block.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *inputs, use_reentrant=False, **kwargs)
+            return _forward(*inputs, **kwargs)
+
+        block.forward = checkpointed
+
+
+def main(args):
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline, PriorTransformer
+    from diffusers import UnCLIPScheduler
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPVisionModelWithProjection
+
+    common.check_args(args, STAGE)
+    prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    common.check_model_repo(prior_path, PRIOR_SUBFOLDERS, "--pretrained_prior_model_name_or_path")
+    if args.validation_prompts:
+        common.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
+    accelerator = common.make_accelerator(args)
+    dataset, report = common.load_training_data(args, caption_column=args.caption_column)
+
+    weight_dtype = common.weight_dtype_of(accelerator)
+    device = accelerator.device
+    load = dict(cache_dir=args.cache_dir)
+    with common.loading("prior model", "--pretrained_prior_model_name_or_path", prior_path):
+        tokenizer = CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer", **load)
+        image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(
+            prior_path, subfolder="text_encoder", torch_dtype=weight_dtype, **load).eval().requires_grad_(False)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            prior_path, subfolder="image_encoder", torch_dtype=weight_dtype, **load).eval().requires_grad_(False)
+        prior = PriorTransformer.from_pretrained(prior_path, subfolder="prior", **load)
+        inference_scheduler = UnCLIPScheduler.from_pretrained(prior_path, subfolder="scheduler", **load)
+    decoder_pipe = None
+    if args.validation_prompts:
+        # The decoder renders the prior's embeddings at validation: loaded once, it waits on the CPU.
+        with common.loading("decoder (used to render validation images)", "--pretrained_decoder_model_name_or_path",
+                            decoder_path):
+            decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_path, torch_dtype=weight_dtype, **load)
+        decoder_pipe.set_progress_bar_config(disable=True)
+    noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+
+    # clip_mean / clip_std are the image-embedding statistics, not weights to learn: frozen, which also keeps
+    # DistributedDataParallel from waiting for gradients they never get.
+    prior.clip_mean.requires_grad_(False)
+    prior.clip_std.requires_grad_(False)
+    if not torch.all(prior.clip_std != 0):
+        common.fail(f"The prior in {prior_path!r} has zeros in clip_std (an untrained PriorTransformer?); training "
+                    "divides the image embeddings by it. Start from a trained Kandinsky 2.2 prior.")
+    clip_mean, clip_std = prior.clip_mean.detach().to(device), prior.clip_std.detach().to(device)
+    if args.use_lora:
+        common.add_lora(args, prior, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    if args.gradient_checkpointing:
+        enable_prior_gradient_checkpointing(prior)
+    prior.train()
+    text_encoder.to(device)
+    image_encoder.to(device)
+
+    def tokenize(captions):
+        tokens = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                           return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask.bool()
+
+    def make_sample(image, row):
+        input_ids, mask = tokenize([common.caption_text(row[args.caption_column])])
+        return {"clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0],
+                "text_input_ids": input_ids[0], "text_mask": mask[0]}
+
+    def encode(batch):
+        text = text_encoder(batch["text_input_ids"].to(device))
+        return {"prompt_embeds": text.text_embeds, "text_hidden_states": text.last_hidden_state,
+                "text_mask": batch["text_mask"].to(device),
+                "image_embeds": image_encoder(batch["clip_pixel_values"].to(device, weight_dtype)).image_embeds}
+
+    # The unconditional input that classifier-free guidance uses at inference: the empty caption.
+    with torch.no_grad():
+        empty_ids, empty_mask = tokenize([""])
+        empty = text_encoder(empty_ids.to(device))
+        uncond = {"prompt_embeds": empty.text_embeds, "text_hidden_states": empty.last_hidden_state,
+                  "text_mask": empty_mask.to(device)}
+
+    def compute_loss(model, features, generator):
+        features = {k: v.to(device, non_blocking=True) for k, v in features.items()}
+        image_embeds = features["image_embeds"]
+        bsz = image_embeds.shape[0]
+        if args.conditioning_dropout_prob > 0:
+            drop = torch.rand(bsz, device=device, generator=generator) < args.conditioning_dropout_prob
+            for key, value in uncond.items():
+                features[key] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), value.expand_as(features[key]),
+                                            features[key])
+        noise = torch.randn(image_embeds.shape, device=device, generator=generator, dtype=image_embeds.dtype)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
+                                  generator=generator)
+        target = (image_embeds - clip_mean) / clip_std  # the prior works on normalised embeddings
+        noisy = noise_scheduler.add_noise(target, noise, timesteps)
+        pred = model(noisy, timestep=timesteps, proj_embedding=features["prompt_embeds"],
+                     encoder_hidden_states=features["text_hidden_states"],
+                     attention_mask=features["text_mask"]).predicted_image_embedding
+        return common.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+
+    def prior_pipeline(model):
+        return KandinskyV22PriorPipeline(prior=model, image_encoder=image_encoder, text_encoder=text_encoder,
+                                         tokenizer=tokenizer, scheduler=inference_scheduler,
+                                         image_processor=image_processor)
+
+    def validate(model):
+        pipe = prior_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+        images = []
+        with torch.no_grad(), accelerator.autocast(), common.on_device(device, text_encoder, image_encoder,
+                                                                       decoder_pipe.unet, decoder_pipe.movq):
+            for prompt in args.validation_prompts:
+                for _ in range(args.num_validation_images):
+                    embeds = pipe(prompt, num_inference_steps=args.validation_inference_steps,
+                                  guidance_scale=args.validation_guidance_scale, generator=generator)
+                    image = decoder_pipe(image_embeds=embeds.image_embeds,
+                                         negative_image_embeds=embeds.negative_image_embeds,
+                                         height=args.resolution, width=args.resolution,
+                                         num_inference_steps=args.validation_inference_steps,
+                                         guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
+                    images.append((prompt, image))
+        return images
+
+    def free_frozen():
+        text_encoder.to("cpu")
+        image_encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    samples = common.TrainingSamples(dataset, args.image_column, make_sample)
+    stage = common.Stage(
+        name="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
+        validate=validate if args.validation_prompts else None, free_frozen=free_frozen,
+        frozen_models=(text_encoder, image_encoder),
+        cache_key={"stage": STAGE, "caption_column": args.caption_column,
+                   "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)})
+    model, ema, images = common.train(args, accelerator, stage, samples, dataset._fingerprint, report)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(args, accelerator, model, ema, images, tokenizer, image_processor, inference_scheduler)
+    accelerator.end_training()
+
+
+def save_final(args, accelerator, prior, ema, images, tokenizer, image_processor, scheduler):
+    """OUTPUT_DIR becomes a KandinskyV22PriorPipeline folder (or a LoRA adapter file with --use_lora)."""
+    from diffusers import KandinskyV22PriorPipeline
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    prior_path = args.pretrained_prior_model_name_or_path
+    if args.use_lora:
+        prior.save_lora_adapter(args.output_dir)
+        snippet = f'''
+import torch
+from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
+
+prior = KandinskyV22PriorPipeline.from_pretrained("{prior_path}", torch_dtype=torch.float16)
+prior.prior.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None)
+pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
+    **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
+image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
+    else:
+        if ema is not None:
+            ema.copy_to(prior.parameters())
+        # The frozen encoders are saved as they were stored, not in the training's half precision.
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_path, subfolder="text_encoder",
+                                                                   cache_dir=args.cache_dir)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder",
+                                                                      cache_dir=args.cache_dir)
+        KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
+                                  tokenizer=tokenizer, scheduler=scheduler,
+                                  image_processor=image_processor).save_pretrained(args.output_dir)
+        snippet = f'''
+import torch
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+prior = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}", torch_dtype=torch.float16)
+pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
+    **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
+image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
+    common.write_model_card(args, "Kandinsky 2.2 prior" + (" LoRA" if args.use_lora else ""), prior_path, snippet,
+                            images, wandb_url=common.wandb_run_url(accelerator))
+    if args.push_to_hub:
+        repo_id = common.push_output(args, STAGE)
+        accelerator.print(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+    accelerator.print(f"Saved the fine-tuned prior pipeline to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    common.main_guard(lambda: main(parse_args()))
