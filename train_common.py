@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -288,7 +289,11 @@ def load_training_data(args, caption_column=None):
         except Exception as error:  # datasets raises many types for "not found / offline / bad format"
             fail(f"Could not load --dataset_name {args.dataset_name!r}: {str(error).splitlines()[0]}")
     else:
-        loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv
+            fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
+                 f"{str(error).strip().splitlines()[-1]}")
     if "train" not in loaded:
         fail(f"The dataset has no 'train' split (splits: {', '.join(loaded)}).")
     dataset = loaded["train"]
@@ -474,7 +479,8 @@ class EmbeddingCache:
         for batch in tqdm(loader, desc=f"Caching frozen outputs ({rank + 1}/{world})",
                           disable=not accelerator.is_local_main_process):
             index = batch.pop("index")
-            out = encode(batch)
+            with torch.no_grad():
+                out = encode(batch)
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.detach().cpu())
             parts.setdefault("index", []).append(index)
@@ -505,7 +511,7 @@ class CachedSamples(torch.utils.data.Dataset):
         return len(next(iter(self.tensors.values())))
 
     def __getitem__(self, index):
-        return {key: value[index] for key, value in self.tensors.items()}
+        return {"index": index, **{key: value[index] for key, value in self.tensors.items()}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -676,6 +682,8 @@ def make_accelerator(args):
     import diffusers
     import transformers
 
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated")
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else lib.utils.logging.set_verbosity_error)()
@@ -983,7 +991,8 @@ def train(args, accelerator, stage, samples, dataset_fingerprint, report):
                 batch.pop("index", None)
                 if encode is not None:
                     with torch.no_grad():
-                        batch = encode(batch)
+                        # contiguous, as cached tensors are: the layout decides which kernels run
+                        batch = {k: v.contiguous() for k, v in encode(batch).items()}
                 loss = stage.loss(model, batch, generator)
                 accelerator.backward(loss)
                 grad_norm = None
@@ -1091,7 +1100,7 @@ def write_model_card(args, stage_title, base_model, inference_snippet, images, e
         image_grid([image for _, image in images]).save(grid_path)
     data = ModelCardData(
         license="apache-2.0",  # the license of Kandinsky 2.2
-        base_model=base_model,
+        base_model=None if os.path.isdir(base_model) else base_model,  # the Hub only accepts model ids here
         datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
         tags=["kandinsky", "text-to-image", "diffusers", "diffusers-training"],
         library_name="diffusers",

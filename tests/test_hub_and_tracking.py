@@ -42,7 +42,8 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     assert all(k.split("/")[1] == stage for k in pushed), pushed
     card = ModelCard.load(output / "README.md")
     assert {"kandinsky", "text-to-image", "diffusers", "diffusers-training"} <= set(card.data.tags)
-    assert card.data.license == "apache-2.0" and card.data.base_model
+    assert card.data.license == "apache-2.0"
+    assert card.data.base_model is None  # a local base model is named in the text, not as a Hub id
     assert not card.data.datasets  # trained from a local folder: no `datasets: [None]`
     assert "val_imgs_grid.png" in card.text and "from_pretrained" in card.text
     assert "wandb" not in card.text.lower()
@@ -80,3 +81,20 @@ def test_start_line_summarises_the_run(tiny, tmp_path):
     text = proc.stdout + proc.stderr
     assert "8 examples" in text and "1 optimizer steps" in text and "accumulation = 4" in text
     assert "trainable parameters" in text and "precision no" in text
+
+
+def test_model_card_fields_for_hub_models_and_datasets(tmp_path):
+    from huggingface_hub import ModelCard
+
+    import train_text_to_image_prior as prior
+
+    args = prior.parse_args(["--dataset_name", "lambdalabs/naruto-blip-captions", "--output_dir", str(tmp_path)])
+    card_path = tmp_path / "README.md"
+    import train_common
+
+    train_common.write_model_card(args, "Kandinsky 2.2 prior", "kandinsky-community/kandinsky-2-2-prior",
+                                  "print('hi')", images=None, wandb_url="https://wandb.ai/me/run/1")
+    card = ModelCard.load(card_path)
+    assert card.data.base_model == "kandinsky-community/kandinsky-2-2-prior"
+    assert card.data.datasets == ["lambdalabs/naruto-blip-captions"]
+    assert "https://wandb.ai/me/run/1" in card.text and "print('hi')" in card.text

@@ -115,7 +115,7 @@ def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, tiny, 
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / sub / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
     records = trace(tmp_path / "trace.jsonl")
-    by_rank = {r: [x["index"] for x in records if x["rank"] == r and x["epoch"] == 0] for r in (0, 1)}
+    by_rank = {r: [i for x in records if x["rank"] == r and x["epoch"] == 0 for i in x["index"]] for r in (0, 1)}
     assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])  # different shards
 
 
@@ -160,8 +160,13 @@ def test_errors_name_the_problem(tiny, tmp_path):
     bad_captions = tmp_path / "bad_captions"
     shutil.copytree(tiny["images"], bad_captions)
     rows = [json.loads(line) for line in (bad_captions / "metadata.jsonl").read_text().splitlines()]
-    rows[1]["text"], rows[3]["text"] = None, 7
+    rows[1]["text"] = None
+    del rows[3]["text"]
     (bad_captions / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    mixed = tmp_path / "mixed_captions"
+    shutil.copytree(tiny["images"], mixed)
+    rows[1]["text"] = 7
+    (mixed / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cases = [
         (PRIOR_SCRIPT, {"--train_data_dir": None}, "Need training data: give --dataset_name"),
         (PRIOR_SCRIPT, {"--dataset_name": tiny["parquet"]}, "Conflicting flags: give either --dataset_name"),
@@ -171,6 +176,8 @@ def test_errors_name_the_problem(tiny, tmp_path):
         (PRIOR_SCRIPT, {"--caption_column": "caption"}, "--caption_column 'caption' is not a column"),
         (PRIOR_SCRIPT, {"--train_data_dir": bad_captions},
          r"2 sample\(s\) have a missing or non-string caption in column 'text' \(rows 1, 3\)"),
+        (PRIOR_SCRIPT, {"--train_data_dir": mixed},
+         "Could not read the image folder --train_data_dir .* and its metadata file: .*changed from string to number"),
         (PRIOR_SCRIPT, {"--pretrained_prior_model_name_or_path": tiny["decoder"]},
          "--pretrained_prior_model_name_or_path .* has no prior, text_encoder, image_encoder, tokenizer, "
          "image_processor subfolder"),
