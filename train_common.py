@@ -462,7 +462,7 @@ class EmbeddingCache:
         self.folder = Path(root) / fingerprint[:24]
         self.fingerprint = fingerprint
 
-    def complete(self, num_processes):
+    def complete(self):
         meta = self.folder / "meta.json"
         return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == self.fingerprint
 
@@ -695,8 +695,11 @@ def make_accelerator(args):
     return accelerator
 
 
-def resolve_seed(args, resume_path):
-    """The run's base seed: the flag, else the one recorded in the checkpoint, else a fresh one."""
+def resolve_seed(args, resume_path, accelerator):
+    """The run's base seed: the flag, else the one recorded in the checkpoint, else a fresh one drawn by the main
+    process (every process must shuffle the data alike for the shards not to overlap)."""
+    from accelerate.utils import broadcast_object_list
+
     if resume_path is not None:
         with open(os.path.join(resume_path, STATE_FILE)) as f:
             recorded = json.load(f).get("seed")
@@ -705,7 +708,7 @@ def resolve_seed(args, resume_path):
         return args.seed if args.seed is not None else recorded
     if args.seed is not None:
         return args.seed
-    return int.from_bytes(os.urandom(4), "little")
+    return broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
 
 
 class LaggedLogger:
@@ -759,10 +762,10 @@ class Stage:
     model_cls: type
     encode: Callable  # batch of raw samples -> dict of frozen-model outputs (no grad)
     loss: Callable  # (wrapped model, outputs of encode, generator) -> scalar loss
-    validate: Optional[Callable] = None  # (model with the weights to show) -> list of (prompt, PIL image)
-    free_frozen: Optional[Callable] = None  # drop the frozen encoders from the device (after caching)
+    validate: Callable  # (model with the weights to show) -> list of (prompt, PIL image)
+    make_sample: Callable  # (RGB image, dataset row) -> dict of tensors for `encode`
+    frozen_models: tuple  # the encoders whose outputs `encode` returns: fingerprinted, freed after caching
     cache_key: dict = field(default_factory=dict)  # what, beside data and frozen weights, the cache depends on
-    frozen_models: tuple = ()
 
 
 @contextlib.contextmanager
@@ -805,7 +808,7 @@ def add_lora(args, model, target_modules):
             p.data = p.data.float()  # adapters train in fp32 even when the base is half precision
 
 
-def train(args, accelerator, stage, samples, dataset_fingerprint, report):
+def train(args, accelerator, stage, dataset, report):
     """The Accelerate loop shared by both stages: data, optimizer, schedule, resume, EMA, checkpoints,
     preemption, logging and validation. Returns the EMA object (or None) for the script's final save."""
     from diffusers.optimization import get_scheduler
@@ -813,25 +816,29 @@ def train(args, accelerator, stage, samples, dataset_fingerprint, report):
     from tqdm.auto import tqdm
 
     resume_path = resolve_resume(args)
-    seed = resolve_seed(args, resume_path)
+    seed = resolve_seed(args, resume_path, accelerator)
+    accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
     model = stage.model
     device = accelerator.device
+    samples = TrainingSamples(dataset, args.image_column, stage.make_sample)
 
     # Frozen outputs: cached once, or recomputed every step.
     if args.cache_embeddings:
         from datasets.fingerprint import Hasher
 
-        key = {"data": dataset_fingerprint, "frozen": model_fingerprint(*stage.frozen_models),
+        key = {"data": dataset._fingerprint, "frozen": model_fingerprint(*stage.frozen_models),
                "dtype": str(weight_dtype_of(accelerator)), **stage.cache_key}
         cache = EmbeddingCache(args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache"),
                                Hasher.hash(key))
-        if cache.complete(accelerator.num_processes):
+        if cache.complete():
             logger.info(f"Reusing cached frozen outputs from {cache.folder}")
         else:
             cache.build(accelerator, samples, stage.encode, args.train_batch_size)
         train_samples, encode = CachedSamples(cache.load()), None
-        if stage.free_frozen is not None:
-            stage.free_frozen()
+        for frozen in stage.frozen_models:  # not needed until validation, which brings back what it uses
+            frozen.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     else:
         train_samples, encode = samples, stage.encode
 
@@ -857,10 +864,10 @@ def train(args, accelerator, stage, samples, dataset_fingerprint, report):
     if args.use_ema:
         ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=stage.model_cls,
                        model_config=model.config, foreach=args.foreach_ema)
-        if args.offload_ema:
-            ema.pin_memory() if device.type == "cuda" else None
-        else:
+        if not args.offload_ema:
             ema.to(device)
+        elif device.type == "cuda":
+            ema.pin_memory()  # faster copies to and from the GPU at each update
 
     def save_hook(models, weights, output_dir):
         # Every rank pops the weights it handles (DeepSpeed-safe); only the main process writes.
@@ -960,12 +967,11 @@ def train(args, accelerator, stage, samples, dataset_fingerprint, report):
             ema.restore(unwrapped.parameters())
 
     def run_validation(step):
-        if stage.validate is None or not args.validation_prompts:
+        if not args.validation_prompts or not accelerator.is_main_process:  # one process renders
             return []
         images = with_ema_weights(stage.validate)
-        if accelerator.is_main_process:
-            log_images(accelerator, images, step)
-            save_validation_images(args.output_dir, images, step)
+        log_images(accelerator, images, step)
+        save_validation_images(args.output_dir, images, step)
         return images
 
     # KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch (a debugging aid; tests use it
@@ -1152,14 +1158,20 @@ def wandb_run_url(accelerator):
     return None
 
 
-def push_output(args, stage_name):
+def publish(args, accelerator, stage_name, base_model, snippet, images, extra_yaml=None):
+    """Write the model card of the saved output and, with --push_to_hub, upload the folder (no checkpoints, logs,
+    validation images or cache)."""
     from huggingface_hub import upload_folder
 
-    repo_id = hub_repo_id(args)
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                  commit_message=f"Fine-tuned Kandinsky 2.2 {stage_name}",
-                  ignore_patterns=HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**", "validation/**"])
-    return repo_id
+    title = f"Kandinsky 2.2 {stage_name}" + (" LoRA" if args.use_lora else "")
+    write_model_card(args, title, base_model, snippet, images, extra_yaml, wandb_url=wandb_run_url(accelerator))
+    if args.push_to_hub:
+        repo_id = hub_repo_id(args)
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                      commit_message=f"Fine-tuned {title}",
+                      ignore_patterns=HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**", "validation/**"])
+        accelerator.print(f"Pushed {args.output_dir} to {repo_id}")
+    accelerator.print(f"Saved the fine-tuned {title} to {args.output_dir}")
 
 
 def main_guard(main):

@@ -60,7 +60,7 @@ def main(args):
     image_encoder.eval().requires_grad_(False).to(device)
 
     validation_embeds = []
-    if args.validation_prompts:
+    if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
         # The prior is frozen here, so the prompts' image embeddings are computed once and the prior freed.
         with common.loading("prior (used for validation prompts)", "--pretrained_prior_model_name_or_path",
                             prior_path):
@@ -140,19 +140,11 @@ def main(args):
                 images.append((prompt, image))
         return images
 
-    def free_frozen():
-        movq.to("cpu")  # the decoder's validation still needs the MoVQ, on the CPU until then
-        image_encoder.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    samples = common.TrainingSamples(dataset, args.image_column, make_sample)
     stage = common.Stage(
         name="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode, loss=compute_loss,
-        validate=validate if args.validation_prompts else None, free_frozen=free_frozen,
-        frozen_models=(movq, image_encoder),
+        validate=validate, make_sample=make_sample, frozen_models=(movq, image_encoder),
         cache_key={"stage": STAGE, "resolution": args.resolution, "image_processor": image_processor.to_dict()})
-    model, ema, images = common.train(args, accelerator, stage, samples, dataset._fingerprint, report)
+    model, ema, images = common.train(args, accelerator, stage, dataset, report)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -175,7 +167,8 @@ import torch
 from diffusers import AutoPipelineForText2Image
 
 pipe = AutoPipelineForText2Image.from_pretrained("{decoder_path}", torch_dtype=torch.float16).to("cuda")
-pipe.unet.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None)
+pipe.unet.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None,
+    weight_name="pytorch_lora_weights.safetensors")
 image = pipe("{prompt}").images[0]'''
     else:
         if ema is not None:
@@ -189,13 +182,7 @@ from diffusers import AutoPipelineForText2Image
 pipe = AutoPipelineForText2Image.from_pretrained("{args.hub_model_id or args.output_dir}",
                                                  torch_dtype=torch.float16).to("cuda")
 image = pipe("{prompt}").images[0]'''
-    common.write_model_card(args, "Kandinsky 2.2 decoder" + (" LoRA" if args.use_lora else ""), decoder_path,
-                            snippet, images, extra_yaml={"prior": [prior_ref]},
-                            wandb_url=common.wandb_run_url(accelerator))
-    if args.push_to_hub:
-        repo_id = common.push_output(args, STAGE)
-        accelerator.print(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
-    accelerator.print(f"Saved the fine-tuned decoder pipeline to {args.output_dir}")
+    common.publish(args, accelerator, STAGE, decoder_path, snippet, images, extra_yaml={"prior": [prior_ref]})
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main(args):
         prior = PriorTransformer.from_pretrained(prior_path, subfolder="prior", **load)
         inference_scheduler = UnCLIPScheduler.from_pretrained(prior_path, subfolder="scheduler", **load)
     decoder_pipe = None
-    if args.validation_prompts:
+    if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
         # The decoder renders the prior's embeddings at validation: loaded once, it waits on the CPU.
         with common.loading("decoder (used to render validation images)", "--pretrained_decoder_model_name_or_path",
                             decoder_path):
@@ -155,20 +155,12 @@ def main(args):
                     images.append((prompt, image))
         return images
 
-    def free_frozen():
-        text_encoder.to("cpu")
-        image_encoder.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    samples = common.TrainingSamples(dataset, args.image_column, make_sample)
     stage = common.Stage(
         name="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
-        validate=validate if args.validation_prompts else None, free_frozen=free_frozen,
-        frozen_models=(text_encoder, image_encoder),
+        validate=validate, make_sample=make_sample, frozen_models=(text_encoder, image_encoder),
         cache_key={"stage": STAGE, "caption_column": args.caption_column,
                    "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)})
-    model, ema, images = common.train(args, accelerator, stage, samples, dataset._fingerprint, report)
+    model, ema, images = common.train(args, accelerator, stage, dataset, report)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -189,7 +181,8 @@ import torch
 from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
 
 prior = KandinskyV22PriorPipeline.from_pretrained("{prior_path}", torch_dtype=torch.float16)
-prior.prior.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None)
+prior.prior.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None,
+    weight_name="pytorch_lora_weights.safetensors")
 pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
     **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
 image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
@@ -212,12 +205,7 @@ prior = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir
 pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
     **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
 image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
-    common.write_model_card(args, "Kandinsky 2.2 prior" + (" LoRA" if args.use_lora else ""), prior_path, snippet,
-                            images, wandb_url=common.wandb_run_url(accelerator))
-    if args.push_to_hub:
-        repo_id = common.push_output(args, STAGE)
-        accelerator.print(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
-    accelerator.print(f"Saved the fine-tuned prior pipeline to {args.output_dir}")
+    common.publish(args, accelerator, STAGE, prior_path, snippet, images)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_lora_trains_resumes_and_loads_into_the_stock_pipeline(stage, tiny, tmp_
     if stage == "prior":
         pipe = KandinskyV22PriorPipeline.from_pretrained(tiny["prior"])
         before = pipe("a red circle", num_inference_steps=2, generator=generator()).image_embeds
-        pipe.prior.load_lora_adapter(str(tmp_path), prefix=None)
+        pipe.prior.load_lora_adapter(str(tmp_path), prefix=None, weight_name="pytorch_lora_weights.safetensors")
         after = pipe("a red circle", num_inference_steps=2, generator=generator()).image_embeds
     else:
         pipe = KandinskyV22Pipeline.from_pretrained(tiny["decoder"])
@@ -37,6 +37,6 @@ def test_lora_trains_resumes_and_loads_into_the_stock_pipeline(stage, tiny, tmp_
         call = dict(image_embeds=embeds, negative_image_embeds=torch.zeros(1, 32), height=64, width=64,
                     num_inference_steps=2, output_type="pt")
         before = pipe(**call, generator=generator()).images
-        pipe.unet.load_lora_adapter(str(tmp_path), prefix=None)
+        pipe.unet.load_lora_adapter(str(tmp_path), prefix=None, weight_name="pytorch_lora_weights.safetensors")
         after = pipe(**call, generator=generator()).images
     assert (before - after).abs().max() > 1e-6, "the adapter did not change the output"

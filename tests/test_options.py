@@ -4,6 +4,7 @@ TensorBoard, --max_train_samples and --dataset_name on a local dataset."""
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch
@@ -51,3 +52,21 @@ def test_ema_snr_accumulation_validation_and_local_dataset(script, sub, tiny, tm
     final = load_file(next((tmp_path / sub).glob("*.safetensors")))
     assert all((final[k] == ema[k]).all() for k in ema)
     assert any((raw[k] != ema[k]).any() for k in ema)
+
+
+def test_prior_gradient_checkpointing_gives_the_same_training(tiny, tmp_path):
+    """The reference prior script has no gradient checkpointing; ours recomputes each block and must not change
+    the result."""
+    runs = {}
+    for name, extra in [("plain", {}), ("checkpointed", {"--gradient_checkpointing": True})]:
+        launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / name, steps=3, **extra))
+        runs[name] = load_file(next((tmp_path / name / "prior").glob("*.safetensors")))
+    assert all((runs["plain"][k] == runs["checkpointed"][k]).all() for k in runs["plain"])
+
+
+def test_offloaded_foreach_ema_matches_the_default_ema(tiny, tmp_path):
+    runs = {}
+    for name, extra in [("default", {}), ("offload", {"--offload_ema": True, "--foreach_ema": True})]:
+        launch(DECODER_SCRIPT, base_args(tiny, tmp_path / name, steps=3, **{"--use_ema": True, **extra}))
+        runs[name] = load_file(next((tmp_path / name / "unet").glob("*.safetensors")))
+    assert all(torch.allclose(runs["default"][k], runs["offload"][k], atol=1e-7) for k in runs["default"])

@@ -104,12 +104,18 @@ DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_pr
 @pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
 def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, tiny, tmp_path):
     env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
-    first = launch(script, base_args(tiny, tmp_path, steps=2, **{"--checkpointing_steps": 2}), launcher=DDP, env=env)
+    first = launch(script, base_args(tiny, tmp_path, steps=2, **{
+        "--checkpointing_steps": 2, "--report_to": "tensorboard", "--lr_scheduler": "linear",
+        "--lr_warmup_steps": 1}), launcher=DDP, env=env)
     assert "2 process(es)" in first.stdout + first.stderr
     assert checkpoints(tmp_path) == ["checkpoint-2"]
-    proc = launch(script, base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2,
-                                                                 "--resume_from_checkpoint": "latest"}),
-                  launcher=DDP, env=env)
+    # warm-up 1 then linear decay over 2 optimizer steps, whatever the number of processes
+    from test_options import tensorboard_events
+
+    assert dict(tensorboard_events(tmp_path)[0]["lr"]) == {1: pytest.approx(1e-3), 2: 0.0}
+    proc = launch(script, base_args(tiny, tmp_path, steps=4, **{
+        "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest", "--lr_scheduler": "linear",
+        "--lr_warmup_steps": 1}), launcher=DDP, env=env)
     text = proc.stdout + proc.stderr
     assert "Resuming from" in text and "identical on all 2 processes" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
@@ -193,13 +199,25 @@ def test_errors_name_the_problem(tiny, tmp_path):
     ]
     import re
 
-    for script, overrides, message in cases:
+    import train_common
+    import train_text_to_image_decoder
+    import train_text_to_image_prior
+
+    modules = {PRIOR_SCRIPT: train_text_to_image_prior, DECODER_SCRIPT: train_text_to_image_decoder}
+    for number, (script, overrides, message) in enumerate(cases):
         if overrides.get("--enable_xformers_memory_efficient_attention") and _has("xformers"):
             continue
         if overrides.get("--use_8bit_adam") and _has("bitsandbytes"):
             continue
-        stderr = run_direct(script, base_args(tiny, tmp_path / "out", **overrides))
-        assert re.search(message, stderr), f"{overrides}: expected {message!r} in\n{stderr[-2000:]}"
+        args = base_args(tiny, tmp_path / "out", **overrides)
+        if number in (0, 3):  # as a user runs it: one line on stderr, exit code 2, no traceback
+            error = run_direct(script, args)
+        else:  # the same main(), in this process: an import of torch and diffusers per case would cost minutes
+            module = modules[script]
+            with pytest.raises(train_common.UserError) as raised:
+                module.main(module.parse_args([str(a) for a in args]))
+            error = str(raised.value)
+        assert re.search(message, error), f"{overrides}: expected {message!r} in\n{error[-2000:]}"
         assert not (tmp_path / "out" / "logs").exists()
 
 
