@@ -70,3 +70,19 @@ def test_offloaded_foreach_ema_matches_the_default_ema(tiny, tmp_path):
         launch(DECODER_SCRIPT, base_args(tiny, tmp_path / name, steps=3, **{"--use_ema": True, **extra}))
         runs[name] = load_file(next((tmp_path / name / "unet").glob("*.safetensors")))
     assert all(torch.allclose(runs["default"][k], runs["offload"][k], atol=1e-7) for k in runs["default"])
+
+
+@pytest.mark.parametrize("script,sub,frozen", [(PRIOR_SCRIPT, "prior", "text_encoder"),
+                                               (DECODER_SCRIPT, "unet", "movq")])
+def test_bf16_mixed_precision_with_cache_and_validation(script, sub, frozen, tiny, tmp_path):
+    """Frozen models run in bf16, the trained model keeps fp32 master weights, and the saved pipeline holds the
+    frozen models as they were stored (fp32), not in the training's half precision."""
+    launcher = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    launch(script, base_args(tiny, tmp_path, steps=2, **{
+        "--mixed_precision": "bf16", "--cache_embeddings": True, "--validation_prompts": ["a cat"],
+        "--snr_gamma": 5.0, "--conditioning_dropout_prob": 0.5}), launcher=launcher)
+    trained = load_file(next((tmp_path / sub).glob("*.safetensors")))
+    stored = load_file(next((tmp_path / frozen).glob("*.safetensors")))
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+    assert len(list((tmp_path / "validation").glob("*.png"))) == 1
