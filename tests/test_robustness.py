@@ -277,3 +277,17 @@ def test_all_images_unreadable_is_an_error(tiny, tmp_path):
                                                    for i in range(3)))
     stderr = run_direct(PRIOR_SCRIPT, base_args(tiny, tmp_path / "out", **{"--train_data_dir": data}))
     assert "None of the 3 images could be read" in stderr
+
+
+@pytest.mark.parametrize("flag,package", [(["--report_to", "wandb"], "wandb"),
+                                          (["--report_to", "tensorboard"], "tensorboard")])
+def test_tracker_package_missing_is_named(flag, package, tiny, tmp_path, monkeypatch):
+    import importlib.util
+
+    import train_common
+    import train_text_to_image_decoder as decoder
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(train_common.UserError, match=f"--report_to {package} needs the `{package}` package: pip"):
+        decoder.main(decoder.parse_args([str(a) for a in base_args(tiny, tmp_path, **{"--report_to": None})] + flag))

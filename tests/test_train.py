@@ -94,3 +94,33 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny, tmp_path):
     launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 1,
                                                                   "--checkpoints_total_limit": 2}))
     assert checkpoints(tmp_path) == ["checkpoint-5", "checkpoint-6"]
+
+
+def hub_cache(tiny, root):
+    """The tiny repos laid out as huggingface_hub caches Hub downloads, under the real Kandinsky 2.2 ids."""
+    import shutil
+
+    for repo, stage in [("kandinsky-community/kandinsky-2-2-prior", "prior"),
+                        ("kandinsky-community/kandinsky-2-2-decoder", "decoder")]:
+        folder = root / f"models--{repo.replace('/', '--')}"
+        revision = "0" * 40
+        shutil.copytree(tiny[stage], folder / "snapshots" / revision)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(revision)
+    return root
+
+
+def test_hub_ids_load_offline_from_the_cache(tiny, tmp_path):
+    """The default --pretrained_*_model_name_or_path (Hub ids) work offline from --cache_dir; a missing one gets a
+    one-line error that names the flag."""
+    cache = hub_cache(tiny, tmp_path / "cache")
+    args = base_args(tiny, tmp_path / "out", steps=1, **{
+        "--pretrained_prior_model_name_or_path": None, "--pretrained_decoder_model_name_or_path": None,
+        "--cache_dir": cache, "--validation_prompts": ["a red circle"]})
+    launch(DECODER_SCRIPT, args)
+    assert (tmp_path / "out" / "unet" / "config.json").is_file()
+    missing = launch(PRIOR_SCRIPT, args + ["--pretrained_prior_model_name_or_path", "nobody/no-such-prior"],
+                     check=False)
+    assert missing.returncode != 0
+    assert "Could not load the prior model from --pretrained_prior_model_name_or_path 'nobody/no-such-prior'" \
+        in missing.stderr
