@@ -10,7 +10,7 @@ LAUNCH=(python -m accelerate.commands.launch --num_processes 1 --num_machines 1 
         --dynamo_backend no)
 COMMON=(--pretrained_prior_model_name_or_path "$OUT/tiny/prior"
         --pretrained_decoder_model_name_or_path "$OUT/tiny/decoder"
-        --train_data_dir "$OUT/tiny/images" --resolution 64 --train_batch_size 2 --max_train_steps 8
+        --train_data_dir "$OUT/tiny/images" --resolution 64 --train_batch_size 2 --max_train_steps 16
         --learning_rate 1e-3 --lr_warmup_steps 0 --checkpointing_steps 4 --checkpoints_total_limit 2 --seed 0
         --validation_prompts "a red circle on a blue background" "a yellow square on a black background"
         --validation_epochs 1 --validation_inference_steps 10 --report_to tensorboard)
