@@ -552,8 +552,12 @@ def resolve_resume(args):
 
 
 def inject_fault(point):
-    """Test hook: KANDINSKY_TRAIN_FAULT=<point>:<SIGNAL> sends this process a real signal at that point."""
+    """Test hook: KANDINSKY_TRAIN_FAULT=<point>:<SIGNAL> sends this process a real signal at that point (only the
+    process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set)."""
     spec = os.environ.get("KANDINSKY_TRAIN_FAULT", "")
+    rank = os.environ.get("KANDINSKY_TRAIN_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if spec and spec.rsplit(":", 1)[0] == point:
         os.kill(os.getpid(), getattr(signal, "SIG" + spec.rsplit(":", 1)[1]))
 
@@ -590,21 +594,56 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        self._pending = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        follow_launcher()
 
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            return  # keep the first reason (Ctrl-C also ends the launcher, which then means a SIGTERM here)
         self.signal = signum
 
     def requested(self, accelerator):
-        flag = self.signal is not None
-        if accelerator.num_processes > 1:  # every rank must stop at the same step, or a barrier hangs
-            flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
-            if flag and self.signal is None:
-                self.signal = signal.SIGTERM
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        # Every rank must stop at the same step, or a barrier hangs: they agree through an all-reduce. Its result
+        # is read one step later, once the GPU has finished the step it was queued behind, so no step waits for
+        # the host (all ranks stop one step after the signal, alike).
+        local = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        agreed, self._pending = self._pending, accelerator.reduce(local, "sum")
+        flag = agreed is not None and bool(agreed.item() > 0)
+        if flag and self.signal is None:
+            self.signal = signal.SIGTERM
         return flag
+
+
+_PARENT_AT_START = os.getppid()
+
+
+def follow_launcher():
+    """`accelerate launch` with one process dies on SIGTERM without passing it on (Kubernetes and `kill PID`
+    signal only the launcher), which would leave training running orphaned until a SIGKILL loses its progress.
+    Ask Linux to send this process SIGTERM when the launcher dies; only under a launcher, so that a run started
+    with `nohup python ...` does not stop with the shell that started it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        with open(f"/proc/{_PARENT_AT_START}/cmdline", "rb") as f:
+            parent = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if not re.search(r"accelerate|torchrun|torch\.distributed\.(run|launch)", parent):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM)) != 0:
+        return
+    if os.getppid() != _PARENT_AT_START:  # the launcher died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -751,6 +790,14 @@ def save_validation_images(output_dir, images, step):
     os.makedirs(folder, exist_ok=True)
     for i, (prompt, image) in enumerate(images):
         image.save(os.path.join(folder, f"step-{step:06d}-{i:02d}.png"))
+
+
+def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator):
+    """One validation image from image embeddings, at the training resolution and the validation step count."""
+    return decoder_pipe(image_embeds=image_embeds, negative_image_embeds=negative_image_embeds,
+                        height=args.resolution, width=args.resolution,
+                        num_inference_steps=args.validation_inference_steps,
+                        guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
 
 
 @dataclass

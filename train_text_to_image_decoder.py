@@ -134,10 +134,7 @@ def main(args):
         images = []
         with torch.no_grad(), accelerator.autocast(), common.on_device(device, movq):
             for prompt, embeds, negative in validation_embeds:
-                image = pipe(image_embeds=embeds, negative_image_embeds=negative, height=args.resolution,
-                             width=args.resolution, num_inference_steps=args.validation_inference_steps,
-                             guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
-                images.append((prompt, image))
+                images.append((prompt, common.render(pipe, args, embeds, negative, generator)))
         return images
 
     stage = common.Stage(

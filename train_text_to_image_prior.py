@@ -147,12 +147,8 @@ def main(args):
                 for _ in range(args.num_validation_images):
                     embeds = pipe(prompt, num_inference_steps=args.validation_inference_steps,
                                   guidance_scale=args.validation_guidance_scale, generator=generator)
-                    image = decoder_pipe(image_embeds=embeds.image_embeds,
-                                         negative_image_embeds=embeds.negative_image_embeds,
-                                         height=args.resolution, width=args.resolution,
-                                         num_inference_steps=args.validation_inference_steps,
-                                         guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
-                    images.append((prompt, image))
+                    images.append((prompt, common.render(decoder_pipe, args, embeds.image_embeds,
+                                                         embeds.negative_image_embeds, generator)))
         return images
 
     stage = common.Stage(

@@ -27,12 +27,17 @@ def offline_env(**extra):
     return env
 
 
-def launch(script, args, *, env=None, check=True, launcher=None, timeout=300):
-    """Run a training script as a user does: `accelerate launch [launcher flags] script args`."""
+def launch_command(script, args, launcher=None):
+    """`accelerate launch [launcher flags] script args`, as a user types it."""
     launcher = launcher or ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                             "--dynamo_backend", "no"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or offline_env(), capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *map(str, args)]
+
+
+def launch(script, args, *, env=None, check=True, launcher=None, timeout=300):
+    """Run a training script as a user does, in a subprocess; fail with its output unless check=False."""
+    proc = subprocess.run(launch_command(script, args, launcher), cwd=REPO, env=env or offline_env(),
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{Path(script).name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")

@@ -5,9 +5,12 @@ a given micro-batch ("micro:N") or in the middle of writing a checkpoint ("save:
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, offline_env, read_state
+from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
+                      read_state)
 
 
 def state_of(checkpoint, sub):
@@ -104,18 +108,19 @@ DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_pr
 @pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
 def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, tiny, tmp_path):
     env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
-    first = launch(script, base_args(tiny, tmp_path, steps=2, **{
-        "--checkpointing_steps": 2, "--report_to": "tensorboard", "--lr_scheduler": "linear",
-        "--lr_warmup_steps": 1}), launcher=DDP, env=env)
-    assert "2 process(es)" in first.stdout + first.stderr
+    schedule = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 100}
+    # SIGTERM reaches rank 0 alone, before its first step: both ranks agree to stop together one step later.
+    first = launch(script, base_args(tiny, tmp_path, steps=4, **schedule, **{"--report_to": "tensorboard"}),
+                   launcher=DDP, env={**env, "KANDINSKY_TRAIN_FAULT": "micro:0:TERM", "KANDINSKY_TRAIN_FAULT_RANK": "0"})
+    text = first.stdout + first.stderr
+    assert "2 process(es)" in text and "Received SIGTERM: saved checkpoint-2" in text
     assert checkpoints(tmp_path) == ["checkpoint-2"]
-    # warm-up 1 then linear decay over 2 optimizer steps, whatever the number of processes
+    # warm-up 1 then linear decay to 0 at step 4, counted in optimizer steps whatever the number of processes
     from test_options import tensorboard_events
 
-    assert dict(tensorboard_events(tmp_path)[0]["lr"]) == {1: pytest.approx(1e-3), 2: 0.0}
+    assert dict(tensorboard_events(tmp_path)[0]["lr"]) == {1: pytest.approx(1e-3), 2: pytest.approx(2e-3 / 3)}
     proc = launch(script, base_args(tiny, tmp_path, steps=4, **{
-        "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest", "--lr_scheduler": "linear",
-        "--lr_warmup_steps": 1}), launcher=DDP, env=env)
+        **schedule, "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest"}), launcher=DDP, env=env)
     text = proc.stdout + proc.stderr
     assert "Resuming from" in text and "identical on all 2 processes" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
@@ -137,6 +142,32 @@ def test_kill_during_save_keeps_the_previous_checkpoint(limit, tiny, tmp_path):
     assert "checkpoint-2" in proc.stdout + proc.stderr  # ...and `latest` ignores it
     assert checkpoints(tmp_path) == (["checkpoint-4"] if limit else ["checkpoint-2", "checkpoint-4"])
     assert not (tmp_path / ".tmp-checkpoint-4").exists()
+
+
+def test_sigterm_to_the_launcher_alone_stops_with_a_checkpoint(tiny, tmp_path):
+    """Kubernetes and `kill PID` signal only `accelerate launch`, which dies without passing SIGTERM on: the training
+    process must still save and stop, not run on orphaned until a SIGKILL loses its progress."""
+    trace, output = tmp_path / "trace.jsonl", tmp_path / "out"
+    proc = subprocess.Popen(launch_command(DECODER_SCRIPT, base_args(tiny, output, steps=100000)), cwd=REPO,
+                            env=offline_env(KANDINSKY_TRAIN_TRACE=str(trace)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the launcher, not the training process
+        text, _ = proc.communicate(timeout=120)  # the pipe ends when the training process has exited too
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-f", str(output)])  # an orphan left by a failure must not outlive the test
+    match = re.search(r"Received SIGTERM: saved checkpoint-(\d+)", text)
+    assert match, text[-3000:]
+    step = int(match.group(1))
+    assert checkpoints(output) == [f"checkpoint-{step}"]
+    launch(DECODER_SCRIPT, base_args(tiny, output, steps=step + 1, **{"--resume_from_checkpoint": "latest"}))
+    assert read_state(output / f"checkpoint-{step}")["global_step"] == step
+    assert (output / "unet" / "config.json").is_file()
 
 
 def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
@@ -197,8 +228,6 @@ def test_errors_name_the_problem(tiny, tmp_path):
         (PRIOR_SCRIPT, {"--use_ema": True, "--use_lora": True}, "Conflicting flags: --use_ema with --use_lora"),
         (PRIOR_SCRIPT, {"--resume_from_checkpoint": "checkpoint-old"}, "takes \"latest\" or a folder named"),
     ]
-    import re
-
     import train_common
     import train_text_to_image_decoder
     import train_text_to_image_prior
