@@ -45,6 +45,12 @@ def fail(message):
     raise UserError(message)
 
 
+def first_line(error):
+    """The first line of an exception's message (libraries often add pages of context below it)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
@@ -179,6 +185,7 @@ def finish_args(args):
         args.num_validation_images = 4 if args.validation_prompt else 1
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
+    args.hub_repo_id = None  # set by create_hub_repo
     return args
 
 
@@ -270,8 +277,7 @@ def loading(what, flag, path):
     except UserError:
         raise
     except (OSError, ValueError, EnvironmentError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        fail(f"Could not load the {what} from {flag} {path!r}: {first}")
+        fail(f"Could not load the {what} from {flag} {path!r}: {first_line(error)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def load_training_data(args, caption_column=None):
         try:
             loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
         except Exception as error:  # datasets raises many types for "not found / offline / bad format"
-            fail(f"Could not load --dataset_name {args.dataset_name!r}: {str(error).splitlines()[0]}")
+            fail(f"Could not load --dataset_name {args.dataset_name!r}: {first_line(error)}")
     else:
         try:
             loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
@@ -562,8 +568,9 @@ def inject_fault(point):
         os.kill(os.getpid(), getattr(signal, "SIG" + spec.rsplit(":", 1)[1]))
 
 
-def save_checkpoint(accelerator, output_dir, step, state, total_limit):
-    """Write checkpoint-STEP atomically: into a temporary folder, renamed when complete; rotate after."""
+def save_checkpoint(accelerator, output_dir, step, state, total_limit, before_remove=None):
+    """Write checkpoint-STEP atomically: into a temporary folder, renamed when complete; rotate after.
+    before_remove(path) runs before an old checkpoint is deleted (to let its background upload finish)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     if accelerator.is_main_process:
@@ -583,6 +590,8 @@ def save_checkpoint(accelerator, output_dir, step, state, total_limit):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
         if total_limit is not None:
             for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                if before_remove is not None:
+                    before_remove(old)
                 logger.info(f"Removing old checkpoint {old}")
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -1024,7 +1033,7 @@ def train(args, accelerator, stage, dataset, report):
     # KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch (a debugging aid; tests use it
     # to prove that a resumed run sees exactly the data an uninterrupted one sees).
     trace = open(os.environ["KANDINSKY_TRAIN_TRACE"], "a") if os.environ.get("KANDINSKY_TRAIN_TRACE") else None
-    pushes = []
+    pushes = {}  # checkpoint path -> its background upload
     done = global_step >= max_steps
     for epoch in range(first_epoch, num_epochs):
         if done:
@@ -1084,10 +1093,11 @@ def train(args, accelerator, stage, dataset, report):
             stopping = stop.requested(accelerator)
             if global_step % args.checkpointing_steps == 0 or stopping:
                 path = save_checkpoint(accelerator, args.output_dir, global_step, checkpoint_state(epoch),
-                                       args.checkpoints_total_limit)
+                                       args.checkpoints_total_limit,
+                                       before_remove=lambda old: wait_for_pushes(pushes, old))
                 accelerator.print(f"Saved {path}")
                 if args.hub_push_checkpoints and accelerator.is_main_process:
-                    pushes.append(push_checkpoint(args, path, stage.name))
+                    pushes[path] = push_checkpoint(args, path, stage.name)
             if stopping:
                 lagged.flush()
                 name = signal.Signals(stop.signal).name
@@ -1118,11 +1128,19 @@ def train(args, accelerator, stage, dataset, report):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def hub_repo_id(args):
+def create_hub_repo(args, accelerator):
+    """With --push_to_hub, create (or find) the Hub repository before anything is trained, so that a missing login
+    or a name that is not yours stops the run now rather than after its last step."""
+    if not args.push_to_hub or not accelerator.is_main_process:
+        return
     from huggingface_hub import create_repo
 
-    return create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                       token=args.hub_token).repo_id
+    name = args.hub_model_id or Path(args.output_dir).name
+    try:
+        args.hub_repo_id = create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as error:  # offline, no token, no write access, name taken: all say the same to the user
+        fail(f"--push_to_hub: could not create or reach the Hub repository {name!r} ({first_line(error)}). Log in "
+             "with `hf auth login` (or give --hub_token), choose another --hub_model_id, or drop --push_to_hub.")
 
 
 def push_checkpoint(args, path, subfolder):
@@ -1130,17 +1148,22 @@ def push_checkpoint(args, path, subfolder):
     from huggingface_hub import upload_folder
 
     name = os.path.basename(path)
-    return upload_folder(repo_id=hub_repo_id(args), folder_path=path, path_in_repo=name, token=args.hub_token,
+    return upload_folder(repo_id=args.hub_repo_id, folder_path=path, path_in_repo=name, token=args.hub_token,
                          allow_patterns=[f"{subfolder}/**", f"{subfolder}_ema/**", f"{subfolder}_lora/**"],
                          commit_message=f"Checkpoint {name}", run_as_future=True)
 
 
-def wait_for_pushes(pushes):
-    for future in pushes:
+def wait_for_pushes(pushes, only=None):
+    """Wait for the background uploads (of one checkpoint path, with `only`); a failure is a warning: the files
+    are safe on disk."""
+    for path in [only] if only is not None else list(pushes):
+        future = pushes.pop(path, None)
+        if future is None:
+            continue
         try:
             future.result()
-        except Exception as error:  # the run's own files are safe on disk; say what did not arrive
-            logger.warning(f"A checkpoint upload failed: {error}")
+        except Exception as error:
+            logger.warning(f"The upload of {path} to the Hub failed: {first_line(error)}")
 
 
 def write_model_card(args, stage_title, base_model, inference_snippet, images, extra_yaml=None,
@@ -1213,10 +1236,17 @@ def publish(args, accelerator, stage_name, base_model, snippet, images, extra_ya
     title = f"Kandinsky 2.2 {stage_name}" + (" LoRA" if args.use_lora else "")
     write_model_card(args, title, base_model, snippet, images, extra_yaml, wandb_url=wandb_run_url(accelerator))
     if args.push_to_hub:
-        repo_id = hub_repo_id(args)
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                      commit_message=f"Fine-tuned {title}",
-                      ignore_patterns=HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**", "validation/**"])
+        repo_id = args.hub_repo_id
+        ignore = HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**", "validation", "validation/**"]
+        try:
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          commit_message=f"Fine-tuned {title}", ignore_patterns=ignore)
+        except Exception as error:  # the output is complete on disk: say so, and how to upload it later
+            excludes = " ".join(f'--exclude "{pattern}"' for pattern in
+                                dict.fromkeys(p.replace("/**", "/*") for p in ignore if "*" in p))
+            fail(f"The upload to the Hub repository {repo_id!r} failed ({first_line(error)}). The fine-tuned {title} "
+                 f"is saved in {args.output_dir}; upload it later with: hf upload {repo_id} {args.output_dir} . "
+                 f"{excludes}")
         accelerator.print(f"Pushed {args.output_dir} to {repo_id}")
     accelerator.print(f"Saved the fine-tuned {title} to {args.output_dir}")
 

@@ -44,6 +44,7 @@ def main(args):
     if args.resolution % scale:
         common.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
     accelerator = common.make_accelerator(args)
+    common.create_hub_repo(args, accelerator)
     dataset, report = common.load_training_data(args)
 
     weight_dtype = common.weight_dtype_of(accelerator)

@@ -50,6 +50,7 @@ def main(args):
     if args.validation_prompts:
         common.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
     accelerator = common.make_accelerator(args)
+    common.create_hub_repo(args, accelerator)
     dataset, report = common.load_training_data(args, caption_column=args.caption_column)
 
     weight_dtype = common.weight_dtype_of(accelerator)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -44,9 +45,11 @@ class FakeHub:
     hub.requests: [(method, path)] in arrival order, query string dropped
     """
 
-    def __init__(self, lfs_threshold=10_000, require_auth=True):
+    def __init__(self, lfs_threshold=10_000, require_auth=True, preupload_delay=0.0, fail_commits=False):
         self.lfs_threshold = lfs_threshold  # files this large (or with a NUL byte in the sample) go through LFS
         self.require_auth = require_auth  # writes need "Authorization: Bearer ...", like the real Hub
+        self.preupload_delay = preupload_delay  # seconds: a slow Hub, so that uploads overlap with training
+        self.fail_commits = fail_commits  # every commit is refused (a full quota, a revoked token...)
         self.repos, self.lfs, self.requests = {}, {}, []
         self.lock = threading.Lock()
         self._server = self._thread = None
@@ -92,6 +95,7 @@ class FakeHub:
                 return self.repo_info(m["repo"], repo)
             if method == "POST" and action == "preupload":
                 self.check_auth(headers)
+                time.sleep(self.preupload_delay)
                 return self.preupload(repo, json.loads(body))
             if method == "POST" and action == "commit":
                 self.check_auth(headers)
@@ -164,6 +168,8 @@ class FakeHub:
         return {}
 
     def commit(self, repo_id, repo, body):
+        if self.fail_commits:
+            raise HttpError(403, "Forbidden: storage quota exceeded")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HttpError(400, "commit payload must start with a header line")

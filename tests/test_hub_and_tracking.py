@@ -3,11 +3,13 @@ run summary a person reads (issue: Hub push, tracking, LoRA)."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, offline_env
 from fake_hub import FakeHub
 
 
@@ -22,12 +24,14 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     from huggingface_hub import ModelCard
 
     output = tmp_path / "out"
-    with FakeHub() as hub:
+    # A slow Hub: checkpoint-1 is still uploading when rotation wants it gone, and must arrive all the same.
+    with FakeHub(preupload_delay=1.0) as hub:
         launch(script, base_args(tiny, output, steps=2, **{
-            "--checkpointing_steps": 1, "--push_to_hub": True, "--hub_model_id": "tester/kandi-test",
-            "--hub_push_checkpoints": True, "--report_to": "tensorboard",
+            "--checkpointing_steps": 1, "--checkpoints_total_limit": 1, "--push_to_hub": True,
+            "--hub_model_id": "tester/kandi-test", "--hub_push_checkpoints": True, "--report_to": "tensorboard",
             "--validation_prompts": ["a red circle"]}), env=hub_env(hub, tmp_path))
         files = hub.repos["tester/kandi-test"]["files"]
+    assert checkpoints(output) == ["checkpoint-2"]
     local = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
     expected = {k: v for k, v in local.items()
                 if not k.startswith(("checkpoint-", "logs/", "validation/", "embedding_cache/"))}
@@ -39,6 +43,8 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     # --hub_push_checkpoints: only the model weights of each checkpoint, never optimizer or RNG state
     pushed = {k for k in files if k.startswith("checkpoint-")}
     assert {k.split("/")[0] for k in pushed} == {"checkpoint-1", "checkpoint-2"}
+    assert {k.split("/", 1)[1] for k in pushed if k.startswith("checkpoint-1/")} == \
+        {k.split("/", 1)[1] for k in pushed if k.startswith("checkpoint-2/")}  # complete, not cut by rotation
     assert all(k.split("/")[1] == stage for k in pushed), pushed
     card = ModelCard.load(output / "README.md")
     assert {"kandinsky", "text-to-image", "diffusers", "diffusers-training"} <= set(card.data.tags)
@@ -47,6 +53,32 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     assert not card.data.datasets  # trained from a local folder: no `datasets: [None]`
     assert "val_imgs_grid.png" in card.text and "from_pretrained" in card.text
     assert "wandb" not in card.text.lower()
+
+
+def test_push_to_hub_without_a_login_fails_before_training(tiny, tmp_path):
+    with FakeHub() as hub:
+        env = hub_env(hub, tmp_path)
+        del env["HF_TOKEN"]  # not logged in: HF_HOME is empty too
+        proc = subprocess.run([sys.executable, DECODER_SCRIPT, *map(str, base_args(tiny, tmp_path / "out", **{
+            "--push_to_hub": True, "--hub_model_id": "tester/kandi-test"}))], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "--push_to_hub: could not create or reach the Hub repository 'tester/kandi-test'" in proc.stderr
+    assert "hf auth login" in proc.stderr
+    assert not (tmp_path / "out" / "unet").exists() and not checkpoints(tmp_path / "out")
+
+
+def test_failed_final_upload_keeps_the_output_and_says_how_to_retry(tiny, tmp_path):
+    with FakeHub(fail_commits=True) as hub:
+        proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "out", steps=1, **{
+            "--push_to_hub": True, "--hub_model_id": "tester/kandi-test"}), env=hub_env(hub, tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "The upload to the Hub repository 'tester/kandi-test' failed" in proc.stderr, proc.stderr[-3000:]
+    assert f"upload it later with: hf upload tester/kandi-test {tmp_path / 'out'} ." in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: The upload")[0]  # (accelerate's launcher adds its own after)
+    from diffusers import KandinskyV22PriorPipeline
+
+    KandinskyV22PriorPipeline.from_pretrained(tmp_path / "out")  # the output is complete
 
 
 def test_model_card_without_validation_prompts_or_wandb(tiny, tmp_path):
