@@ -70,6 +70,7 @@ def test_prior_and_decoder_outputs_combine_in_auto_pipeline(trained):
     image = pipe("a red circle", num_inference_steps=2, prior_num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    assert pipe.prior_prior is prior.prior  # the fine-tuned prior, not the one the decoder's card names
     # The decoder's model card names the prior, so the decoder folder alone also loads as the full pipeline.
     alone = AutoPipelineForText2Image.from_pretrained(trained["decoder"])
     assert type(alone).__name__ == "KandinskyV22CombinedPipeline"
