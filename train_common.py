@@ -1004,8 +1004,6 @@ def train(args, accelerator, stage, dataset, report):
     step_loss = torch.zeros((), device=device)
     micro_batches = 0
     step_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def checkpoint_state(epoch):
         return {"global_step": global_step, "epoch": epoch, "seed": seed, "steps_per_epoch": steps_per_epoch,

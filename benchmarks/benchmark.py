@@ -4,10 +4,14 @@
 
 Full-size mode (a GPU) builds random-init models from benchmarks/configs (the real Kandinsky 2.2 architectures,
 saved in fp32 safetensors as the Hub repos are) and 64 random 768x768 JPEGs, once per --work_dir, then runs each
-setting with `accelerate launch` and reads the figures the scripts log to TensorBoard at every optimizer step.
---quick does the same on the CPU with the tiny models of tools/tiny_kandinsky.py (a smoke test, not a benchmark).
+setting with `accelerate launch`. With --reference_dir, diffusers' own scripts run the same settings side by side.
+Every script is measured the same way: samples/s from the wall-clock times of the `train_loss` events that each
+writes to TensorBoard once per optimizer step (after --warmup steps), and the whole process's peak GPU memory,
+read by benchmarks/measure.py when the script exits. --quick does the same on the CPU with the tiny models of
+tools/tiny_kandinsky.py (a smoke test of this script, not a benchmark).
 
-    python benchmarks/benchmark.py --work_dir /data/bench --out results.jsonl
+    python benchmarks/benchmark.py --work_dir /data/bench --out results.jsonl \
+        --reference_dir diffusers/examples/kandinsky2_2/text_to_image
     python benchmarks/benchmark.py --stage decoder --settings bf16-b8 --extra "--cache_embeddings" --label cache
     python benchmarks/benchmark.py --quick
 """
@@ -169,7 +173,7 @@ def flag_value(flags, name, default):
 
 
 def read_scalars(log_dir):
-    """{tag: {step: value}} from every TensorBoard event file under log_dir."""
+    """{tag: {step: (wall_time, value)}} from every TensorBoard event file under log_dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars = {}
@@ -177,25 +181,27 @@ def read_scalars(log_dir):
         events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+            scalars.setdefault(tag, {}).update({e.step: (e.wall_time, e.value) for e in events.Scalars(tag)})
     return scalars
 
 
-def run_setting(stage, setting, flags, paths, cli, run_dir):
-    """Launch one training run; return its figures, or exit with the script's error."""
+def run_setting(stage, setting, flags, paths, cli, run_dir, script):
+    """Launch one training run of `script`; return its figures, or exit with the script's error."""
     shutil.rmtree(run_dir, ignore_errors=True)  # stale event files would mix into the figures
     output_dir = run_dir / "output"
     output_dir.mkdir(parents=True)
     script_args = [
         *shlex.split(COMMON_FLAGS), *shlex.split(QUICK_FLAGS if cli.quick else FULL_FLAGS), *shlex.split(flags),
-        "--max_train_steps", str(cli.warmup + cli.steps), "--train_data_dir", str(paths["images"]),
+        "--max_train_steps", str(cli.warmup + cli.steps + 1), "--train_data_dir", str(paths["images"]),
         "--pretrained_prior_model_name_or_path", str(paths["prior"]),
         "--pretrained_decoder_model_name_or_path", str(paths["decoder"]),
         "--output_dir", str(output_dir), *shlex.split(cli.extra)]
     precision = flag_value(script_args, "--mixed_precision", "no")  # Accelerate and the script must agree
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--dynamo_backend", "no", "--mixed_precision", precision, str(SCRIPTS[stage]), *script_args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "--dynamo_backend", "no", "--mixed_precision", precision, str(REPO / "benchmarks" / "measure.py"),
+           str(script), *script_args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "BENCH_PEAK_FILE": str(run_dir / "peak.json")}
     if cli.quick:
         env["CUDA_VISIBLE_DEVICES"] = ""  # --quick measures the CPU path even on a GPU machine
     print(f"Running {stage} / {setting} / {cli.label}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -205,23 +211,30 @@ def run_setting(stage, setting, flags, paths, cli, run_dir):
     wall = time.perf_counter() - start
     if returncode != 0:
         tail = (run_dir / "stderr.log").read_text(errors="replace").splitlines()[-60:]
-        print(f"\n{SCRIPTS[stage].name} failed with exit code {returncode} ({stage} / {setting}); stderr tail:\n"
+        print(f"\n{script} failed with exit code {returncode} ({stage} / {setting}); stderr tail:\n"
               + "\n".join(tail), file=sys.stderr)
         sys.exit(returncode if 0 < returncode < 256 else 1)
 
-    scalars = read_scalars(output_dir / "logs")
-    speeds = [v for step, v in sorted(scalars.get("samples_per_second", {}).items()) if step > cli.warmup]
-    if not speeds:
-        sys.exit(f"No samples_per_second logged after step {cli.warmup} under {output_dir / 'logs'}.")
-    peak = scalars.get("peak_memory_gib")  # logged on CUDA only
-    losses = scalars.get("train_loss", {})
+    losses = read_scalars(output_dir / "logs").get("train_loss", {})
+    # Steps warmup+1 .. warmup+steps, timed between their train_loss events. The run has one step more, left out
+    # for every script alike: ours log a step's figures when the next step ends (reading them then never stalls
+    # the GPU), so the last event of a run, written as soon as training ends, comes early.
+    measured = sorted(step for step in losses if cli.warmup <= step <= cli.warmup + cli.steps)
+    if len(measured) < 2:
+        sys.exit(f"Too few train_loss events after step {cli.warmup} under {output_dir / 'logs'}.")
+    batch = int(flag_value(script_args, "--train_batch_size", 1)) * int(
+        flag_value(script_args, "--gradient_accumulation_steps", 1))
+    step_times = [losses[b][0] - losses[a][0] for a, b in zip(measured, measured[1:])]
+    speeds = [batch * (b - a) / t for (a, b), t in zip(zip(measured, measured[1:]), step_times) if t > 0]
+    elapsed = losses[measured[-1]][0] - losses[measured[0]][0]
+    peak = json.loads((run_dir / "peak.json").read_text())["peak_memory_gib"]
     for item in output_dir.iterdir():  # keep the logs; the saved pipeline is gigabytes nobody reads
         if item.name != "logs":
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    return {"samples_per_second": statistics.fmean(speeds), "samples_per_second_median": statistics.median(speeds),
-            "peak_memory_gib": max(peak.values()) if peak else None, "measured_steps": len(speeds),
-            "final_train_loss": losses[max(losses)] if losses else None, "wall_seconds": round(wall, 1),
-            "mixed_precision": precision, "script_args": shlex.join(script_args)}
+    return {"samples_per_second": batch * (measured[-1] - measured[0]) / elapsed,
+            "samples_per_second_median": statistics.median(speeds), "peak_memory_gib": peak,
+            "measured_steps": measured[-1] - measured[0], "final_train_loss": losses[measured[-1]][1],
+            "wall_seconds": round(wall, 1), "mixed_precision": precision, "script_args": shlex.join(script_args)}
 
 
 def device_name(quick):
@@ -251,6 +264,10 @@ def parse_args(argv=None):
                         "(a store_true flag cannot be turned off from --extra).")
     parser.add_argument("--label", default=None, help="Name of this variant in the output (default: from --extra "
                         'and --without, else "baseline").')
+    parser.add_argument("--reference_dir", default=None,
+                        help="A folder with diffusers' train_text_to_image_prior.py / train_text_to_image_decoder.py "
+                        "(examples/kandinsky2_2/text_to_image of a diffusers checkout): each setting also runs them, "
+                        "without --extra, and the table gives our speed-up. They take the same command line.")
     cli = parser.parse_args(argv)
     cli.steps = cli.steps if cli.steps is not None else (4 if cli.quick else 30)
     cli.warmup = cli.warmup if cli.warmup is not None else (1 if cli.quick else 10)
@@ -263,6 +280,10 @@ def parse_args(argv=None):
     table = QUICK_SETTINGS if cli.quick else SETTINGS
     known = {name for stage in stages for name in table[stage]}
     unknown = sorted(set(cli.settings or ()) - known)
+    if cli.reference_dir is not None:
+        missing = [p.name for p in SCRIPTS.values() if not (Path(cli.reference_dir) / p.name).is_file()]
+        if missing:
+            parser.error(f"--reference_dir {cli.reference_dir} has no {', '.join(missing)}.")
     if unknown:
         parser.error(f"unknown setting(s) {', '.join(unknown)} for --stage {cli.stage}"
                      f"{' --quick' if cli.quick else ''}; known: {', '.join(sorted(known))}.")
@@ -282,21 +303,30 @@ def main(argv=None):
         paths = build_quick(work_dir) if cli.quick else build_full(work_dir)
         device = device_name(cli.quick)
         versions = {lib: version(lib) for lib in ("torch", "diffusers", "transformers", "accelerate")}
-        print("| GPU | stage | settings | variant | samples/s (mean / median) | peak allocated GiB |\n"
-              "|---|---|---|---|---|---|", flush=True)
+        print("| GPU | stage | settings | script | variant | samples/s (mean / median) | peak allocated GiB | "
+              "speed-up |\n|---|---|---|---|---|---|---|---|", flush=True)
         for stage, setting, flags in cli.runs:
-            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-{setting}-{cli.label}")
-            result = run_setting(stage, setting, flags, paths, cli, work_dir / "runs" / slug)
-            peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
-            print(f"| {device} | {stage} | {setting}: `{flags}` | {cli.label} | {result['samples_per_second']:.2f} / "
-                  f"{result['samples_per_second_median']:.2f} | {peak} |", flush=True)
-            if cli.out:
-                record = {"stage": stage, "setting": setting, "label": cli.label, "extra": cli.extra,
-                          "without": cli.without,
-                          "device": device, "quick": cli.quick, "warmup": cli.warmup, "steps": cli.steps, **result,
-                          "versions": versions, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                with open(cli.out, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            runs = [("ours", SCRIPTS[stage], cli.extra, cli.label)]
+            if cli.reference_dir is not None:  # the reference has none of our flags: it runs without --extra
+                runs.insert(0, ("reference", Path(cli.reference_dir).resolve() / SCRIPTS[stage].name, "", "as is"))
+            reference_speed = None
+            for name, script, extra, label in runs:
+                slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-{setting}-{name}-{label}")
+                run_cli = argparse.Namespace(**{**vars(cli), "extra": extra, "label": f"{name}, {label}"})
+                result = run_setting(stage, setting, flags, paths, run_cli, work_dir / "runs" / slug, script)
+                speed = result["samples_per_second"]
+                reference_speed = speed if name == "reference" else reference_speed
+                peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
+                ratio = f"{speed / reference_speed:.2f}x" if reference_speed and name == "ours" else ""
+                print(f"| {device} | {stage} | {setting}: `{flags}` | {name} | {label} | {speed:.2f} / "
+                      f"{result['samples_per_second_median']:.2f} | {peak} | {ratio} |", flush=True)
+                if cli.out:
+                    record = {"stage": stage, "setting": setting, "script": name, "label": label, "extra": extra,
+                              "without": cli.without, "device": device, "quick": cli.quick, "warmup": cli.warmup,
+                              "steps": cli.steps, **result, "versions": versions,
+                              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    with open(cli.out, "a") as f:
+                        f.write(json.dumps(record) + "\n")
     finally:
         if cli.work_dir is None:  # a temporary folder holds ~20 GB of full-size models: do not leave it behind
             shutil.rmtree(work_dir, ignore_errors=True)
