@@ -237,6 +237,12 @@ def check_args(args, stage):
              "(PyTorch's own scaled-dot-product attention is used by default and is as fast on recent GPUs).")
     if args.use_lora and not _installed("peft"):
         fail("--use_lora needs peft: pip install peft")
+    if args.resume_from_checkpoint is None:
+        earlier = [os.path.basename(path) for _, path in list_checkpoints(args.output_dir)]
+        if earlier:  # a new run would overwrite them step by step, and rotation would delete its own first
+            fail(f"--output_dir {args.output_dir!r} already holds checkpoints of an earlier run "
+                 f"({', '.join(earlier[-3:])}). Add --resume_from_checkpoint latest to continue it, or choose "
+                 "another --output_dir to start a new run.")
     if args.resume_from_checkpoint not in (None, "latest"):
         name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
         if not CHECKPOINT_RE.match(name):

@@ -204,6 +204,10 @@ def test_errors_name_the_problem(tiny, tmp_path):
     shutil.copytree(tiny["images"], mixed)
     rows[1]["text"] = 7
     (mixed / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    earlier_run = tmp_path / "earlier_run"
+    for step in (3, 12):
+        (earlier_run / f"checkpoint-{step}").mkdir(parents=True)
+        (earlier_run / f"checkpoint-{step}" / "training_state.json").write_text('{"global_step": %d}' % step)
     cases = [
         (PRIOR_SCRIPT, {"--train_data_dir": None}, "Need training data: give --dataset_name"),
         (PRIOR_SCRIPT, {"--dataset_name": tiny["parquet"]}, "Conflicting flags: give either --dataset_name"),
@@ -227,6 +231,9 @@ def test_errors_name_the_problem(tiny, tmp_path):
         (PRIOR_SCRIPT, {"--use_8bit_adam": True}, "needs bitsandbytes"),
         (PRIOR_SCRIPT, {"--use_ema": True, "--use_lora": True}, "Conflicting flags: --use_ema with --use_lora"),
         (PRIOR_SCRIPT, {"--resume_from_checkpoint": "checkpoint-old"}, "takes \"latest\" or a folder named"),
+        (DECODER_SCRIPT, {"--output_dir": earlier_run},
+         r"already holds checkpoints of an earlier run \(checkpoint-3, checkpoint-12\). Add "
+         "--resume_from_checkpoint latest"),
     ]
     import train_common
     import train_text_to_image_decoder
@@ -248,6 +255,7 @@ def test_errors_name_the_problem(tiny, tmp_path):
             error = str(raised.value)
         assert re.search(message, error), f"{overrides}: expected {message!r} in\n{error[-2000:]}"
         assert not (tmp_path / "out" / "logs").exists()
+    assert sorted(p.name for p in earlier_run.iterdir()) == ["checkpoint-12", "checkpoint-3"]  # left alone
 
 
 def _has(package):

@@ -15,6 +15,7 @@ COMMON=(--pretrained_prior_model_name_or_path "$OUT/tiny/prior"
         --validation_prompts "a red circle on a blue background" "a yellow square on a black background"
         --validation_epochs 1 --validation_inference_steps 10 --report_to tensorboard)
 
+rm -rf "$OUT/tiny" "$OUT/prior" "$OUT/decoder" "$OUT/sample.png"  # a fresh demo each time (only what it writes)
 python tools/tiny_kandinsky.py "$OUT/tiny" --num_images 16
 "${LAUNCH[@]}" train_text_to_image_prior.py "${COMMON[@]}" --output_dir "$OUT/prior"
 "${LAUNCH[@]}" train_text_to_image_decoder.py "${COMMON[@]}" --output_dir "$OUT/decoder"
