@@ -505,25 +505,40 @@ class EmbeddingCache:
         accelerator.wait_for_everyone()
 
     def load(self):
-        from safetensors.torch import load_file
-
         meta = json.loads((self.folder / "meta.json").read_text())
-        files = sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors"))
-        loaded = [load_file(str(f)) for f in files]
-        index = torch.cat([part.pop("index") for part in loaded])
-        order = torch.argsort(index)
-        return {key: torch.cat([part[key] for part in loaded])[order] for key in loaded[0]}
+        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")))
 
 
 class CachedSamples(torch.utils.data.Dataset):
-    def __init__(self, tensors):
-        self.tensors = tensors
+    """The cached outputs of each sample, read row by row from the memory-mapped safetensors files: a cache larger
+    than RAM works, and the processes of a multi-GPU run share the page cache instead of holding a copy each."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self.files = [str(f) for f in files]
+        self.location = {}  # sample index -> (file, row)
+        for number, path in enumerate(self.files):
+            with safe_open(path, "pt") as part:
+                for row, index in enumerate(part.get_tensor("index").tolist()):
+                    self.location[index] = (number, row)
+        self.keys = [k for k in safe_open(self.files[0], "pt").keys() if k != "index"]
+        self._handles, self._pid = None, None
+
+    def __getstate__(self):  # data-loader workers started with "spawn" get a copy without the open files
+        return {**self.__dict__, "_handles": None, "_pid": None}
 
     def __len__(self):
-        return len(next(iter(self.tensors.values())))
+        return len(self.location)
 
     def __getitem__(self, index):
-        return {"index": index, **{key: value[index] for key, value in self.tensors.items()}}
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # open the files once in each process (data-loader workers are forked)
+            self._handles, self._pid = [safe_open(path, "pt") for path in self.files], os.getpid()
+        number, row = self.location[index]
+        part = self._handles[number]
+        return {"index": index, **{key: part.get_slice(key)[row] for key in self.keys}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -896,7 +911,7 @@ def train(args, accelerator, stage, dataset, report):
             logger.info(f"Reusing cached frozen outputs from {cache.folder}")
         else:
             cache.build(accelerator, samples, stage.encode, args.train_batch_size)
-        train_samples, encode = CachedSamples(cache.load()), None
+        train_samples, encode = cache.load(), None
         for frozen in stage.frozen_models:  # not needed until validation, which brings back what it uses
             frozen.to("cpu")
         if device.type == "cuda":

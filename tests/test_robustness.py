@@ -105,13 +105,17 @@ DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_pr
        "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
-@pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
-def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, tiny, tmp_path):
+@pytest.mark.parametrize("script,sub,extra", [
+    (PRIOR_SCRIPT, "prior", {}),
+    (DECODER_SCRIPT, "unet", {"--cache_embeddings": True}),  # each process encodes its share of the cache
+])
+def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, extra, tiny, tmp_path):
     env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
-    schedule = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 100}
+    common = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 100, **extra}
     # SIGTERM reaches rank 0 alone, before its first step: both ranks agree to stop together one step later.
-    first = launch(script, base_args(tiny, tmp_path, steps=4, **schedule, **{"--report_to": "tensorboard"}),
-                   launcher=DDP, env={**env, "KANDINSKY_TRAIN_FAULT": "micro:0:TERM", "KANDINSKY_TRAIN_FAULT_RANK": "0"})
+    fault = {"KANDINSKY_TRAIN_FAULT": "micro:0:TERM", "KANDINSKY_TRAIN_FAULT_RANK": "0"}
+    first = launch(script, base_args(tiny, tmp_path, steps=4, **common, **{"--report_to": "tensorboard"}),
+                   launcher=DDP, env={**env, **fault})
     text = first.stdout + first.stderr
     assert "2 process(es)" in text and "Received SIGTERM: saved checkpoint-2" in text
     assert checkpoints(tmp_path) == ["checkpoint-2"]
@@ -120,9 +124,12 @@ def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, tiny, 
 
     assert dict(tensorboard_events(tmp_path)[0]["lr"]) == {1: pytest.approx(1e-3), 2: pytest.approx(2e-3 / 3)}
     proc = launch(script, base_args(tiny, tmp_path, steps=4, **{
-        **schedule, "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest"}), launcher=DDP, env=env)
+        **common, "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest"}), launcher=DDP, env=env)
     text = proc.stdout + proc.stderr
     assert "Resuming from" in text and "identical on all 2 processes" in text
+    if extra:
+        assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 2
+        assert "Reusing cached frozen outputs" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / sub / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
     records = trace(tmp_path / "trace.jsonl")
