@@ -522,7 +522,7 @@ class CachedSamples(torch.utils.data.Dataset):
             with safe_open(path, "pt") as part:
                 for row, index in enumerate(part.get_tensor("index").tolist()):
                     self.location[index] = (number, row)
-        self.keys = [k for k in safe_open(self.files[0], "pt").keys() if k != "index"]
+                self.keys = [key for key in part.keys() if key != "index"]
         self._handles, self._pid = None, None
 
     def __getstate__(self):  # data-loader workers started with "spawn" get a copy without the open files
