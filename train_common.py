@@ -291,8 +291,14 @@ def loading(what, flag, path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_training_data(args, caption_column=None):
-    """Load the train split, check its columns and captions, and drop unreadable images (reported by name)."""
+def load_training_data(args, accelerator, caption_column=None):
+    """Load the train split, check its columns and captions, and drop unreadable images (reported by name). The
+    main process goes first, so that the other processes find its downloads and checks in the datasets cache."""
+    with accelerator.main_process_first():
+        return _load_training_data(args, caption_column)
+
+
+def _load_training_data(args, caption_column):
     import datasets
 
     if args.dataset_name is not None:
@@ -358,7 +364,9 @@ class ImageReport:
 def image_name(value):
     if isinstance(value, dict):
         return value.get("path") or "<bytes>"
-    return getattr(value, "filename", None) or str(value)[:80]
+    if isinstance(value, str):  # a column of file paths
+        return value
+    return getattr(value, "filename", None) or f"<{type(value).__name__}>"
 
 
 def open_rgb(value):
@@ -396,17 +404,37 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def drop_unreadable(dataset, image_column, report):
-    """Decode every image once; keep the readable ones and name the others in the log."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    keep = []
-    for index, value in enumerate(dataset[image_column]):
+def _check_images(values, indices):
+    """datasets.map function: for each image, an empty string if it decodes, else why it does not; and its name
+    (the file, or the row of a data set that stores the bytes)."""
+    errors = []
+    for value in values:
         try:
             open_rgb(value)
-            keep.append(index)
+            errors.append("")
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            report.skipped.append(image_name(value))
-            logger.warning(f"Skipping unreadable image {image_name(value)}: {type(error).__name__}: {error}")
+            errors.append(f"{type(error).__name__}: {error}")
+    names = [image_name(value) for value in values]
+    return {"unreadable": errors,
+            "name": [f"row {i} {name}" if name.startswith("<") else name for i, name in zip(indices, names)]}
+
+
+def drop_unreadable(dataset, image_column, report, num_proc=None):
+    """Decode every image once and keep the readable ones, naming the others in the log. The images stream through
+    `datasets.map` (never all in memory at once), in parallel on large data; datasets caches the verdicts, so the
+    other processes of a multi-GPU run and later runs on the same data do not decode again."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if num_proc is None:  # parallel processes pay for their start-up only on large data sets
+        num_proc = min(os.cpu_count() or 1, len(dataset) // 2000) or None
+    verdicts = dataset.map(_check_images, input_columns=image_column, with_indices=True, batched=True, batch_size=64,
+                           remove_columns=dataset.column_names, num_proc=num_proc, desc="Checking images")
+    keep = []
+    for index, (error, name) in enumerate(zip(verdicts["unreadable"], verdicts["name"])):
+        if error:
+            report.skipped.append(name)
+            logger.warning(f"Skipping unreadable image {name}: {error}")
+        else:
+            keep.append(index)
     if not keep:
         fail(f"None of the {len(dataset)} images could be read ({report.summary()}).")
     if report.skipped:

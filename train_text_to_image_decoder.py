@@ -45,7 +45,7 @@ def main(args):
         common.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
     accelerator = common.make_accelerator(args)
     common.create_hub_repo(args, accelerator)
-    dataset, report = common.load_training_data(args)
+    dataset, report = common.load_training_data(args, accelerator)
 
     weight_dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device

@@ -51,7 +51,7 @@ def main(args):
         common.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
     accelerator = common.make_accelerator(args)
     common.create_hub_repo(args, accelerator)
-    dataset, report = common.load_training_data(args, caption_column=args.caption_column)
+    dataset, report = common.load_training_data(args, accelerator, caption_column=args.caption_column)
 
     weight_dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device

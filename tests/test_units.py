@@ -63,3 +63,22 @@ def test_min_snr_weights_follow_the_prediction_type():
 def test_step_seeds_differ_by_rank_epoch_and_batch():
     seeds = {common.step_seed(0, r, e, b) for r in range(2) for e in range(2) for b in range(3)}
     assert len(seeds) == 12 and common.step_seed(0, 1, 1, 2) == common.step_seed(0, 1, 1, 2)
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_unreadable_images_are_found_serially_and_in_parallel(num_proc, tmp_path):
+    import datasets
+    from test_robustness import write_bad_images
+
+    folder = write_bad_images(tmp_path / "data", None)
+    paths = sorted(str(p) for p in folder.iterdir() if p.suffix != ".jsonl")
+    report = common.ImageReport()
+    kept = common.drop_unreadable(datasets.Dataset.from_dict({"image": paths}), "image", report, num_proc=num_proc)
+    assert sorted(os.path.basename(n) for n in report.skipped) == ["garbage.jpg", "truncated.jpg", "zero.png"]
+    assert sorted(os.path.basename(p) for p in kept["image"]) == [
+        "cmyk.jpg", "good.png", "palette.png", "rgba.png", "sixteen.png"]
+    embedded = [{"bytes": open(p, "rb").read(), "path": None} for p in paths]  # as Hub parquet data sets store them
+    report = common.ImageReport()
+    common.drop_unreadable(datasets.Dataset.from_dict({"image": embedded}), "image", report, num_proc=num_proc)
+    assert report.skipped == [f"row {paths.index(str(tmp_path / 'data' / name))} <bytes>"
+                              for name in ("garbage.jpg", "truncated.jpg", "zero.png")]
