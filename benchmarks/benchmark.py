@@ -224,8 +224,8 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
         sys.exit(f"Too few train_loss events after step {cli.warmup} under {output_dir / 'logs'}.")
     batch = int(flag_value(script_args, "--train_batch_size", 1)) * int(
         flag_value(script_args, "--gradient_accumulation_steps", 1))
-    step_times = [losses[b][0] - losses[a][0] for a, b in zip(measured, measured[1:])]
-    speeds = [batch * (b - a) / t for (a, b), t in zip(zip(measured, measured[1:]), step_times) if t > 0]
+    speeds = [batch * (b - a) / (losses[b][0] - losses[a][0]) for a, b in zip(measured, measured[1:])
+              if losses[b][0] > losses[a][0]]
     elapsed = losses[measured[-1]][0] - losses[measured[0]][0]
     peak = json.loads((run_dir / "peak.json").read_text())["peak_memory_gib"]
     for item in output_dir.iterdir():  # keep the logs; the saved pipeline is gigabytes nobody reads
