@@ -10,7 +10,8 @@ import os
 import numpy as np
 import torch
 
-import train_common as common
+from kandinsky_train import checks, cli, data, diffusion, errors, hub, images, loop, runtime, validation
+from kandinsky_train.stage import Stage
 
 STAGE = "decoder"
 DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
@@ -19,11 +20,11 @@ PRIOR_SUBFOLDERS_NEEDED = ["image_encoder", "image_processor"]
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Fine-tune the Kandinsky 2.2 decoder (UNet).")
-    common.add_common_arguments(parser, STAGE)
+    cli.add_common_arguments(parser, STAGE)
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="Use xformers' memory-efficient attention in the UNet.")
     args = parser.parse_args(input_args)
-    return common.finish_args(args)
+    return cli.finish_args(args)
 
 
 def main(args):
@@ -31,29 +32,29 @@ def main(args):
     from diffusers import VQModel
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    common.check_args(args, STAGE)
+    checks.check_args(args, STAGE)
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    common.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
+    checks.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
     needed = PRIOR_SUBFOLDERS_NEEDED + (["prior", "text_encoder", "tokenizer", "scheduler"]
                                         if args.validation_prompts else [])
-    common.check_model_repo(prior_path, needed, "--pretrained_prior_model_name_or_path")
+    checks.check_model_repo(prior_path, needed, "--pretrained_prior_model_name_or_path")
     load = dict(cache_dir=args.cache_dir)
-    with common.loading("MoVQ configuration", "--pretrained_decoder_model_name_or_path", decoder_path):
+    with errors.loading("MoVQ configuration", "--pretrained_decoder_model_name_or_path", decoder_path):
         movq_config = VQModel.load_config(decoder_path, subfolder="movq", **load)
     scale = 2 ** (len(movq_config["block_out_channels"]) - 1)
     if args.resolution % scale:
-        common.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
-    accelerator = common.make_accelerator(args)
-    common.create_hub_repo(args, accelerator)
-    dataset, report = common.load_training_data(args, accelerator)
+        errors.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
+    accelerator = runtime.make_accelerator(args)
+    hub_repo_id = hub.create_repo(args, accelerator)
+    dataset, report = data.load_training_data(args, accelerator)
 
-    weight_dtype = common.weight_dtype_of(accelerator)
+    weight_dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    with common.loading("decoder model", "--pretrained_decoder_model_name_or_path", decoder_path):
+    with errors.loading("decoder model", "--pretrained_decoder_model_name_or_path", decoder_path):
         noise_scheduler = DDPMScheduler.from_pretrained(decoder_path, subfolder="scheduler", **load)
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", torch_dtype=weight_dtype, **load)
         unet = UNet2DConditionModel.from_pretrained(decoder_path, subfolder="unet", **load)
-    with common.loading("CLIP image encoder", "--pretrained_prior_model_name_or_path", prior_path):
+    with errors.loading("CLIP image encoder", "--pretrained_prior_model_name_or_path", prior_path):
         image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
             prior_path, subfolder="image_encoder", torch_dtype=weight_dtype, **load)
@@ -63,7 +64,7 @@ def main(args):
     validation_embeds = []
     if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
         # The prior is frozen here, so the prompts' image embeddings are computed once and the prior freed.
-        with common.loading("prior (used for validation prompts)", "--pretrained_prior_model_name_or_path",
+        with errors.loading("prior (used for validation prompts)", "--pretrained_prior_model_name_or_path",
                             prior_path):
             prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
                 prior_path, image_encoder=image_encoder, image_processor=image_processor, torch_dtype=weight_dtype,
@@ -81,7 +82,7 @@ def main(args):
         del prior_pipe
 
     if args.use_lora:
-        common.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
+        runtime.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -91,7 +92,7 @@ def main(args):
     unet.train()
 
     def make_sample(image, row):
-        pixels = np.asarray(common.center_crop_resize(image, args.resolution), dtype=np.float32) / 127.5 - 1.0
+        pixels = np.asarray(images.center_crop_resize(image, args.resolution), dtype=np.float32) / 127.5 - 1.0
         return {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1),
                 "clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0]}
 
@@ -126,31 +127,29 @@ def main(args):
             target = latents
         # The UNet also predicts the variance in its last 4 channels; only the first 4 are trained.
         pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": image_embeds}).sample[:, :4]
-        return common.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
 
     def validate(model):
         pipe = KandinskyV22Pipeline(unet=model, scheduler=noise_scheduler, movq=movq)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=device).manual_seed(args.seed or 0)
-        images = []
-        with torch.no_grad(), accelerator.autocast(), common.on_device(device, movq):
-            for prompt, embeds, negative in validation_embeds:
-                images.append((prompt, common.render(pipe, args, embeds, negative, generator)))
-        return images
+        with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, movq):
+            return [(prompt, validation.render(pipe, args, embeds, negative, generator))
+                    for prompt, embeds, negative in validation_embeds]
 
-    stage = common.Stage(
-        name="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode, loss=compute_loss,
+    stage = Stage(
+        name=STAGE, subfolder="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode, loss=compute_loss,
         validate=validate, make_sample=make_sample, frozen_models=(movq, image_encoder),
         cache_key={"stage": STAGE, "resolution": args.resolution, "image_processor": image_processor.to_dict()})
-    model, ema, images = common.train(args, accelerator, stage, dataset, report)
+    model, ema, rendered = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(args, accelerator, model, ema, images, noise_scheduler)
+        save_final(args, accelerator, model, ema, rendered, noise_scheduler, hub_repo_id)
     accelerator.end_training()
 
 
-def save_final(args, accelerator, unet, ema, images, scheduler):
+def save_final(args, accelerator, unet, ema, rendered, scheduler, hub_repo_id):
     """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora). Its model card
     names the prior, so AutoPipelineForText2Image can load the pair from OUTPUT_DIR alone."""
     from diffusers import KandinskyV22Pipeline, VQModel
@@ -180,8 +179,9 @@ from diffusers import AutoPipelineForText2Image
 pipe = AutoPipelineForText2Image.from_pretrained("{args.hub_model_id or args.output_dir}",
                                                  torch_dtype=torch.float16).to("cuda")
 image = pipe("{prompt}").images[0]'''
-    common.publish(args, accelerator, STAGE, decoder_path, snippet, images, extra_yaml={"prior": [prior_ref]})
+    hub.publish(args, accelerator, STAGE, decoder_path, snippet, rendered, hub_repo_id,
+                extra_yaml={"prior": [prior_ref]})
 
 
 if __name__ == "__main__":
-    common.main_guard(lambda: main(parse_args()))
+    errors.main_guard(lambda: main(parse_args()))

@@ -5,11 +5,11 @@ its caption. The CLIP text and image encoders stay frozen. Same command line as 
 examples/kandinsky2_2/text_to_image/train_text_to_image_prior.py, plus the flags listed in README.md."""
 
 import argparse
-import os
 
 import torch
 
-import train_common as common
+from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, runtime, validation
+from kandinsky_train.stage import Stage
 
 STAGE = "prior"
 PRIOR_SUBFOLDERS = ["prior", "text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler"]
@@ -18,11 +18,11 @@ DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Fine-tune the Kandinsky 2.2 prior.")
-    common.add_common_arguments(parser, STAGE)
+    cli.add_common_arguments(parser, STAGE)
     parser.add_argument("--caption_column", type=str, default="text",
                         help="The dataset column that holds the captions.")
     args = parser.parse_args(input_args)
-    return common.finish_args(args)
+    return cli.finish_args(args)
 
 
 def enable_prior_gradient_checkpointing(prior):
@@ -44,19 +44,19 @@ def main(args):
     from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers import CLIPVisionModelWithProjection
 
-    common.check_args(args, STAGE)
+    checks.check_args(args, STAGE)
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    common.check_model_repo(prior_path, PRIOR_SUBFOLDERS, "--pretrained_prior_model_name_or_path")
+    checks.check_model_repo(prior_path, PRIOR_SUBFOLDERS, "--pretrained_prior_model_name_or_path")
     if args.validation_prompts:
-        common.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
-    accelerator = common.make_accelerator(args)
-    common.create_hub_repo(args, accelerator)
-    dataset, report = common.load_training_data(args, accelerator, caption_column=args.caption_column)
+        checks.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
+    accelerator = runtime.make_accelerator(args)
+    hub_repo_id = hub.create_repo(args, accelerator)
+    dataset, report = data.load_training_data(args, accelerator, caption_column=args.caption_column)
 
-    weight_dtype = common.weight_dtype_of(accelerator)
+    weight_dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
     load = dict(cache_dir=args.cache_dir)
-    with common.loading("prior model", "--pretrained_prior_model_name_or_path", prior_path):
+    with errors.loading("prior model", "--pretrained_prior_model_name_or_path", prior_path):
         tokenizer = CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer", **load)
         image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
         text_encoder = CLIPTextModelWithProjection.from_pretrained(
@@ -68,7 +68,7 @@ def main(args):
     decoder_pipe = None
     if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
         # The decoder renders the prior's embeddings at validation: loaded once, it waits on the CPU.
-        with common.loading("decoder (used to render validation images)", "--pretrained_decoder_model_name_or_path",
+        with errors.loading("decoder (used to render validation images)", "--pretrained_decoder_model_name_or_path",
                             decoder_path):
             decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_path, torch_dtype=weight_dtype, **load)
         decoder_pipe.set_progress_bar_config(disable=True)
@@ -79,11 +79,11 @@ def main(args):
     prior.clip_mean.requires_grad_(False)
     prior.clip_std.requires_grad_(False)
     if not torch.all(prior.clip_std != 0):
-        common.fail(f"The prior in {prior_path!r} has zeros in clip_std (an untrained PriorTransformer?); training "
+        errors.fail(f"The prior in {prior_path!r} has zeros in clip_std (an untrained PriorTransformer?); training "
                     "divides the image embeddings by it. Start from a trained Kandinsky 2.2 prior.")
     clip_mean, clip_std = prior.clip_mean.detach().to(device), prior.clip_std.detach().to(device)
     if args.use_lora:
-        common.add_lora(args, prior, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        runtime.add_lora(args, prior, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     if args.gradient_checkpointing:
         enable_prior_gradient_checkpointing(prior)
     prior.train()
@@ -96,7 +96,7 @@ def main(args):
         return tokens.input_ids, tokens.attention_mask.bool()
 
     def make_sample(image, row):
-        input_ids, mask = tokenize([common.caption_text(row[args.caption_column])])
+        input_ids, mask = tokenize([data.caption_text(row[args.caption_column])])
         return {"clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0],
                 "text_input_ids": input_ids[0], "text_mask": mask[0]}
 
@@ -130,7 +130,7 @@ def main(args):
         pred = model(noisy, timestep=timesteps, proj_embedding=features["prompt_embeds"],
                      encoder_hidden_states=features["text_hidden_states"],
                      attention_mask=features["text_mask"]).predicted_image_embedding
-        return common.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
 
     def prior_pipeline(model):
         return KandinskyV22PriorPipeline(prior=model, image_encoder=image_encoder, text_encoder=text_encoder,
@@ -142,30 +142,31 @@ def main(args):
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=device).manual_seed(args.seed or 0)
         images = []
-        with torch.no_grad(), accelerator.autocast(), common.on_device(device, text_encoder, image_encoder,
+        with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, text_encoder, image_encoder,
                                                                        decoder_pipe.unet, decoder_pipe.movq):
             for prompt in args.validation_prompts:
                 for _ in range(args.num_validation_images):
                     embeds = pipe(prompt, num_inference_steps=args.validation_inference_steps,
                                   guidance_scale=args.validation_guidance_scale, generator=generator)
-                    images.append((prompt, common.render(decoder_pipe, args, embeds.image_embeds,
+                    images.append((prompt, validation.render(decoder_pipe, args, embeds.image_embeds,
                                                          embeds.negative_image_embeds, generator)))
         return images
 
-    stage = common.Stage(
-        name="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
+    stage = Stage(
+        name=STAGE, subfolder="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
         validate=validate, make_sample=make_sample, frozen_models=(text_encoder, image_encoder),
         cache_key={"stage": STAGE, "caption_column": args.caption_column,
                    "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)})
-    model, ema, images = common.train(args, accelerator, stage, dataset, report)
+    model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(args, accelerator, model, ema, images, tokenizer, image_processor, inference_scheduler)
+        save_final(args, accelerator, model, ema, images, tokenizer, image_processor, inference_scheduler,
+                   hub_repo_id)
     accelerator.end_training()
 
 
-def save_final(args, accelerator, prior, ema, images, tokenizer, image_processor, scheduler):
+def save_final(args, accelerator, prior, ema, images, tokenizer, image_processor, scheduler, hub_repo_id):
     """OUTPUT_DIR becomes a KandinskyV22PriorPipeline folder (or a LoRA adapter file with --use_lora)."""
     from diffusers import KandinskyV22PriorPipeline
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -202,8 +203,8 @@ prior = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir
 pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
     **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
 image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
-    common.publish(args, accelerator, STAGE, prior_path, snippet, images)
+    hub.publish(args, accelerator, STAGE, prior_path, snippet, images, hub_repo_id)
 
 
 if __name__ == "__main__":
-    common.main_guard(lambda: main(parse_args()))
+    errors.main_guard(lambda: main(parse_args()))

@@ -172,19 +172,6 @@ def flag_value(flags, name, default):
     return value
 
 
-def read_scalars(log_dir):
-    """{tag: {step: (wall_time, value)}} from every TensorBoard event file under log_dir."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars = {}
-    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
-        events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: (e.wall_time, e.value) for e in events.Scalars(tag)})
-    return scalars
-
-
 def run_setting(stage, setting, flags, paths, cli, run_dir, script):
     """Launch one training run of `script`; return its figures, or exit with the script's error."""
     shutil.rmtree(run_dir, ignore_errors=True)  # stale event files would mix into the figures
@@ -214,6 +201,8 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
         print(f"\n{script} failed with exit code {returncode} ({stage} / {setting}); stderr tail:\n"
               + "\n".join(tail), file=sys.stderr)
         sys.exit(returncode if 0 < returncode < 256 else 1)
+
+    from kandinsky_train.tracking import read_scalars
 
     losses = read_scalars(output_dir / "logs").get("train_loss", {})
     # Steps warmup+1 .. warmup+steps, timed between their train_loss events. The run has one step more, left out
@@ -296,7 +285,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cli = parse_args(argv)
-    sys.path.insert(0, str(REPO / "tools"))
+    sys.path[:0] = [str(REPO), str(REPO / "tools")]  # kandinsky_train and tiny_kandinsky
     work_dir = Path(cli.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-")).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:

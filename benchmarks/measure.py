@@ -26,6 +26,6 @@ def record_peak():
 if __name__ == "__main__":
     script = os.path.abspath(sys.argv[1])
     sys.argv = sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(script))  # our scripts import train_common from beside them
+    sys.path.insert(0, os.path.dirname(script))  # our scripts import kandinsky_train from beside them
     atexit.register(record_peak)
     runpy.run_path(script, run_name="__main__")

@@ -52,3 +52,38 @@ def test_cache_is_reused_and_invalidated(tiny, tmp_path):
     other_prior = tiny_kandinsky.build_tiny_prior(tmp_path / "other_prior", seed=7)
     reused, folders = run("e", **{"--pretrained_prior_model_name_or_path": other_prior})
     assert not reused and len(folders) == 4  # frozen CLIP image encoder changed
+
+
+# In-process checks of the cache's pieces (the tests above run the scripts end to end).
+
+def test_fingerprint_changes_with_any_weight_and_the_config():
+    from kandinsky_train.cache import model_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = model_fingerprint(model)
+    assert model_fingerprint(model) == before
+    with torch.no_grad():
+        model.bias[2] += 1e-3
+    assert model_fingerprint(model) != before
+
+
+def test_cache_round_trip_reads_rows_by_sample_index(tmp_path):
+    import pickle
+
+    from fakes import FakeAccelerator
+    from kandinsky_train.cache import EmbeddingCache
+
+    samples = [{"index": i, "x": torch.full((2,), float(i))} for i in range(5)]
+    cache = EmbeddingCache(tmp_path, "f" * 64)
+    assert not cache.complete()
+    # two processes, each encoding its share (every other sample), as the DDP run does
+    for rank in (1, 0):
+        cache.build(FakeAccelerator(rank, 2), samples, lambda batch: {"y": batch["x"] * 10}, batch_size=2)
+    assert cache.complete()
+    loaded = cache.load()
+    assert len(loaded) == 5 and loaded.keys == ["y"]
+    assert [loaded[i]["y"].tolist() for i in range(5)] == [[10.0 * i] * 2 for i in range(5)]
+    copy = pickle.loads(pickle.dumps(loaded))  # as a data-loader worker started with "spawn" receives it
+    assert copy[3]["y"].tolist() == [30.0, 30.0]
+    assert not EmbeddingCache(tmp_path, "f" * 24 + "0" * 40).complete()  # same folder, other fingerprint

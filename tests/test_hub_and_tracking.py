@@ -2,10 +2,8 @@
 run summary a person reads (issue: Hub push, tracking, LoRA)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -122,9 +120,9 @@ def test_model_card_fields_for_hub_models_and_datasets(tmp_path):
 
     args = prior.parse_args(["--dataset_name", "lambdalabs/naruto-blip-captions", "--output_dir", str(tmp_path)])
     card_path = tmp_path / "README.md"
-    import train_common
+    from kandinsky_train.model_card import write_model_card
 
-    train_common.write_model_card(args, "Kandinsky 2.2 prior", "kandinsky-community/kandinsky-2-2-prior",
+    write_model_card(args, "Kandinsky 2.2 prior", "kandinsky-community/kandinsky-2-2-prior",
                                   "print('hi')", images=None, wandb_url="https://wandb.ai/me/run/1")
     card = ModelCard.load(card_path)
     assert card.data.base_model == "kandinsky-community/kandinsky-2-2-prior"

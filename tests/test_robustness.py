@@ -4,7 +4,6 @@ a given micro-batch ("micro:N") or in the middle of writing a checkpoint ("save:
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -18,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from kandinsky_train.errors import UserError
 
 from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
                       read_state)
@@ -242,7 +243,6 @@ def test_errors_name_the_problem(tiny, tmp_path):
          r"already holds checkpoints of an earlier run \(checkpoint-3, checkpoint-12\). Add "
          "--resume_from_checkpoint latest"),
     ]
-    import train_common
     import train_text_to_image_decoder
     import train_text_to_image_prior
 
@@ -257,7 +257,7 @@ def test_errors_name_the_problem(tiny, tmp_path):
             error = run_direct(script, args)
         else:  # the same main(), in this process: an import of torch and diffusers per case would cost minutes
             module = modules[script]
-            with pytest.raises(train_common.UserError) as raised:
+            with pytest.raises(UserError) as raised:
                 module.main(module.parse_args([str(a) for a in args]))
             error = str(raised.value)
         assert re.search(message, error), f"{overrides}: expected {message!r} in\n{error[-2000:]}"
@@ -307,7 +307,7 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path):
     proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "out", steps=2, **{"--train_data_dir": data}))
     text = proc.stdout + proc.stderr
     for name in ("zero.png", "garbage.jpg", "truncated.jpg"):
-        assert f"Skipping unreadable image" in text and name in text
+        assert "Skipping unreadable image" in text and name in text
     assert "5 examples (3 unreadable image(s) skipped" in text
     assert "Data: 3 unreadable image(s) skipped" in text  # and again at the end
 
@@ -328,10 +328,9 @@ def test_all_images_unreadable_is_an_error(tiny, tmp_path):
 def test_tracker_package_missing_is_named(flag, package, tiny, tmp_path, monkeypatch):
     import importlib.util
 
-    import train_common
     import train_text_to_image_decoder as decoder
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
-    with pytest.raises(train_common.UserError, match=f"--report_to {package} needs the `{package}` package: pip"):
+    with pytest.raises(UserError, match=f"--report_to {package} needs the `{package}` package: pip"):
         decoder.main(decoder.parse_args([str(a) for a in base_args(tiny, tmp_path, **{"--report_to": None})] + flag))

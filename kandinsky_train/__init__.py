@@ -1,0 +1,28 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""What the two Kandinsky 2.2 training scripts share, one concern per module.
+
+The scripts keep their stage's models, loss, validation and final save, and hand the rest to these modules, in the
+order a run meets them:
+
+    cli         the command line (the reference scripts' flags, then ours)
+    checks      errors that need nothing loaded: flags, model folders, output folder
+    runtime     the Accelerator, dtypes, optimizer and schedule, LoRA, models that wait on the CPU
+    hub         the Hub repository, background checkpoint uploads, the final upload
+    data        the training data set, checked; samples and batches  (images: PIL decoding and crops)
+    stage       what a script plugs into the loop
+    loop        the training loop: restore, step, log, checkpoint, validate, finish
+      cache       --cache_embeddings: the frozen models' outputs, computed once
+      checkpoint  save, rotate, find and restore checkpoints; the run's position (TrainState)
+      ema         --use_ema
+      diffusion   the loss (Min-SNR) and the per-micro-batch seed
+      tracking    TensorBoard / W&B figures and images
+      validation  validation images
+      preemption  a clean stop on SIGTERM / Ctrl-C
+      faults      for testing only: fault injection and a trace of the data order
+    model_card  OUTPUT_DIR/README.md
+    errors      UserError: one line on stderr, exit code 2
+
+Imports flow one way (no module imports one above it in this list's dependency order), and the heavy libraries
+(diffusers, transformers, datasets, huggingface_hub) are imported inside functions, so that `--help` and the
+command-line checks answer before they load.
+"""

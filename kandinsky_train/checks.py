@@ -1,0 +1,102 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""Errors that need nothing loaded: the command line and the model folders are checked before any model, data set
+or GPU time, and each problem is one line that names the flag to fix."""
+
+import os
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT_RE, list_checkpoints
+from .cli import LR_SCHEDULERS, installed, report_targets
+from .errors import fail
+from .images import IMAGE_EXTENSIONS
+
+AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs",
+                "num_train_epochs", "validation_inference_steps", "num_validation_images", "rank")
+OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_train_samples")
+
+
+def check_args(args, stage):
+    _check_data(args)
+    _check_numbers(args)
+    _check_conflicts(args)
+    _check_packages(args)
+    _check_output_dir(args)
+
+
+def _check_data(args):
+    if args.dataset_name is None and args.train_data_dir is None:
+        fail("Need training data: give --dataset_name (a Hub dataset or a local dataset folder) or --train_data_dir "
+             "(an image folder with metadata.jsonl).")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        fail("Conflicting flags: give either --dataset_name or --train_data_dir, not both.")
+    if args.train_data_dir is not None:
+        if not os.path.isdir(args.train_data_dir):
+            fail(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(args.train_data_dir).rglob("*")):
+            fail(f"--train_data_dir {args.train_data_dir!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+
+
+def _check_numbers(args):
+    if args.resolution <= 0 or args.resolution % 8:
+        fail(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
+    for name in AT_LEAST_ONE:
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in OPTIONAL_AT_LEAST_ONE:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        fail(f"Unknown --lr_scheduler {args.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}.")
+    if not 0.0 <= args.conditioning_dropout_prob < 1.0:
+        fail(f"--conditioning_dropout_prob must be in [0, 1), got {args.conditioning_dropout_prob}.")
+
+
+def _check_conflicts(args):
+    if args.use_lora and args.use_ema:
+        fail("Conflicting flags: --use_ema with --use_lora is not supported; the adapter is small, drop --use_ema.")
+    if (args.offload_ema or args.foreach_ema) and not args.use_ema:
+        fail("--offload_ema and --foreach_ema need --use_ema.")
+    if args.hub_push_checkpoints and not args.push_to_hub:
+        fail("--hub_push_checkpoints needs --push_to_hub.")
+    if "wandb" in report_targets(args.report_to) and args.hub_token is not None:
+        fail("--report_to wandb with --hub_token would expose your token in the W&B run config; log in with "
+             "`hf auth login` and drop --hub_token.")
+
+
+def _check_packages(args):
+    trackers = report_targets(args.report_to)
+    for tracker in ("wandb", "tensorboard", "comet_ml"):
+        if tracker in trackers and args.report_to != "all" and not installed(tracker):
+            fail(f"--report_to {tracker} needs the `{tracker}` package: pip install {tracker}")
+    if args.use_8bit_adam and not installed("bitsandbytes"):
+        fail("--use_8bit_adam needs bitsandbytes (CUDA only): pip install bitsandbytes")
+    if getattr(args, "enable_xformers_memory_efficient_attention", False) and not installed("xformers"):
+        fail("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+             "(PyTorch's own scaled-dot-product attention is used by default and is as fast on recent GPUs).")
+    if args.use_lora and not installed("peft"):
+        fail("--use_lora needs peft: pip install peft")
+
+
+def _check_output_dir(args):
+    if args.resume_from_checkpoint is None:
+        earlier = [os.path.basename(path) for _, path in list_checkpoints(args.output_dir)]
+        if earlier:  # a new run would overwrite them step by step, and rotation would delete its own first
+            fail(f"--output_dir {args.output_dir!r} already holds checkpoints of an earlier run "
+                 f"({', '.join(earlier[-3:])}). Add --resume_from_checkpoint latest to continue it, or choose "
+                 "another --output_dir to start a new run.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
+        if not CHECKPOINT_RE.match(name):
+            fail(f'--resume_from_checkpoint takes "latest" or a folder named checkpoint-<step>, got '
+                 f"{args.resume_from_checkpoint!r}.")
+
+
+def check_model_repo(path, subfolders, flag):
+    """A local model folder must have the components the script loads; say which are missing."""
+    if os.path.isdir(path):
+        missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
+        if missing:
+            fail(f"{flag} {path!r} has no {', '.join(missing)} subfolder(s); expected a Kandinsky 2.2 model folder "
+                 f"with {', '.join(subfolders)}.")
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        fail(f"{flag} {path!r} is neither a model folder nor a Hub model id.")

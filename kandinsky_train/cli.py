@@ -1,0 +1,172 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""The command line both scripts accept: the flags of diffusers' reference scripts with their names, types and
+defaults (tests/test_cli.py checks each one), then ours, in groups. Each script adds its own few flags."""
+
+import importlib.util
+import os
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+TRACKERS = ("tensorboard", "wandb", "comet_ml")
+
+
+def add_common_arguments(parser, stage):
+    """stage: "prior" or "decoder"; it changes the help text, never a name or a default."""
+    model = "PriorTransformer" if stage == "prior" else "UNet"
+    for group in (_models_and_data, _optimization, _checkpoints, _validation, _tracking_and_hub, _speed):
+        group(parser.add_argument, stage, model)
+
+
+def _models_and_data(add, stage, model):
+    add("--pretrained_decoder_model_name_or_path", type=str, default="kandinsky-community/kandinsky-2-2-decoder",
+        help="Hub id or local folder of the Kandinsky 2.2 decoder (unet, movq, scheduler)."
+        + (" Used to render validation images." if stage == "prior" else " The UNet in it is trained."))
+    add("--pretrained_prior_model_name_or_path", type=str, default="kandinsky-community/kandinsky-2-2-prior",
+        help="Hub id or local folder of the Kandinsky 2.2 prior (prior, text_encoder, image_encoder, tokenizer, "
+        "image_processor, scheduler)."
+        + (" The prior in it is trained." if stage == "prior" else " Its CLIP image encoder conditions the UNet; "
+           "its prior turns validation prompts into image embeddings."))
+    add("--dataset_name", type=str, default=None,
+        help="A dataset on the Hub, or a local folder that `datasets.load_dataset` understands (parquet, "
+        "imagefolder...). Its `train` split is used.")
+    add("--dataset_config_name", type=str, default=None, help="The configuration of the dataset, if it has several.")
+    add("--train_data_dir", type=str, default=None,
+        help="A local image folder with a metadata.jsonl or metadata.csv that gives each file_name a caption.")
+    add("--image_column", type=str, default="image", help="The dataset column that holds the images.")
+    add("--max_train_samples", type=int, default=None,
+        help="Train on the first N samples only (quicker runs, debugging).")
+    add("--skip_image_check", action="store_true",
+        help="Do not decode every image once before training (faster start on huge, trusted data; an unreadable "
+        "image then stops the run).")
+    add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    add("--output_dir", type=str, default="kandi_2_2-model-finetuned",
+        help="Where checkpoints, logs, validation images and the final pipeline are written.")
+    add("--seed", type=int, default=None,
+        help="Seed for reproducible training: data order, noise and timesteps. Without it a random seed is drawn "
+        "and recorded in each checkpoint, so a resumed run still continues the same way.")
+    add("--resolution", type=int, default=512,
+        help="Training images are centre-cropped and resized to this size (a multiple of 8)."
+        + (" The prior sees CLIP's own 224 px crop; this sets the validation render size." if stage == "prior" else ""))
+    add("--dataloader_num_workers", type=int, default=0,
+        help="Subprocesses that load images; 0 loads them in the main process.")
+    add("--local_rank", type=int, default=-1, help="Set by the distributed launcher; leave it alone.")
+
+
+def _optimization(add, stage, model):
+    add("--train_batch_size", type=int, default=1, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is given.")
+    add("--max_train_steps", type=int, default=None,
+        help="Total optimizer steps; overrides --num_train_epochs.")
+    add("--gradient_accumulation_steps", type=int, default=1,
+        help="Micro-batches accumulated before each optimizer step.")
+    add("--gradient_checkpointing", action="store_true",
+        help=f"Recompute the {model}'s activations in the backward pass to save memory"
+        + (" (new here: the reference prior script has no such option)." if stage == "prior" else "."))
+    add("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warm-up).")
+    add("--lr_scheduler", type=str, default="constant",
+        help=f"Learning-rate schedule, one of {', '.join(LR_SCHEDULERS)}. Warm-up and decay count optimizer "
+        "steps, whatever the gradient accumulation and number of processes.")
+    add("--lr_warmup_steps", type=int, default=500, help="Optimizer steps of linear warm-up.")
+    add("--snr_gamma", type=float, default=None,
+        help="Min-SNR-gamma loss weighting (https://huggingface.co/papers/2303.09556); 5.0 is recommended.")
+    add("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (CUDA only).")
+    add("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    add("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    add("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    add("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    add("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    add("--use_ema", action="store_true",
+        help=f"Keep an exponential moving average of the {model} weights; used for validation and the final save.")
+    add("--ema_decay", type=float, default=0.9999, help="Decay of --use_ema.")
+    add("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
+    add("--foreach_ema", action="store_true", help="Update the EMA weights with torch's faster foreach kernels.")
+    add("--use_lora", action="store_true",
+        help=f"Train LoRA adapters on the {model}'s attention projections (through peft) instead of all weights.")
+    add("--rank", type=int, default=4, help="LoRA rank (with --use_lora).")
+    add("--lora_alpha", type=int, default=None, help="LoRA alpha (with --use_lora); defaults to --rank.")
+    add("--conditioning_dropout_prob", type=float, default=0.0,
+        help="Probability of training a sample unconditionally (empty caption for the prior, the zero-image "
+        "embedding for the decoder), which makes classifier-free guidance at inference work better. 0.1 is usual.")
+
+
+def _checkpoints(add, stage, model):
+    add("--checkpointing_steps", type=int, default=500,
+        help="Save OUTPUT_DIR/checkpoint-STEP (full training state plus the model in diffusers format) every N "
+        "optimizer steps.")
+    add("--checkpoints_total_limit", type=int, default=None,
+        help="Keep at most this many checkpoints; older ones are removed after a new one is complete.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help='Continue from "latest" or a folder name such as "checkpoint-1500"; with "latest" and no checkpoint, '
+        "a new run starts.")
+
+
+def _validation(add, stage, model):
+    add("--validation_prompts", type=str, default=None, nargs="+",
+        help="Prompts rendered every --validation_epochs epochs and at the end, logged to the tracker and saved "
+        "under OUTPUT_DIR/validation.")
+    add("--validation_prompt", type=str, default=None,
+        help="One validation prompt (the flag of the reference LoRA scripts); added to --validation_prompts.")
+    add("--num_validation_images", type=int, default=None,
+        help="Images per validation prompt. Default: 4 with --validation_prompt (as the reference LoRA scripts), "
+        "1 otherwise.")
+    add("--validation_epochs", type=int, default=5, help="Render the validation prompts every N epochs.")
+    add("--validation_inference_steps", type=int, default=25,
+        help="Denoising steps of each validation stage (the pipelines' defaults of 25 + 100 are slow for "
+        "frequent checks).")
+    add("--validation_guidance_scale", type=float, default=4.0, help="Classifier-free guidance of validation.")
+
+
+def _tracking_and_hub(add, stage, model):
+    add("--report_to", type=str, default="tensorboard",
+        help='Where to log: "tensorboard", "wandb", "comet_ml", "all" or "none".')
+    add("--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir.")
+    add("--tracker_project_name", type=str, default="text2image-fine-tune",
+        help="Project name of the tracker (W&B project, TensorBoard run folder).")
+    add("--push_to_hub", action="store_true", help="Upload the final pipeline and its model card to the Hub.")
+    add("--hub_token", type=str, default=None, help="Hub token; by default the cached `hf auth login` token.")
+    add("--hub_model_id", type=str, default=None,
+        help="Hub repository to push to; by default the name of --output_dir under your account.")
+    add("--hub_push_checkpoints", action="store_true",
+        help="With --push_to_hub, also upload each checkpoint's model weights in the background while training "
+        "goes on, so a preempted run's progress is safe on the Hub.")
+
+
+def _speed(add, stage, model):
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Mixed precision; defaults to the `accelerate config` value. Frozen models run in the half "
+        "dtype, the trained model keeps fp32 master weights.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer GPUs.")
+    add("--cache_embeddings", action="store_true",
+        help="Compute the frozen encoders' outputs once, store them on disk keyed by a fingerprint of model, data, "
+        "resolution and dtype, reuse them every epoch and run, and free the frozen encoders during training.")
+    add("--embedding_cache_dir", type=str, default=None,
+        help="Where --cache_embeddings stores its files (default OUTPUT_DIR/embedding_cache); share it between runs.")
+    add("--torch_compile", action="store_true", help=f"Compile the {model} with torch.compile.")
+
+
+def finish_args(args):
+    """Resolve launcher-set and derived values shared by both scripts."""
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    prompts = list(args.validation_prompts or [])
+    if args.validation_prompt:
+        prompts.append(args.validation_prompt)
+    args.validation_prompts = prompts or None
+    if args.num_validation_images is None:
+        args.num_validation_images = 4 if args.validation_prompt else 1
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    return args
+
+
+def report_targets(report_to):
+    """The trackers --report_to names ("all": those installed)."""
+    if report_to == "all":
+        return [name for name in TRACKERS if installed(name)]
+    if report_to in (None, "none", ""):
+        return []
+    return [report_to]
+
+
+def installed(package):
+    return importlib.util.find_spec(package) is not None

@@ -1,0 +1,149 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""The training data: the `train` split of --dataset_name or --train_data_dir, checked before any model is loaded
+(columns, captions, one decode of every image), and served as samples the stage turns into tensors."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import ImageFile
+
+from .errors import fail, first_line
+from .images import image_name, open_rgb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageReport:
+    """The images left out of training because they could not be read, named for the log."""
+
+    skipped: list = field(default_factory=list)
+
+    def summary(self):
+        if not self.skipped:
+            return "all images readable"
+        return f"{len(self.skipped)} unreadable image(s) skipped: {', '.join(self.skipped[:20])}" + (
+            ", ..." if len(self.skipped) > 20 else "")
+
+
+def load_training_data(args, accelerator, caption_column=None):
+    """Load the train split, check its columns and captions, and drop unreadable images (reported by name). The
+    main process goes first, so that the other processes find its downloads and checks in the datasets cache."""
+    with accelerator.main_process_first():
+        dataset = _load_split(args)
+        dataset = _check_columns(dataset, args, caption_column)
+        report = ImageReport()
+        if not args.skip_image_check:
+            dataset = drop_unreadable(dataset, args.image_column, report)
+        return dataset, report
+
+
+def _load_split(args):
+    import datasets
+
+    if args.dataset_name is not None:
+        try:
+            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+        except Exception as error:  # datasets raises many types for "not found / offline / bad format"
+            fail(f"Could not load --dataset_name {args.dataset_name!r}: {first_line(error)}")
+    else:
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv: its last line says why
+            fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
+                 f"{str(error).strip().splitlines()[-1]}")
+    if "train" not in loaded:
+        fail(f"The dataset has no 'train' split (splits: {', '.join(loaded)}).")
+    return loaded["train"]
+
+
+def _check_columns(dataset, args, caption_column):
+    import datasets
+
+    columns = dataset.column_names
+    source = args.dataset_name or args.train_data_dir
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", caption_column)):
+        if column is not None and column not in columns:
+            fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
+    keep = [args.image_column] + ([caption_column] if caption_column else [])
+    dataset = dataset.remove_columns([c for c in columns if c not in keep])
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        fail(f"The dataset {source!r} is empty.")
+    if caption_column is not None:
+        bad = [i for i, c in enumerate(dataset[caption_column]) if caption_text(c) is None]
+        if bad:
+            fail(f"{len(bad)} sample(s) have a missing or non-string caption in column {caption_column!r} "
+                 f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}); fix or drop them.")
+    # Decode lazily through our own loader, so that a bad file is reported instead of crashing a worker.
+    if isinstance(dataset.features[args.image_column], datasets.Image):
+        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def caption_text(value):
+    """A caption as one string: lists (several captions per image) give their first entry."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if isinstance(value, str) else None
+
+
+def _check_images(values, indices):
+    """datasets.map function: for each image, an empty string if it decodes, else why it does not; and its name
+    (the file, or the row of a data set that stores the bytes)."""
+    errors = []
+    for value in values:
+        try:
+            open_rgb(value)
+            errors.append("")
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            errors.append(f"{type(error).__name__}: {error}")
+    names = [image_name(value) for value in values]
+    return {"unreadable": errors,
+            "name": [f"row {i} {name}" if name.startswith("<") else name for i, name in zip(indices, names)]}
+
+
+def drop_unreadable(dataset, image_column, report, num_proc=None):
+    """Decode every image once and keep the readable ones, naming the others in the log. The images stream through
+    `datasets.map` (never all in memory at once), in parallel on large data; datasets caches the verdicts, so the
+    other processes of a multi-GPU run and later runs on the same data do not decode again."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if num_proc is None:  # parallel processes pay for their start-up only on large data sets
+        num_proc = min(os.cpu_count() or 1, len(dataset) // 2000) or None
+    verdicts = dataset.map(_check_images, input_columns=image_column, with_indices=True, batched=True, batch_size=64,
+                           remove_columns=dataset.column_names, num_proc=num_proc, desc="Checking images")
+    keep = []
+    for index, (error, name) in enumerate(zip(verdicts["unreadable"], verdicts["name"])):
+        if error:
+            report.skipped.append(name)
+            logger.warning(f"Skipping unreadable image {name}: {error}")
+        else:
+            keep.append(index)
+    if not keep:
+        fail(f"None of the {len(dataset)} images could be read ({report.summary()}).")
+    if report.skipped:
+        dataset = dataset.select(keep)
+    return dataset
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Index -> dict of tensors, built by the stage's `make_sample(image, row)`; keeps the sample index."""
+
+    def __init__(self, dataset, image_column, make_sample):
+        self.dataset, self.image_column, self.make_sample = dataset, image_column, make_sample
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        row = self.dataset[index]
+        sample = self.make_sample(open_rgb(row[self.image_column]), row)
+        sample["index"] = index
+        return sample
+
+
+def collate(samples):
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}

@@ -1,0 +1,39 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""Errors a user can fix: raised anywhere as `UserError`, printed by `main_guard` as one line without a traceback."""
+
+import contextlib
+import sys
+
+
+class UserError(Exception):
+    """A problem with the command line or the data that the user can fix; printed without a traceback."""
+
+
+def fail(message):
+    raise UserError(message)
+
+
+def first_line(error):
+    """The first line of an exception's message (libraries often add pages of context below it)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def loading(what, flag, path):
+    """Turn the loaders' deep tracebacks into one line that names the flag to fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:
+        fail(f"Could not load the {what} from {flag} {path!r}: {first_line(error)}")
+
+
+def main_guard(main):
+    """Run main(); a UserError becomes one clear line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,41 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""For testing only. The test suite drives the real scripts through two environment variables, read once here;
+unset (as in every real run), these hooks do nothing.
+
+KANDINSKY_TRAIN_FAULT=<point>:<SIGNAL> sends this process a real signal at a point: "micro:N" before the N-th
+micro-batch of the run (counted over epochs), "save:STEP" while checkpoint-STEP is being written; only on the
+process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set.
+KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch as JSON lines, to prove that a resumed
+run sees exactly the data an uninterrupted one sees.
+"""
+
+import json
+import os
+import signal
+
+_FAULT = os.environ.get("KANDINSKY_TRAIN_FAULT", "")
+_FAULT_RANK = os.environ.get("KANDINSKY_TRAIN_FAULT_RANK")
+_TRACE = os.environ.get("KANDINSKY_TRAIN_TRACE")
+
+
+def at(point):
+    """Send the configured signal if this is the configured point (and rank)."""
+    if not _FAULT or (_FAULT_RANK is not None and _FAULT_RANK != os.environ.get("RANK", "0")):
+        return
+    where, name = _FAULT.rsplit(":", 1)
+    if where == point:
+        os.kill(os.getpid(), getattr(signal, "SIG" + name))
+
+
+def observed(batches, rank, epoch, first_micro):
+    """Wrap one epoch's (micro-batch index, batch) pairs with the fault points and the trace."""
+    if not _FAULT and not _TRACE:
+        yield from batches
+        return
+    for batch_index, batch in batches:
+        at(f"micro:{first_micro + batch_index}")
+        if _TRACE:
+            with open(_TRACE, "a") as trace:
+                trace.write(json.dumps({"rank": rank, "epoch": epoch, "micro": batch_index,
+                                        "index": batch["index"].tolist()}) + "\n")
+        yield batch_index, batch

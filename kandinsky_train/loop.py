@@ -1,0 +1,188 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""The Accelerate training loop both stages share. `Trainer.train()` is the table of contents: restore, then for
+each micro-batch a train step and, at each optimizer step, EMA, figures, checkpoint and stop; validation at the end
+of each --validation_epochs epoch; then finish."""
+
+import math
+import signal
+import sys
+
+import torch
+
+from . import checkpoint, faults, tracking
+from .cache import frozen_outputs
+from .data import TrainingSamples, collate
+from .diffusion import step_seed
+from .ema import ema_device, ema_step, make_ema
+from .hub import CheckpointUploads
+from .preemption import StopRequest
+from .runtime import count_parameters, make_lr_scheduler, make_optimizer
+from .validation import run_validation
+
+
+def train(args, accelerator, stage, dataset, report, hub_repo_id=None):
+    """Train the stage's model on the dataset. Returns (the trained model unwrapped, its EMA or None, the final
+    validation images) for the script's final save."""
+    return Trainer(args, accelerator, stage, dataset, report, hub_repo_id).train()
+
+
+class Trainer:
+    def __init__(self, args, accelerator, stage, dataset, report, hub_repo_id):
+        self.args, self.accelerator, self.stage, self.report = args, accelerator, stage, report
+        device = self.device = accelerator.device
+        self.resume_path = checkpoint.resolve_resume(args)
+        seed = checkpoint.resolve_seed(args, self.resume_path)
+        accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
+
+        samples = TrainingSamples(dataset, args.image_column, stage.make_sample)
+        self.samples, self.encode = frozen_outputs(args, accelerator, stage, samples, dataset._fingerprint)
+        self.dataloader = accelerator.prepare(torch.utils.data.DataLoader(
+            self.samples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+            num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=args.dataloader_num_workers > 0))
+        steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
+        self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
+        self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch,
+                                           skipped_images=report.skipped)
+
+        self.params = [p for p in stage.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(args, self.params, device)
+        lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
+        self.ema = make_ema(args, stage.model, device)
+        checkpoint.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
+                                   ema_device=ema_device(args, device)).register()
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
+        if args.torch_compile:
+            self.model = torch.compile(self.model)
+        self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
+        self.generator = torch.Generator(device=device)
+        self.grad_norm = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    def train(self):
+        from tqdm.auto import tqdm
+
+        if self.resume_path is not None:
+            checkpoint.restore(self.accelerator, self.resume_path, self.state)
+        tracking.start(self.accelerator, self.args)
+        self.print_plan()
+        self.stop = StopRequest()
+        self.progress = tqdm(range(self.max_steps), initial=self.state.global_step, desc="Steps",
+                             disable=not self.accelerator.is_local_main_process)
+        self.meter = tracking.StepMeter(self.accelerator, self.args.train_batch_size)
+        self.logger = tracking.LaggedLogger(self.accelerator, self.progress)
+        for epoch in range(self.state.epoch, self.num_epochs):
+            if self.done:
+                break
+            for batch_index, batch in self.epoch_batches(epoch):
+                if self.train_step(batch, epoch, batch_index):
+                    self.end_optimizer_step()
+                if self.done:
+                    break
+            if not self.done and epoch % self.args.validation_epochs == 0:
+                self.validate()
+        return self.finish()
+
+    @property
+    def done(self):
+        return self.state.global_step >= self.max_steps
+
+    def epoch_batches(self, epoch):
+        """(micro-batch index, batch) of one epoch; a resumed epoch skips what the checkpoint had consumed."""
+        self.state.epoch = epoch
+        self.model.train()
+        self.dataloader.set_epoch(epoch)
+        start = 0
+        if epoch == self.state.global_step // self.state.steps_per_epoch:
+            start = (self.state.global_step % self.state.steps_per_epoch) * self.args.gradient_accumulation_steps
+        loader = self.accelerator.skip_first_batches(self.dataloader, start) if start else self.dataloader
+        batches = enumerate(loader, start=start)
+        return faults.observed(batches, self.accelerator.process_index, epoch, epoch * len(self.dataloader))
+
+    def train_step(self, batch, epoch, batch_index):
+        """Forward and backward one micro-batch; the optimizer steps at the last one of each accumulation. Returns
+        whether it did."""
+        accelerator, args = self.accelerator, self.args
+        self.generator.manual_seed(step_seed(self.state.seed, accelerator.process_index, epoch, batch_index))
+        with accelerator.accumulate(self.model):
+            batch.pop("index", None)
+            if self.encode is not None:
+                with torch.no_grad():
+                    # contiguous, as cached tensors are: the layout decides which kernels run
+                    batch = {k: v.contiguous() for k, v in self.encode(batch).items()}
+            loss = self.stage.loss(self.model, batch, self.generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                self.grad_norm = accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.meter.add(loss)
+        return accelerator.sync_gradients
+
+    def end_optimizer_step(self):
+        """EMA, the step's figures, and a checkpoint when one is due or a stop was asked for."""
+        self.state.global_step += 1
+        if self.ema is not None:
+            ema_step(self.ema, self.accelerator.unwrap_model(self.model), self.args, self.device)
+        self.logger.push(self.state.global_step, self.meter.figures(self.lr_scheduler.get_last_lr()[0],
+                                                                    self.grad_norm))
+        self.grad_norm = None
+        self.progress.update(1)
+        stopping = self.stop.requested(self.accelerator)
+        if stopping or self.state.global_step % self.args.checkpointing_steps == 0:
+            self.save_checkpoint()
+        if stopping:
+            self.exit_on_signal()
+
+    def save_checkpoint(self):
+        path = checkpoint.save(self.accelerator, self.args.output_dir, self.state, self.args.checkpoints_total_limit,
+                               before_remove=self.uploads.wait)
+        self.accelerator.print(f"Saved {path}")
+        self.uploads.push(path)
+
+    def exit_on_signal(self):
+        self.logger.flush()
+        self.accelerator.print(f"Received {signal.Signals(self.stop.signal).name}: saved checkpoint-"
+                               f"{self.state.global_step} and stopped. Continue with --resume_from_checkpoint latest")
+        self.uploads.wait()
+        self.accelerator.end_training()
+        sys.exit(self.stop.exit_code())
+
+    def validate(self):
+        return run_validation(self.args, self.accelerator, self.stage, self.accelerator.unwrap_model(self.model),
+                              self.ema, self.state.global_step)
+
+    def finish(self):
+        self.logger.flush()
+        self.progress.close()
+        check_ranks_agree(self.accelerator, self.model)
+        final_images = self.validate()
+        if self.report.skipped:
+            self.accelerator.print(f"Data: {self.report.summary()}")
+        self.uploads.wait()
+        return self.accelerator.unwrap_model(self.model), self.ema, final_images
+
+    def print_plan(self):
+        args, accelerator = self.args, self.accelerator
+        total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        accelerator.print(
+            f"***** Training the {self.stage.name}: {len(self.samples)} examples ({self.report.summary()}), "
+            f"{self.num_epochs} epochs, {self.max_steps} optimizer steps, batch {args.train_batch_size} per device x "
+            f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = "
+            f"{total_batch}, {count_parameters(accelerator.unwrap_model(self.model)):,} trainable parameters, "
+            f"precision {accelerator.mixed_precision}, frozen outputs "
+            f"{'cached' if self.encode is None else 'computed every step'}, seed {self.state.seed} *****")
+
+
+def check_ranks_agree(accelerator, model):
+    """Data parallelism must leave every process with the same weights: compare a checksum across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        checksums = accelerator.gather(checksum.to(accelerator.device)).cpu()
+    if not torch.all(checksums == checksums[0]):
+        raise RuntimeError(f"The processes ended with different weights (checksums {checksums.tolist()}).")
+    accelerator.print(f"Trained weights are identical on all {accelerator.num_processes} processes.")

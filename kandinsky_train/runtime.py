@@ -1,0 +1,112 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""What the run executes on: the Accelerator and its settings (logging, cuDNN, TF32), dtypes, the optimizer and
+schedule, LoRA adapters, and moving models that wait on the CPU to the device while they are needed."""
+
+import contextlib
+import logging
+import os
+import warnings
+
+import torch
+
+from .cli import report_targets
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_targets(args.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # A seedable sampler gives every epoch a fixed order, which `skip_first_batches` needs to resume exactly.
+        # Non-blocking copies of the (pinned, on CUDA) batches: a blocking copy would make the host wait for the
+        # GPU to finish the previous step before it could queue the next one.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+    )
+    configure_logging(accelerator)
+    configure_backends(args)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def configure_logging(accelerator):
+    """Our INFO lines on the local main process; the libraries' warnings there and their errors elsewhere."""
+    import datasets
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated")
+    for lib in (datasets, transformers, diffusers):
+        (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
+         else lib.utils.logging.set_verbosity_error)()
+
+
+def configure_backends(args):
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # Training shapes are fixed (one resolution, one batch size), so cuDNN's one-off search for the fastest
+    # convolution algorithms pays for itself within a few steps.
+    torch.backends.cudnn.benchmark = True
+
+
+def weight_dtype_of(accelerator):
+    """The dtype of the frozen models: the mixed-precision half type, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(args, parameters, device):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls, extra = bnb.optim.AdamW8bit, {}
+    else:
+        # The fused CUDA kernel is the fastest AdamW there is; CPU keeps the default implementation.
+        optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if device.type == "cuda" else {})
+    return optimizer_cls(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
+
+
+def make_lr_scheduler(args, optimizer, max_steps, num_processes):
+    from diffusers.optimization import get_scheduler
+
+    # Accelerate steps a prepared scheduler once per process for each optimizer step, so lengths are in
+    # optimizer steps times processes (not times accumulation steps, as the reference scripts do).
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=max_steps * num_processes)
+
+
+def add_lora(args, model, target_modules):
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                 target_modules=target_modules))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters train in fp32 even when the base is half precision
+
+
+def count_parameters(model, trainable_only=True):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@contextlib.contextmanager
+def on_device(device, *models):
+    """Bring models that wait on the CPU (frozen encoders after caching, validation-only models) to the device."""
+    homes = [next(m.parameters()).device for m in models]
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(models, homes):
+            m.to(home)

@@ -1,0 +1,103 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""What goes to TensorBoard / Weights & Biases: the run's configuration, each optimizer step's figures (read one
+step late, so that logging never makes the host wait for the GPU), and validation images."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def start(accelerator, args):
+    """Open the trackers with every argument as the run's configuration (never the Hub token)."""
+    if accelerator.is_main_process:
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+                  if k != "hub_token"}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+
+
+class StepMeter:
+    """The figures of one optimizer step: mean loss over its micro-batches and processes, samples/s, gradient norm,
+    peak memory. Losses are summed on the device; nothing here waits for the GPU."""
+
+    def __init__(self, accelerator, batch_size):
+        self.accelerator, self.batch_size = accelerator, batch_size
+        self._reset()
+
+    def _reset(self):
+        self.loss = torch.zeros((), device=self.accelerator.device)
+        self.micro_batches = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss):
+        self.loss += loss.detach()
+        self.micro_batches += 1
+
+    def figures(self, lr, grad_norm):
+        elapsed = time.perf_counter() - self.start
+        samples = self.micro_batches * self.batch_size * self.accelerator.num_processes
+        values = {"train_loss": self.accelerator.reduce(self.loss / self.micro_batches, "mean"), "lr": lr,
+                  "samples_per_second": samples / max(elapsed, 1e-9)}
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
+        if self.accelerator.device.type == "cuda":
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+        self._reset()
+        return values
+
+
+class LaggedLogger:
+    """Log a step's figures when the next step ends, so reading them never stalls the GPU pipeline."""
+
+    def __init__(self, accelerator, progress):
+        self.accelerator, self.progress, self.pending = accelerator, progress, None
+
+    def push(self, step, values):
+        self.flush()
+        self.pending = (step, values)
+
+    def flush(self):
+        if self.pending is None:
+            return
+        step, values = self.pending
+        self.pending = None
+        logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()}
+        self.progress.set_postfix(loss=f"{logs['train_loss']:.4g}", lr=f"{logs['lr']:.3g}", refresh=False)
+        self.accelerator.log(logs, step=step)
+
+
+def log_images(accelerator, images, step):
+    """images: list of (prompt, PIL image). TensorBoard gets one grid per prompt, W&B captioned images."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for i, (prompt, image) in enumerate(images):
+                tracker.writer.add_image(f"validation/{i:02d}: {prompt[:60]}", np.asarray(image), step,
+                                         dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {prompt}")
+                                        for i, (prompt, image) in enumerate(images)]}, step=step)
+
+
+def read_scalars(log_dir):
+    """{tag: {step: (wall_time, value)}} from every TensorBoard event file under log_dir (for the benchmark, the
+    demo's report and the tests, which read a run's figures back)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: (e.wall_time, e.value) for e in events.Scalars(tag)})
+    return scalars
+
+
+def wandb_run_url(accelerator):
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            return getattr(tracker.run, "url", None)
+    return None

@@ -1,0 +1,34 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""Validation images: the stage renders its prompts with the weights to show (EMA when on), on the main process
+only; the images go to the trackers and to OUTPUT_DIR/validation."""
+
+import os
+
+from .ema import ema_weights
+from .tracking import log_images
+
+
+def run_validation(args, accelerator, stage, model, ema, step):
+    """Render, log and save the validation images of this step; [] without prompts or off the main process."""
+    if not args.validation_prompts or not accelerator.is_main_process:
+        return []
+    with ema_weights(ema, model) as shown:
+        images = stage.validate(shown)
+    log_images(accelerator, images, step)
+    save_images(args.output_dir, images, step)
+    return images
+
+
+def save_images(output_dir, images, step):
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    for i, (prompt, image) in enumerate(images):
+        image.save(os.path.join(folder, f"step-{step:06d}-{i:02d}.png"))
+
+
+def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator):
+    """One validation image from image embeddings, at the training resolution and the validation step count."""
+    return decoder_pipe(image_embeds=image_embeds, negative_image_embeds=negative_image_embeds,
+                        height=args.resolution, width=args.resolution,
+                        num_inference_steps=args.validation_inference_steps,
+                        guidance_scale=args.validation_guidance_scale, generator=generator).images[0]

@@ -1,0 +1,50 @@
+"""In-process stand-ins for the pieces of accelerate the package's modules call, so that unit tests can exercise a
+module without starting a training run."""
+
+import contextlib
+import os
+
+import torch
+
+
+class FakeAccelerator:
+    """One process on the CPU: save_state writes a marker file, barriers do nothing, the model is its own unwrap."""
+
+    def __init__(self, process_index=0, num_processes=1):
+        self.process_index, self.num_processes = process_index, num_processes
+        self.is_main_process = self.is_local_main_process = process_index == 0
+        self.device = torch.device("cpu")
+        self.saved, self.printed, self.logged = [], [], []
+        self.save_hooks, self.load_hooks = [], []
+        self.trackers = []
+
+    def wait_for_everyone(self):
+        pass
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        yield
+
+    def save_state(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "optimizer.bin"), "wb") as f:
+            f.write(b"state")
+        self.saved.append(folder)
+
+    def unwrap_model(self, model):
+        return model
+
+    def register_save_state_pre_hook(self, hook):
+        self.save_hooks.append(hook)
+
+    def register_load_state_pre_hook(self, hook):
+        self.load_hooks.append(hook)
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+    def print(self, *args):
+        self.printed.append(" ".join(map(str, args)))
+
+    def log(self, values, step):
+        self.logged.append((step, values))
