@@ -7,6 +7,7 @@ examples/kandinsky2_2/text_to_image/train_text_to_image_prior.py, plus the flags
 import argparse
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, runtime, validation
 from kandinsky_train.stage import Stage
@@ -27,8 +28,6 @@ def parse_args(input_args=None):
 
 def enable_prior_gradient_checkpointing(prior):
     """PriorTransformer has no built-in gradient checkpointing: recompute each transformer block in backward."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in prior.transformer_blocks:
         def checkpointed(*inputs, _forward=block.forward, **kwargs):
             if torch.is_grad_enabled():

@@ -2,6 +2,7 @@
 """Stopping cleanly on preemptible machines: SIGTERM / SIGINT become a request that the loop honours at the next
 optimizer step (checkpoint, then exit), agreed by every process, also when only the launcher was signalled."""
 
+import ctypes
 import os
 import re
 import signal
@@ -61,8 +62,6 @@ def follow_launcher():
         return
     if not re.search(r"accelerate|torchrun|torch\.distributed\.(run|launch)", parent):
         return
-    import ctypes
-
     pr_set_pdeathsig = 1
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM)) != 0:
         return
