@@ -12,6 +12,7 @@ order a run meets them:
     stage       what a script plugs into the loop
     loop        the training loop: restore, step, log, checkpoint, validate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once
+      batches     the order of micro-batches per epoch and process, and where a resumed epoch starts
       checkpoint  save, rotate, find and restore checkpoints; the run's position (TrainState)
       ema         --use_ema
       diffusion   the loss (Min-SNR) and the per-micro-batch seed

@@ -11,7 +11,8 @@ import torch
 
 from . import checkpoint, faults, tracking
 from .cache import frozen_outputs
-from .data import TrainingSamples, collate
+from .batches import make_batches
+from .data import TrainingSamples
 from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
 from .hub import CheckpointUploads
@@ -36,11 +37,8 @@ class Trainer:
 
         samples = TrainingSamples(dataset, args.image_column, stage.make_sample)
         self.samples, self.encode = frozen_outputs(args, accelerator, stage, samples, dataset._fingerprint)
-        self.dataloader = accelerator.prepare(torch.utils.data.DataLoader(
-            self.samples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-            num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=args.dataloader_num_workers > 0))
-        steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
+        self.batches = make_batches(args, accelerator, self.samples)
+        steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)
         self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
         self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
         self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch,
@@ -92,13 +90,11 @@ class Trainer:
         """(micro-batch index, batch) of one epoch; a resumed epoch skips what the checkpoint had consumed."""
         self.state.epoch = epoch
         self.model.train()
-        self.dataloader.set_epoch(epoch)
         start = 0
         if epoch == self.state.global_step // self.state.steps_per_epoch:
             start = (self.state.global_step % self.state.steps_per_epoch) * self.args.gradient_accumulation_steps
-        loader = self.accelerator.skip_first_batches(self.dataloader, start) if start else self.dataloader
-        batches = enumerate(loader, start=start)
-        return faults.observed(batches, self.accelerator.process_index, epoch, epoch * len(self.dataloader))
+        return faults.observed(self.batches.epoch(epoch, start), self.accelerator.process_index, epoch,
+                               epoch * len(self.batches))
 
     def train_step(self, batch, epoch, batch_index):
         """Forward and backward one micro-batch; the optimizer steps at the last one of each accumulation. Returns
