@@ -12,7 +12,7 @@ tools/tiny_kandinsky.py (a smoke test of this script, not a benchmark).
 
     python benchmarks/benchmark.py --work_dir /data/bench --out results.jsonl \
         --reference_dir diffusers/examples/kandinsky2_2/text_to_image
-    python benchmarks/benchmark.py --stage decoder --settings bf16-b8 --extra "--cache_embeddings" --label cache
+    python benchmarks/benchmark.py --stage decoder --settings bf16-b8 --extra= --extra=--cache_embeddings
     python benchmarks/benchmark.py --quick
 """
 
@@ -172,8 +172,23 @@ def flag_value(flags, name, default):
     return value
 
 
+def launch(script, script_args, run_dir, cpu_only=False):
+    """`accelerate launch` one process of `script` through measure.py; logs and peak.json go to run_dir."""
+    precision = flag_value(script_args, "--mixed_precision", "no")  # Accelerate and the script must agree
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", precision, str(REPO / "benchmarks" / "measure.py"),
+           str(script), *script_args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "BENCH_PEAK_FILE": str(run_dir / "peak.json")}
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # --quick measures the CPU path even on a GPU machine
+    print(f"  {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
+        return subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=err).returncode
+
+
 def run_setting(stage, setting, flags, paths, cli, run_dir, script):
-    """Launch one training run of `script`; return its figures, or exit with the script's error."""
+    """Launch one training run of `script`; return its figures, or {"failed": why} (with the stderr tail printed)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # stale event files would mix into the figures
     output_dir = run_dir / "output"
     output_dir.mkdir(parents=True)
@@ -183,24 +198,14 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
         "--pretrained_prior_model_name_or_path", str(paths["prior"]),
         "--pretrained_decoder_model_name_or_path", str(paths["decoder"]),
         "--output_dir", str(output_dir), *shlex.split(cli.extra)]
-    precision = flag_value(script_args, "--mixed_precision", "no")  # Accelerate and the script must agree
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--dynamo_backend", "no", "--mixed_precision", precision, str(REPO / "benchmarks" / "measure.py"),
-           str(script), *script_args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "BENCH_PEAK_FILE": str(run_dir / "peak.json")}
-    if cli.quick:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # --quick measures the CPU path even on a GPU machine
-    print(f"Running {stage} / {setting} / {cli.label}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"Running {stage} / {setting} / {cli.label}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
-        returncode = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=err).returncode
+    returncode = launch(script, script_args, run_dir, cpu_only=cli.quick)
     wall = time.perf_counter() - start
-    if returncode != 0:
-        tail = (run_dir / "stderr.log").read_text(errors="replace").splitlines()[-60:]
+    if returncode != 0:  # say why, and go on: a GPU session is too short to lose the other runs
+        tail = (run_dir / "stderr.log").read_text(errors="replace").splitlines()[-40:]
         print(f"\n{script} failed with exit code {returncode} ({stage} / {setting}); stderr tail:\n"
-              + "\n".join(tail), file=sys.stderr)
-        sys.exit(returncode if 0 < returncode < 256 else 1)
+              + "\n".join(tail), file=sys.stderr, flush=True)
 
     from kandinsky_train.tracking import read_scalars
 
@@ -210,7 +215,9 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
     # the GPU), so the last event of a run, written as soon as training ends, comes early.
     measured = sorted(step for step in losses if cli.warmup <= step <= cli.warmup + cli.steps)
     if len(measured) < 2:
-        sys.exit(f"Too few train_loss events after step {cli.warmup} under {output_dir / 'logs'}.")
+        print(f"Too few train_loss events after step {cli.warmup} under {output_dir / 'logs'}.", file=sys.stderr)
+        return {"failed": f"exit code {returncode}, too few train_loss events", "wall_seconds": round(wall, 1),
+                "script_args": shlex.join(script_args)}
     batch = int(flag_value(script_args, "--train_batch_size", 1)) * int(
         flag_value(script_args, "--gradient_accumulation_steps", 1))
     speeds = [batch * (b - a) / (losses[b][0] - losses[a][0]) for a, b in zip(measured, measured[1:])
@@ -220,10 +227,13 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
     for item in output_dir.iterdir():  # keep the logs; the saved pipeline is gigabytes nobody reads
         if item.name != "logs":
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    return {"samples_per_second": batch * (measured[-1] - measured[0]) / elapsed,
+    # A script that fails after training (the reference's final save, say) still measured its steps: kept, with the
+    # exit code beside the figures.
+    return {"exit_code": returncode, "samples_per_second": batch * (measured[-1] - measured[0]) / elapsed,
             "samples_per_second_median": statistics.median(speeds), "peak_memory_gib": peak,
             "measured_steps": measured[-1] - measured[0], "final_train_loss": losses[measured[-1]][1],
-            "wall_seconds": round(wall, 1), "mixed_precision": precision, "script_args": shlex.join(script_args)}
+            "wall_seconds": round(wall, 1), "mixed_precision": flag_value(script_args, "--mixed_precision", "no"),
+            "script_args": shlex.join(script_args)}
 
 
 def device_name(quick):
@@ -247,7 +257,9 @@ def parse_args(argv=None):
     parser.add_argument("--settings", action="append", default=None, metavar="NAME",
                         help="A named setting to run (repeatable). Default: all of the stage's settings. "
                         + "; ".join(f"{stage}: {', '.join(SETTINGS[stage])}" for stage in STAGES) + ".")
-    parser.add_argument("--extra", default="", help='More flags for the training script, e.g. "--cache_embeddings".')
+    parser.add_argument("--extra", action="append", default=None,
+                        help='More flags for our training script, e.g. "--cache_embeddings". Repeatable: each value '
+                        'is one variant of ours, run in turn after the reference ("" is ours as is).')
     parser.add_argument("--without", action="append", default=[], metavar="SWITCH",
                         help="Drop a switch from the named settings, e.g. --without gradient_checkpointing "
                         "(a store_true flag cannot be turned off from --extra).")
@@ -263,8 +275,9 @@ def parse_args(argv=None):
     if cli.steps < 1 or cli.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0.")
     cli.without = [w.lstrip("-") for w in cli.without]
-    cli.label = cli.label or " ".join([cli.extra.strip()] + [f"without --{w}" for w in cli.without]).strip() \
-        or "baseline"
+    cli.extra = cli.extra or [""]
+    without = [f"without --{w}" for w in cli.without]
+    cli.labels = [cli.label or " ".join([extra.strip()] + without).strip() or "baseline" for extra in cli.extra]
     stages = STAGES if cli.stage == "both" else (cli.stage,)
     table = QUICK_SETTINGS if cli.quick else SETTINGS
     known = {name for stage in stages for name in table[stage]}
@@ -295,7 +308,7 @@ def main(argv=None):
         print("| GPU | stage | settings | script | variant | samples/s (mean / median) | peak allocated GiB | "
               "speed-up |\n|---|---|---|---|---|---|---|---|", flush=True)
         for stage, setting, flags in cli.runs:
-            runs = [("ours", SCRIPTS[stage], cli.extra, cli.label)]
+            runs = [("ours", SCRIPTS[stage], extra, label) for extra, label in zip(cli.extra, cli.labels)]
             if cli.reference_dir is not None:  # the reference has none of our flags: it runs without --extra
                 runs.insert(0, ("reference", Path(cli.reference_dir).resolve() / SCRIPTS[stage].name, "", "as is"))
             reference_speed = None
@@ -303,7 +316,12 @@ def main(argv=None):
                 slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-{setting}-{name}-{label}")
                 run_cli = argparse.Namespace(**{**vars(cli), "extra": extra, "label": f"{name}, {label}"})
                 result = run_setting(stage, setting, flags, paths, run_cli, work_dir / "runs" / slug, script)
+                if "failed" in result:
+                    print(f"| {device} | {stage} | {setting}: `{flags}` | {name} | {label} | failed: "
+                          f"{result['failed']} | | |", flush=True)
+                    continue
                 speed = result["samples_per_second"]
+                label += f" (exit code {result['exit_code']} after training)" if result["exit_code"] else ""
                 reference_speed = speed if name == "reference" else reference_speed
                 peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
                 ratio = f"{speed / reference_speed:.2f}x" if reference_speed and name == "ours" else ""
