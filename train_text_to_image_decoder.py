@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from kandinsky_train import checks, cli, data, diffusion, errors, hub, images, loop, runtime, validation
+from kandinsky_train import checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime, validation
 from kandinsky_train.stage import Stage
 
 STAGE = "decoder"
@@ -145,6 +145,7 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        preemption.finishing("the final save")
         save_final(args, accelerator, model, ema, rendered, noise_scheduler, hub_repo_id)
     accelerator.end_training()
 

@@ -9,7 +9,7 @@ import argparse
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, runtime, validation
+from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, validation
 from kandinsky_train.stage import Stage
 
 STAGE = "prior"
@@ -160,6 +160,7 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        preemption.finishing("the final save")
         save_final(args, accelerator, model, ema, images, tokenizer, image_processor, inference_scheduler,
                    hub_repo_id)
     accelerator.end_training()

@@ -79,6 +79,25 @@ def resolve_resume(args):
     return path
 
 
+def set_aside_newer(accelerator, output_dir, step):
+    """Resuming from an older checkpoint abandons the newer ones. Move them into OUTPUT_DIR/abandoned-after-
+    checkpoint-STEP (never deleted), so that rotation and `latest` only see the run that goes on."""
+    if accelerator.is_main_process:
+        newer = [path for s, path in list_checkpoints(output_dir) if s > step]
+        if newer:
+            aside = os.path.join(output_dir, f"abandoned-after-checkpoint-{step}")
+            number = 2
+            while os.path.exists(aside):  # resumed from the same step before
+                aside = os.path.join(output_dir, f"abandoned-after-checkpoint-{step}-{number}")
+                number += 1
+            os.makedirs(aside)
+            for path in newer:
+                os.replace(path, os.path.join(aside, os.path.basename(path)))
+            names = ", ".join(os.path.basename(path) for path in newer)
+            logger.warning(f"Resuming from checkpoint-{step} abandons the newer {names}: moved to {aside}.")
+    accelerator.wait_for_everyone()
+
+
 def resolve_seed(args, resume_path):
     """The run's base seed: the flag, else the one recorded in the checkpoint, else a fresh one drawn by the main
     process (every process must shuffle the data alike for the shards not to overlap)."""
@@ -172,8 +191,14 @@ class ModelStateHooks:
                 from peft.utils import set_peft_model_state_dict
                 from safetensors.torch import load_file
 
-                set_peft_model_state_dict(unwrapped, load_file(
-                    os.path.join(input_dir, f"{sub}_lora", "pytorch_lora_weights.safetensors")))
+                adapter = os.path.join(input_dir, f"{sub}_lora", "pytorch_lora_weights.safetensors")
+                result = set_peft_model_state_dict(unwrapped, load_file(adapter))
+                # peft reports what did not fit instead of raising: a silently restarted adapter is worse.
+                missing = [k for k in result.missing_keys if "lora_" in k]
+                if result.unexpected_keys or missing:
+                    fail(f"The LoRA adapter {adapter} does not fit the model ({len(result.unexpected_keys)} "
+                         f"unexpected, {len(missing)} missing weights): resume with the --rank and --lora_alpha "
+                         "of the run that wrote it.")
             else:
                 unwrapped.load_state_dict(model_cls.from_pretrained(os.path.join(input_dir, sub)).state_dict())
             if self.ema is not None:

@@ -65,7 +65,9 @@ def _optimization(add, stage, model):
     add("--lr_scheduler", type=str, default="constant",
         help=f"Learning-rate schedule, one of {', '.join(LR_SCHEDULERS)}. Warm-up and decay count optimizer "
         "steps, whatever the gradient accumulation and number of processes.")
-    add("--lr_warmup_steps", type=int, default=500, help="Optimizer steps of linear warm-up.")
+    add("--lr_warmup_steps", type=int, default=500,
+        help='Optimizer steps of linear warm-up, for the schedules that have one ("constant" has none, as in the '
+        'reference scripts: use "constant_with_warmup").')
     add("--snr_gamma", type=float, default=None,
         help="Min-SNR-gamma loss weighting (https://huggingface.co/papers/2303.09556); 5.0 is recommended.")
     add("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (CUDA only).")

@@ -9,6 +9,15 @@ class UserError(Exception):
     """A problem with the command line or the data that the user can fix; printed without a traceback."""
 
 
+class Stopped(BaseException):
+    """A signal after training's last step (final validation, save or upload): the checkpoints are complete, so the
+    process stops where it is. A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def fail(message):
     raise UserError(message)
 
@@ -31,9 +40,13 @@ def loading(what, flag, path):
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one clear line on stderr and exit code 2."""
+    """Run main(); a UserError becomes one clear line on stderr and exit code 2, a stop after training one line and
+    the signal's exit code."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_code)

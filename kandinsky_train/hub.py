@@ -8,13 +8,14 @@ from pathlib import Path
 
 from .errors import fail, first_line
 from .model_card import write_model_card
+from .preemption import finishing
 from .tracking import wandb_run_url
 
 logger = logging.getLogger(__name__)
 
 # What never goes to the Hub with the final folder: training state, logs, cache, validation renders.
-HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", "logs", "logs/**", "embedding_cache", "embedding_cache/**",
-              "validation", "validation/**"]
+HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", "abandoned-after-checkpoint-*", "logs", "logs/**",
+              "embedding_cache", "embedding_cache/**", "validation", "validation/**"]
 
 
 def create_repo(args, accelerator):
@@ -72,6 +73,7 @@ def publish(args, accelerator, stage_name, base_model, snippet, images, repo_id,
     title = f"Kandinsky 2.2 {stage_name}" + (" LoRA" if args.use_lora else "")
     write_model_card(args, title, base_model, snippet, images, extra_yaml, wandb_url=wandb_run_url(accelerator))
     if args.push_to_hub:
+        finishing("the upload to the Hub")
         ignore = HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**"]
         try:
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,

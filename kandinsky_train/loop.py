@@ -4,6 +4,7 @@ each micro-batch a train step and, at each optimizer step, EMA, figures, checkpo
 of each --validation_epochs epoch; then finish."""
 
 import math
+import os
 import signal
 import sys
 
@@ -16,8 +17,8 @@ from .data import TrainingSamples
 from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
 from .hub import CheckpointUploads
-from .preemption import StopRequest
-from .runtime import count_parameters, make_lr_scheduler, make_optimizer
+from .preemption import StopRequest, finishing
+from .runtime import count_parameters, make_lr_scheduler, make_optimizer, set_schedule_position
 from .validation import run_validation
 
 
@@ -31,6 +32,8 @@ class Trainer:
     def __init__(self, args, accelerator, stage, dataset, report, hub_repo_id):
         self.args, self.accelerator, self.stage, self.report = args, accelerator, stage, report
         device = self.device = accelerator.device
+        if accelerator.is_main_process:  # only now: a run refused before this point leaves nothing behind
+            os.makedirs(args.output_dir, exist_ok=True)
         self.resume_path = checkpoint.resolve_resume(args)
         seed = checkpoint.resolve_seed(args, self.resume_path)
         accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
@@ -61,8 +64,7 @@ class Trainer:
     def train(self):
         from tqdm.auto import tqdm
 
-        if self.resume_path is not None:
-            checkpoint.restore(self.accelerator, self.resume_path, self.state)
+        self.restore()
         tracking.start(self.accelerator, self.args)
         self.print_plan()
         self.stop = StopRequest()
@@ -81,6 +83,16 @@ class Trainer:
             if not self.done and epoch % self.args.validation_epochs == 0:
                 self.validate()
         return self.finish()
+
+    def restore(self):
+        """Continue from the checkpoint, if any: its newer siblings (an abandoned future) are set aside, the state
+        is loaded, and the schedule is put at the checkpoint's optimizer step."""
+        if self.resume_path is None:
+            return
+        step = checkpoint.read_state(self.resume_path)["global_step"]
+        checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step)
+        checkpoint.restore(self.accelerator, self.resume_path, self.state)
+        set_schedule_position(self.lr_scheduler, self.state.global_step, self.accelerator.num_processes)
 
     @property
     def done(self):
@@ -151,12 +163,18 @@ class Trainer:
                               self.ema, self.state.global_step)
 
     def finish(self):
+        saved = checkpoint.list_checkpoints(self.args.output_dir)
+        self.stop.training_ended(f"Training reached step {self.state.global_step}; the last checkpoint is "
+                                 f"{os.path.basename(saved[-1][1]) if saved else 'none'}.")
         self.logger.flush()
         self.progress.close()
         check_ranks_agree(self.accelerator, self.model)
+        finishing("the final validation")
+        faults.at("finish")
         final_images = self.validate()
         if self.report.skipped:
             self.accelerator.print(f"Data: {self.report.summary()}")
+        finishing("the checkpoint uploads")
         self.uploads.wait()
         return self.accelerator.unwrap_model(self.model), self.ema, final_images
 

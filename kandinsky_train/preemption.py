@@ -1,6 +1,8 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
-"""Stopping cleanly on preemptible machines: SIGTERM / SIGINT become a request that the loop honours at the next
-optimizer step (checkpoint, then exit), agreed by every process, also when only the launcher was signalled."""
+"""Stopping cleanly on preemptible machines. During training, SIGTERM / SIGINT become a request that the loop
+honours at the next optimizer step (checkpoint, then exit), agreed by every process, also when only the launcher
+was signalled. After the last step (final validation, save, upload) there is no step to wait for and the
+checkpoints are complete: a signal stops the process at once and says what did not finish."""
 
 import ctypes
 import os
@@ -10,20 +12,31 @@ import sys
 
 import torch
 
+from .errors import Stopped
+
 _PARENT_AT_START = os.getppid()
+_active = None  # the StopRequest of the training in this process
 
 
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next optimizer step and exits."""
 
     def __init__(self):
+        global _active
         self.signal = None
         self._pending = None
+        self.phase = None  # after training: what the process is doing (a signal then stops it there)
+        self.trained = ""  # after training: where training ended, for the message
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         follow_launcher()
+        _active = self
 
     def _handle(self, signum, frame):
+        if self.phase is not None:
+            raise Stopped(f"received {signal.Signals(signum).name} during {self.phase}. {self.trained} Not "
+                          f"finished: {self.phase} and what follows it; run the same command with "
+                          "--resume_from_checkpoint latest to redo them.", 128 + signum)
         if self.signal is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C stops at once
@@ -46,6 +59,17 @@ class StopRequest:
     def exit_code(self):
         """0 for SIGTERM (the scheduler asked: a normal end), 128 + N otherwise (130 for Ctrl-C), as shells do."""
         return 0 if self.signal == signal.SIGTERM else 128 + self.signal
+
+    def training_ended(self, trained):
+        """From now on a signal stops the process where it is; `trained` says where training ended."""
+        self.trained = trained
+        self.phase = "the end of training"
+
+
+def finishing(phase):
+    """After training, name what the process does now (final validation, save, upload) for a signal's message."""
+    if _active is not None and _active.phase is not None:
+        _active.phase = phase
 
 
 def follow_launcher():

@@ -29,8 +29,6 @@ def make_accelerator(args):
     )
     configure_logging(accelerator)
     configure_backends(args)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
 
 
@@ -82,6 +80,16 @@ def make_lr_scheduler(args, optimizer, max_steps, num_processes):
     # optimizer steps times processes (not times accumulation steps, as the reference scripts do).
     return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
                          num_training_steps=max_steps * num_processes)
+
+
+def set_schedule_position(lr_scheduler, optimizer_steps, num_processes):
+    """Put the learning-rate schedule at an optimizer step. The schedule is a function of that step alone, while a
+    checkpoint's scheduler state counts what stepped it: accelerate steps a prepared scheduler once per process, so
+    a checkpoint written by another number of processes (or by the reference scripts, which count micro-batches)
+    would shift warm-up and decay."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # below accelerate's wrapper
+    scheduler.last_epoch = optimizer_steps * num_processes - 1
+    scheduler.step()  # recomputes the optimizer's learning rates for the new position
 
 
 def add_lora(args, model, target_modules):

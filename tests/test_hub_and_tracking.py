@@ -4,10 +4,11 @@ run summary a person reads (issue: Hub push, tracking, LoRA)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, offline_env
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, offline_env, read_state
 from fake_hub import FakeHub
 
 
@@ -63,7 +64,7 @@ def test_push_to_hub_without_a_login_fails_before_training(tiny, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "--push_to_hub: could not create or reach the Hub repository 'tester/kandi-test'" in proc.stderr
     assert "hf auth login" in proc.stderr
-    assert not (tmp_path / "out" / "unet").exists() and not checkpoints(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
 
 
 def test_failed_final_upload_keeps_the_output_and_says_how_to_retry(tiny, tmp_path):
@@ -87,6 +88,35 @@ def test_model_card_without_validation_prompts_or_wandb(tiny, tmp_path):
     assert "val_imgs_grid" not in card.text and not (tmp_path / "val_imgs_grid.png").exists()
 
 
+def read_wandb_run(path):
+    """{step: {key: value}} of the history and the run's config, read from an offline run's .wandb file: a LevelDB
+    log (32 KiB blocks of records with a 7-byte header: checksum, length, type) of W&B protobuf records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    position, block, payload, history, config = 7, 32768, b"", {}, {}
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # the tail of a block too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        payload += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind not in (1, 4):  # FIRST / MIDDLE fragments: the record goes on in the next one
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        payload = b""
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+        elif record.WhichOneof("record_type") in ("run", "config"):  # the config comes with the run or after it
+            updates = record.run.config.update if record.HasField("run") else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
+    return history, config
+
+
 def test_wandb_offline_run_gets_metrics_config_and_images(tiny, tmp_path):
     pytest.importorskip("wandb")
     env = offline_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
@@ -95,22 +125,31 @@ def test_wandb_offline_run_gets_metrics_config_and_images(tiny, tmp_path):
         env=env)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, proc.stderr[-2000:]
-    files = runs[0] / "files"
-    summary = json.loads((files / "wandb-summary.json").read_text()) if (files / "wandb-summary.json").exists() \
-        else {}
-    config = (files / "config.yaml").read_text() if (files / "config.yaml").exists() else ""
-    data = (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").read_bytes()
-    assert b"train_loss" in data and b"samples_per_second" in data and b"grad_norm" in data
-    assert b"validation" in data and b"image-file" in data or b"validation" in data and b".png" in data
-    assert b"learning_rate" in data  # the run configuration (every argument) is logged
-    assert summary or config or data
+    history, config = read_wandb_run(runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb")
+    assert sorted(history) == [1, 2]
+    for step in (1, 2):
+        assert {"train_loss", "lr", "grad_norm", "samples_per_second"} <= set(history[step])
+        assert history[step]["lr"] == pytest.approx(1e-3)
+    images = {key.split(".", 1)[1]: value for key, value in history[2].items() if key.startswith("validation.")}
+    assert images["_type"] == "images/separated" and images["count"] == 1  # nested keys come back dotted
+    assert all((runs[0] / "files" / name).is_file() for name in images["filenames"])  # the PNG itself was saved
+    # the run configuration: every argument, never the Hub token
+    assert config["learning_rate"] == 1e-3 and config["resolution"] == 64 and "hub_token" not in config
 
 
-def test_start_line_summarises_the_run(tiny, tmp_path):
-    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=1, **{"--gradient_accumulation_steps": 2}))
+def test_start_line_summarises_a_run_with_the_default_seed_and_schedule(tiny, tmp_path):
+    """No --seed, --learning_rate, --lr_scheduler or --lr_warmup_steps: the defaults users start from (constant
+    1e-4; the constant schedule has no warm-up, as in the reference scripts) and a drawn seed, recorded."""
+    from test_robustness import lr_by_step
+
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=1, **{
+        "--gradient_accumulation_steps": 2, "--seed": None, "--learning_rate": None, "--lr_warmup_steps": None,
+        "--report_to": None, "--checkpointing_steps": 1}))
     text = proc.stdout + proc.stderr
     assert "8 examples" in text and "1 optimizer steps" in text and "accumulation = 4" in text
     assert "trainable parameters" in text and "precision no" in text
+    assert f"seed {read_state(tmp_path / 'checkpoint-1')['seed']} *****" in text
+    assert lr_by_step(tmp_path) == {1: pytest.approx(1e-4)}
 
 
 def test_model_card_fields_for_hub_models_and_datasets(tmp_path):

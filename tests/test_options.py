@@ -28,27 +28,29 @@ def tensorboard_events(output_dir):
 
 @pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
 def test_ema_snr_accumulation_validation_and_local_dataset(script, sub, tiny, tmp_path):
-    args = base_args(tiny, tmp_path, steps=3, **{
+    args = base_args(tiny, tmp_path, steps=5, **{
         "--train_data_dir": None, "--dataset_name": tiny["parquet"], "--image_column": "img",
         "--max_train_samples": 6, "--use_ema": True, "--snr_gamma": 5.0, "--gradient_accumulation_steps": 2,
-        "--validation_prompts": ["a red circle", "a blue square"], "--validation_epochs": 1,
-        "--checkpointing_steps": 3, "--report_to": "tensorboard"})
+        "--validation_prompts": ["a red circle", "a blue square"], "--validation_epochs": 2,
+        "--checkpointing_steps": 5, "--report_to": "tensorboard"})
     if script == PRIOR_SCRIPT:
         args += ["--caption_column", "caption"]
     proc = launch(script, args)
     assert "6 examples" in proc.stdout + proc.stderr  # --max_train_samples of 8
-    # 6 samples / batch 2 = 3 micro-batches, accumulation 2 -> 2 optimizer steps per epoch: 3 steps = 2 epochs
+    # 6 samples / batch 2 = 3 micro-batches, accumulation 2 -> 2 optimizer steps per epoch: 5 steps = 3 epochs
     scalars, images = tensorboard_events(tmp_path)
-    assert [s for s, _ in scalars["train_loss"]] == [1, 2, 3]
+    assert [s for s, _ in scalars["train_loss"]] == [1, 2, 3, 4, 5]
     assert {"lr", "grad_norm", "samples_per_second"} <= set(scalars)
     assert len(images) == 2, images  # one tag per prompt
-    assert all(steps[-1] == 3 for steps in images.values())
-    assert len(list((tmp_path / "validation").glob("*.png"))) >= 4
+    # --validation_epochs 2: after epoch 0 (step 2), not after epoch 1 (step 4); the final render ends epoch 2 (step 5)
+    assert all(steps == [2, 5] for steps in images.values()), images
+    assert sorted(p.name for p in (tmp_path / "validation").glob("*.png")) == [
+        f"step-{step:06d}-{i:02d}.png" for step in (2, 5) for i in range(2)]
     assert (tmp_path / "val_imgs_grid.png").is_file()
     # EMA weights are saved in the checkpoint and are what the final folder holds
-    assert checkpoints(tmp_path) == ["checkpoint-3"]
-    ema = load_file(next((tmp_path / "checkpoint-3" / f"{sub}_ema").glob("*.safetensors")))
-    raw = load_file(next((tmp_path / "checkpoint-3" / sub).glob("*.safetensors")))
+    assert checkpoints(tmp_path) == ["checkpoint-5"]
+    ema = load_file(next((tmp_path / "checkpoint-5" / f"{sub}_ema").glob("*.safetensors")))
+    raw = load_file(next((tmp_path / "checkpoint-5" / sub).glob("*.safetensors")))
     final = load_file(next((tmp_path / sub).glob("*.safetensors")))
     assert all((final[k] == ema[k]).all() for k in ema)
     assert any((raw[k] != ema[k]).any() for k in ema)
@@ -96,5 +98,8 @@ def test_bf16_mixed_precision_with_cache_and_validation(script, sub, frozen, tin
     trained = load_file(next((tmp_path / sub).glob("*.safetensors")))
     stored = load_file(next((tmp_path / frozen).glob("*.safetensors")))
     assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    start = load_file(next((tiny["prior" if sub == "prior" else "decoder"] / sub).glob("*.safetensors")))
+    assert any(not torch.equal(start[k], trained[k]) for k in start), "bf16 training changed no weight"
     assert {t.dtype for t in stored.values()} == {torch.float32}
     assert len(list((tmp_path / "validation").glob("*.png"))) == 1

@@ -32,3 +32,19 @@ def test_ctrl_c_exits_130_and_a_second_one_stops_at_once(restore_handlers):
     assert stop.requested(FakeAccelerator()) and stop.exit_code() == 130
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_after_training_a_signal_stops_at_once_and_says_what_did_not_finish(restore_handlers):
+    from kandinsky_train.errors import Stopped
+    from kandinsky_train.preemption import finishing
+
+    stop = StopRequest()
+    stop.training_ended("Training reached step 8; the last checkpoint is checkpoint-8.")
+    finishing("the final save")
+    with pytest.raises(Stopped) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.exit_code == 143
+    assert str(stopped.value) == (
+        "received SIGTERM during the final save. Training reached step 8; the last checkpoint is checkpoint-8. Not "
+        "finished: the final save and what follows it; run the same command with --resume_from_checkpoint latest "
+        "to redo them.")

@@ -18,32 +18,37 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kandinsky_train.errors import UserError
+from kandinsky_train.errors import UserError, main_guard
 
 from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
                       read_state)
 
 
 def state_of(checkpoint, sub):
-    """Everything that defines where a run is: weights, EMA, optimizer, LR schedule, step."""
-    state = {"model": load_file(next((checkpoint / sub).glob("*.safetensors"))),
-             "optimizer": torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"],
-             "scheduler": torch.load(checkpoint / "scheduler.bin", weights_only=False),
-             "step": read_state(checkpoint)["global_step"]}
-    if (checkpoint / f"{sub}_ema").is_dir():
-        state["ema"] = load_file(next((checkpoint / f"{sub}_ema").glob("*.safetensors")))
-    return state
+    """Everything that defines where a run is: weights, EMA, optimizer state and settings, LR schedule, step."""
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    ema = checkpoint / f"{sub}_ema"
+    return {"model": load_file(next((checkpoint / sub).glob("*.safetensors"))),
+            "ema": load_file(next(ema.glob("*.safetensors"))) if ema.is_dir() else None,
+            "optimizer": optimizer["state"], "param_groups": optimizer["param_groups"],
+            "scheduler": torch.load(checkpoint / "scheduler.bin", weights_only=False),
+            "step": read_state(checkpoint)["global_step"]}
 
 
-def assert_same_state(a, b):
+def assert_same_state(a, b, ema):
+    """ema: whether both checkpoints must hold EMA weights (a run that lost them must not pass)."""
+    assert (a["ema"] is not None, b["ema"] is not None) == (ema, ema)
     assert a["step"] == b["step"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     assert a["scheduler"]["_last_lr"] == b["scheduler"]["_last_lr"]
-    for key in ("model", "ema"):
-        assert set(a.get(key, {})) == set(b.get(key, {}))
-        for name, tensor in a.get(key, {}).items():
+    assert a["param_groups"] == b["param_groups"]  # learning rate, betas, ... of every group
+    for key in ("model", "ema") if ema else ("model",):
+        assert set(a[key]) == set(b[key])
+        for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
+    assert set(a["optimizer"]) == set(b["optimizer"]) and a["optimizer"]
     for index, slots in a["optimizer"].items():
+        assert set(slots) == set(b["optimizer"][index])
         for slot, tensor in slots.items():
             assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(b["optimizer"][index][slot])), slot
 
@@ -52,17 +57,22 @@ def trace(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("script,sub,fault,resumed_from", [
-    (DECODER_SCRIPT, "unet", "micro:5:TERM", 3),   # SIGTERM between the two micro-batches of step 3
-    (PRIOR_SCRIPT, "prior", "micro:9:KILL", 4),    # SIGKILL in the second epoch; resume from checkpoint-4
+# The decoder's interrupted run also reads the cache through two persistent data-loader workers (memory-mapped files
+# in forked processes, skip_first_batches on resume): its result must still equal the plain uninterrupted run's.
+@pytest.mark.parametrize("script,sub,fault,resumed_from,parts_extra", [
+    (DECODER_SCRIPT, "unet", "micro:5:TERM", 3,    # SIGTERM between the two micro-batches of step 3
+     {"--cache_embeddings": True, "--dataloader_num_workers": 2}),
+    (PRIOR_SCRIPT, "prior", "micro:9:KILL", 4, {}),    # SIGKILL in the second epoch; resume from checkpoint-4
 ])
-def test_stopped_and_resumed_run_equals_the_uninterrupted_run(script, sub, fault, resumed_from, tiny, tmp_path):
+def test_stopped_and_resumed_run_equals_the_uninterrupted_run(script, sub, fault, resumed_from, parts_extra, tiny,
+                                                              tmp_path):
     # 8 images, batch 1, accumulation 2: 4 optimizer steps per epoch, shuffled; 6 steps cross an epoch boundary.
     common = {"--train_batch_size": 1, "--gradient_accumulation_steps": 2, "--use_ema": True,
               "--checkpointing_steps": 2, "--lr_scheduler": "cosine", "--lr_warmup_steps": 1}
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     launch(script, base_args(tiny, whole, steps=6, **common),
            env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
+    common.update(parts_extra)
     stopped = launch(script, base_args(tiny, parts, steps=6, **common), check=False,
                      env=offline_env(KANDINSKY_TRAIN_FAULT=fault, KANDINSKY_TRAIN_TRACE=str(tmp_path / "p1.jsonl")))
     if fault.endswith("TERM"):
@@ -74,7 +84,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run(script, sub, fault
         assert checkpoints(parts) == ["checkpoint-2", "checkpoint-4"]
     launch(script, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}),
            env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "p2.jsonl")))
-    assert_same_state(state_of(whole / "checkpoint-6", sub), state_of(parts / "checkpoint-6", sub))
+    assert_same_state(state_of(whole / "checkpoint-6", sub), state_of(parts / "checkpoint-6", sub), ema=True)
     # The resumed run saw exactly the micro-batches the checkpoint had not consumed, in the same order.
     seen = {name: [(r["epoch"], r["micro"], r["index"]) for r in trace(tmp_path / f"{name}.jsonl")]
             for name in ("whole", "p1", "p2")}
@@ -87,12 +97,13 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run(script, sub, fault
 
 
 def test_learning_rate_schedule_is_counted_in_optimizer_steps(tiny, tmp_path):
-    from test_options import tensorboard_events
+    from kandinsky_train.tracking import read_scalars
 
-    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=6, **{
-        "--gradient_accumulation_steps": 3, "--train_batch_size": 1, "--lr_scheduler": "linear",
-        "--lr_warmup_steps": 2, "--learning_rate": 1e-3, "--report_to": "tensorboard"}))
-    logged = dict(tensorboard_events(tmp_path)[0]["lr"])
+    # Two epochs and no --max_train_steps: 8 samples, batch 1, accumulation 3 = 3 optimizer steps an epoch, 6 in all.
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=None, **{
+        "--num_train_epochs": 2, "--gradient_accumulation_steps": 3, "--train_batch_size": 1,
+        "--lr_scheduler": "linear", "--lr_warmup_steps": 2, "--learning_rate": 1e-3, "--report_to": "tensorboard"}))
+    logged = {step: value for step, (_, value) in read_scalars(tmp_path / "logs")["lr"].items()}
 
     def expected(k, warmup=2, total=6):
         return 1e-3 * (k / warmup if k < warmup else max(0.0, (total - k) / (total - warmup)))
@@ -106,36 +117,80 @@ DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_pr
        "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
-@pytest.mark.parametrize("script,sub,extra", [
-    (PRIOR_SCRIPT, "prior", {}),
-    (DECODER_SCRIPT, "unet", {"--cache_embeddings": True}),  # each process encodes its share of the cache
-])
-def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, extra, tiny, tmp_path):
+def lr_by_step(output_dir):
+    from kandinsky_train.tracking import read_scalars
+
+    return {step: value for step, (_, value) in read_scalars(Path(output_dir) / "logs")["lr"].items()}
+
+
+def test_two_process_prior_stops_mid_epoch_resumes_exactly_and_on_one_process(tiny, tmp_path):
+    """Two processes, no --seed: SIGTERM to rank 0 alone in the middle of epoch 1; both ranks stop together, the
+    resumed run (which finds the seed in the checkpoint) ends bit-identical to an uninterrupted run with that seed,
+    and a resume on one process keeps the learning-rate schedule where the optimizer step puts it."""
     env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
-    common = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 100, **extra}
+    # 8 images, 2 processes, batch 2: 2 optimizer steps an epoch; warm-up 1 then linear decay to 0 at step 6.
+    common = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 2, "--seed": None,
+              "--report_to": "tensorboard"}
+    parts, whole, moved = tmp_path / "parts", tmp_path / "whole", tmp_path / "one-process"
+    # Signalled before its second micro-batch, rank 0 finishes step 2; the ranks agree one step later (step 3).
+    fault = {"KANDINSKY_TRAIN_FAULT": "micro:1:TERM", "KANDINSKY_TRAIN_FAULT_RANK": "0"}
+    first = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=6, **{**common, "--checkpointing_steps": 100}),
+                   launcher=DDP, env={**env, **fault})
+    text = first.stdout + first.stderr
+    assert "2 process(es)" in text and "Received SIGTERM: saved checkpoint-3" in text
+    assert checkpoints(parts) == ["checkpoint-3"]
+    seed = read_state(parts / "checkpoint-3")["seed"]
+    expected = {k: pytest.approx(1e-3 * (6 - k) / 5, rel=1e-6, abs=1e-12) for k in range(1, 7)}  # float32 logs
+    assert lr_by_step(parts) == {k: expected[k] for k in (1, 2, 3)}
+    shutil.copytree(parts, moved)
+
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=6, **{**common, "--resume_from_checkpoint": "latest"}),
+                  launcher=DDP, env=env)
+    text = proc.stdout + proc.stderr
+    assert re.search(r"Resuming from \S*checkpoint-3\b", text) and f"seed {seed} " in text
+    assert "identical on all 2 processes" in text
+    assert checkpoints(parts) == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    records = trace(tmp_path / "trace.jsonl")
+    by_rank = {r: [i for x in records if x["rank"] == r and x["epoch"] == 0 for i in x["index"]] for r in (0, 1)}
+    assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])  # different shards
+    launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=6, **{**common, "--seed": seed}), launcher=DDP,
+           env=offline_env(ACCELERATE_USE_CPU="true"))
+    assert_same_state(state_of(whole / "checkpoint-6", "prior"), state_of(parts / "checkpoint-6", "prior"), ema=False)
+    assert (parts / "prior" / "config.json").is_file() and (parts / "model_index.json").is_file()
+
+    # The same checkpoint resumed by one process: accelerate steps the schedule once per process, so the state
+    # written by two counts double; the schedule must still continue at optimizer step 4.
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, moved, steps=6, **{**common, "--resume_from_checkpoint": "latest"}))
+    assert "will not match an uninterrupted run" in proc.stdout + proc.stderr  # the data order, not the schedule
+    assert lr_by_step(moved) == expected
+
+
+def test_two_process_decoder_caches_its_shares_checkpoints_resumes_and_agrees(tiny, tmp_path):
+    env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
+    # each process encodes its share of the cache
+    common = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 100,
+              "--cache_embeddings": True}
     # SIGTERM reaches rank 0 alone, before its first step: both ranks agree to stop together one step later.
     fault = {"KANDINSKY_TRAIN_FAULT": "micro:0:TERM", "KANDINSKY_TRAIN_FAULT_RANK": "0"}
-    first = launch(script, base_args(tiny, tmp_path, steps=4, **common, **{"--report_to": "tensorboard"}),
+    first = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=4, **common, **{"--report_to": "tensorboard"}),
                    launcher=DDP, env={**env, **fault})
     text = first.stdout + first.stderr
     assert "2 process(es)" in text and "Received SIGTERM: saved checkpoint-2" in text
     assert checkpoints(tmp_path) == ["checkpoint-2"]
     # warm-up 1 then linear decay to 0 at step 4, counted in optimizer steps whatever the number of processes
-    from test_options import tensorboard_events
-
-    assert dict(tensorboard_events(tmp_path)[0]["lr"]) == {1: pytest.approx(1e-3), 2: pytest.approx(2e-3 / 3)}
-    proc = launch(script, base_args(tiny, tmp_path, steps=4, **{
+    assert lr_by_step(tmp_path) == {1: pytest.approx(1e-3), 2: pytest.approx(2e-3 / 3)}
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=4, **{
         **common, "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest"}), launcher=DDP, env=env)
     text = proc.stdout + proc.stderr
-    assert "Resuming from" in text and "identical on all 2 processes" in text
-    if extra:
-        assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 2
-        assert "Reusing cached frozen outputs" in text
+    assert re.search(r"Resuming from \S*checkpoint-2\b", text) and "identical on all 2 processes" in text
+    assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 2
+    assert "Reusing cached frozen outputs" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
-    assert (tmp_path / sub / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
+    assert (tmp_path / "unet" / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
     records = trace(tmp_path / "trace.jsonl")
     by_rank = {r: [i for x in records if x["rank"] == r and x["epoch"] == 0 for i in x["index"]] for r in (0, 1)}
     assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])  # different shards
+    assert len([x for x in records if x["epoch"] == 1]) == 4  # the resumed run: 2 steps on each of 2 ranks
 
 
 @pytest.mark.parametrize("limit", [None, 1])
@@ -146,8 +201,10 @@ def test_kill_during_save_keeps_the_previous_checkpoint(limit, tiny, tmp_path):
     assert checkpoints(tmp_path) == ["checkpoint-2"]  # rotation never ran before the new one was complete
     assert (tmp_path / ".tmp-checkpoint-4").is_dir()  # the half-written one is set apart...
     proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=4, **{
-        "--checkpointing_steps": 2, "--checkpoints_total_limit": limit, "--resume_from_checkpoint": "latest"}))
-    assert "checkpoint-2" in proc.stdout + proc.stderr  # ...and `latest` ignores it
+        "--checkpointing_steps": 2, "--checkpoints_total_limit": limit, "--resume_from_checkpoint": "latest"}),
+        env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "resumed.jsonl")))
+    assert re.search(r"Resuming from \S*checkpoint-2\b", proc.stdout + proc.stderr)  # ...and `latest` ignores it
+    assert len(trace(tmp_path / "resumed.jsonl")) == 2  # steps 3 and 4 only: it did resume
     assert checkpoints(tmp_path) == (["checkpoint-4"] if limit else ["checkpoint-2", "checkpoint-4"])
     assert not (tmp_path / ".tmp-checkpoint-4").exists()
 
@@ -173,7 +230,10 @@ def test_sigterm_to_the_launcher_alone_stops_with_a_checkpoint(tiny, tmp_path):
     assert match, text[-3000:]
     step = int(match.group(1))
     assert checkpoints(output) == [f"checkpoint-{step}"]
-    launch(DECODER_SCRIPT, base_args(tiny, output, steps=step + 1, **{"--resume_from_checkpoint": "latest"}))
+    resumed = launch(DECODER_SCRIPT, base_args(tiny, output, steps=step + 1, **{"--resume_from_checkpoint": "latest"}),
+                     env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "resumed.jsonl")))
+    assert re.search(rf"Resuming from \S*checkpoint-{step}\b", resumed.stdout + resumed.stderr)
+    assert len((tmp_path / "resumed.jsonl").read_text().splitlines()) == 1  # the one step left
     assert read_state(output / f"checkpoint-{step}")["global_step"] == step
     assert (output / "unet" / "config.json").is_file()
 
@@ -183,6 +243,38 @@ def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
                   env=offline_env(KANDINSKY_TRAIN_FAULT="micro:2:INT"))
     assert "Received SIGINT: saved checkpoint-3" in proc.stdout + proc.stderr
     assert checkpoints(tmp_path) == ["checkpoint-3"] and proc.returncode != 0
+    # the training process exits 130, as a shell's Ctrl-C does (`accelerate launch` then reports it and exits 1)
+    assert "returned non-zero exit status 130" in proc.stderr
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny, tmp_path):
+    """Going back to checkpoint-3 abandons checkpoint-6. Left in place it would be overwritten at step 6 or, with
+    --checkpoints_total_limit, outrank the new checkpoints in rotation (which deleted them) and in `latest`."""
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 3,
+                                                                "--checkpoints_total_limit": 2}))
+    assert checkpoints(tmp_path) == ["checkpoint-3", "checkpoint-6"]
+    abandoned = (tmp_path / "checkpoint-6" / "prior" / "diffusion_pytorch_model.safetensors").read_bytes()
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=5, **{
+        "--checkpointing_steps": 1, "--checkpoints_total_limit": 2, "--resume_from_checkpoint": "checkpoint-3"}))
+    aside = tmp_path / "abandoned-after-checkpoint-3"
+    assert f"Resuming from checkpoint-3 abandons the newer checkpoint-6: moved to {aside}" in proc.stderr
+    assert checkpoints(tmp_path) == ["checkpoint-4", "checkpoint-5"]  # the run that goes on, rotated
+    assert (aside / "checkpoint-6" / "prior" / "diffusion_pytorch_model.safetensors").read_bytes() == abandoned
+
+
+def test_a_signal_after_training_stops_at_once_and_says_what_did_not_finish(tiny, tmp_path):
+    """SIGTERM during the final validation: nothing is left to checkpoint, so the process stops there (not after
+    the final save and upload it would otherwise still run), and a resume finishes the job."""
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=2, **{"--checkpointing_steps": 2}), check=False,
+                  env=offline_env(KANDINSKY_TRAIN_FAULT="finish:TERM"))
+    assert ("stopped: received SIGTERM during the final validation. Training reached step 2; the last checkpoint is "
+            "checkpoint-2. Not finished: the final validation and what follows it") in proc.stderr, proc.stderr[-3000:]
+    assert "returned non-zero exit status 143" in proc.stderr
+    assert checkpoints(tmp_path) == ["checkpoint-2"] and not (tmp_path / "model_index.json").exists()
+    resumed = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=2, **{"--resume_from_checkpoint": "latest"}),
+                     env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "resumed.jsonl")))
+    assert "Resuming from" in resumed.stdout + resumed.stderr and not (tmp_path / "resumed.jsonl").exists()
+    assert (tmp_path / "model_index.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +290,17 @@ def run_direct(script, args, env=None):
     return proc.stderr
 
 
-def test_errors_name_the_problem(tiny, tmp_path):
+def run_in_process(module, args, capsys):
+    """The script's own main_guard(main) in this process (an import of torch and diffusers per case would cost
+    minutes): exit code 2 and the one line it prints."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main_guard(lambda: module.main(module.parse_args([str(a) for a in args])))
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_errors_name_the_problem(tiny, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
@@ -253,15 +355,15 @@ def test_errors_name_the_problem(tiny, tmp_path):
         if overrides.get("--use_8bit_adam") and _has("bitsandbytes"):
             continue
         args = base_args(tiny, tmp_path / "out", **overrides)
-        if number in (0, 3):  # as a user runs it: one line on stderr, exit code 2, no traceback
+        if number in (0, 3):  # as a user runs it
             error = run_direct(script, args)
-        else:  # the same main(), in this process: an import of torch and diffusers per case would cost minutes
-            module = modules[script]
-            with pytest.raises(UserError) as raised:
-                module.main(module.parse_args([str(a) for a in args]))
-            error = str(raised.value)
-        assert re.search(message, error), f"{overrides}: expected {message!r} in\n{error[-2000:]}"
-        assert not (tmp_path / "out" / "logs").exists()
+        else:
+            error = run_in_process(modules[script], args, capsys)
+        # one line on stderr names the problem; no traceback; nothing written
+        lines = [line for line in error.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in error, f"{overrides}:\n{error[-2000:]}"
+        assert re.search(message, lines[0]), f"{overrides}: expected {message!r} in\n{lines[0]}"
+        assert not (tmp_path / "out").exists(), overrides
     assert sorted(p.name for p in earlier_run.iterdir()) == ["checkpoint-12", "checkpoint-3"]  # left alone
 
 
