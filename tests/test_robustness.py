@@ -108,7 +108,9 @@ DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_pr
 
 @pytest.mark.parametrize("script,sub,extra", [
     (PRIOR_SCRIPT, "prior", {}),
-    (DECODER_SCRIPT, "unet", {"--cache_embeddings": True}),  # each process encodes its share of the cache
+    # each process encodes its share of the cache, and evaluates its share of the held-out set (half of the 8
+    # images: 4 left to train on, one batch per process, so the shards need no padding and stay disjoint)
+    (DECODER_SCRIPT, "unet", {"--cache_embeddings": True, "--validation_split": 0.5}),
 ])
 def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, extra, tiny, tmp_path):
     env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
@@ -129,8 +131,11 @@ def test_two_process_training_checkpoints_resumes_and_agrees(script, sub, extra,
     text = proc.stdout + proc.stderr
     assert "Resuming from" in text and "identical on all 2 processes" in text
     if extra:
-        assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 2
-        assert "Reusing cached frozen outputs" in text
+        # CLIP image embeddings and MoVQ latents, of the training and the held-out set, one part per process
+        assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 8
+        assert "Reusing cached frozen outputs" in text and "Reusing cached CLIP image embeddings" in text
+        assert re.search(r"Held-out evaluation at step 3: eval_loss \S+ \(4 samples", text)  # the reduced figures
+        assert "Held-out evaluation at step 4: eval_loss" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / sub / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
     records = trace(tmp_path / "trace.jsonl")
