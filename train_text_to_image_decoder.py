@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kandinsky_train import checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime, validation
-from kandinsky_train.stage import Stage
+from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "decoder"
 DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
@@ -47,6 +47,7 @@ def main(args):
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     dataset, report = data.load_training_data(args, accelerator)
+    dataset, held_out = data.held_out_data(args, accelerator, dataset)
 
     weight_dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
@@ -94,11 +95,10 @@ def main(args):
     def make_sample(image, row):
         pixels = np.asarray(images.center_crop_resize(image, args.resolution), dtype=np.float32) / 127.5 - 1.0
         return {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1),
-                "clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0]}
+                "clip_pixel_values": clip_pixels(image_processor, image)}
 
-    def encode(batch):
-        return {"latents": movq.encode(batch["pixel_values"].to(device, weight_dtype)).latents,
-                "image_embeds": image_encoder(batch["clip_pixel_values"].to(device, weight_dtype)).image_embeds}
+    def encode(batch):  # the condition, the CLIP image embedding, is `image_embedding`'s (shared with the prior's)
+        return {"latents": movq.encode(batch["pixel_values"].to(device, weight_dtype)).latents}
 
     # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
     with torch.no_grad():
@@ -116,6 +116,12 @@ def main(args):
         noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
                                   generator=generator)
+        pred, target = predict(model, {"latents": latents, "image_embeds": image_embeds}, noise, timesteps)
+        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+
+    def predict(model, features, noise, timesteps):
+        """The UNet's prediction from noised latents, and its target (training and held-out loss)."""
+        latents = features["latents"]
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if device.type == "cuda":
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -126,8 +132,8 @@ def main(args):
         else:
             target = latents
         # The UNet also predicts the variance in its last 4 channels; only the first 4 are trained.
-        pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": image_embeds}).sample[:, :4]
-        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+        pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": features["image_embeds"]}).sample
+        return pred[:, :4], target
 
     def validate(model):
         pipe = KandinskyV22Pipeline(unet=model, scheduler=noise_scheduler, movq=movq)
@@ -139,9 +145,11 @@ def main(args):
 
     stage = Stage(
         name=STAGE, subfolder="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode, loss=compute_loss,
-        validate=validate, make_sample=make_sample, frozen_models=(movq, image_encoder),
-        cache_key={"stage": STAGE, "resolution": args.resolution, "image_processor": image_processor.to_dict()})
-    model, ema, rendered = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
+        validate=validate, make_sample=make_sample, frozen_models=(movq,), cache_key={"resolution": args.resolution},
+        image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype),
+        held_out=HeldOutHooks(predict=predict, noised="latents",
+                              num_train_timesteps=noise_scheduler.config.num_train_timesteps))
+    model, ema, rendered = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -10,11 +10,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, validation
-from kandinsky_train.stage import Stage
+from kandinsky_train.evaluation import fixed_noise
+from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "prior"
 PRIOR_SUBFOLDERS = ["prior", "text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler"]
 DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
+EVAL_DENOISING_STEPS = 10  # eval_cosine: a short, fixed denoising from the caption to the image embedding
 
 
 def parse_args(input_args=None):
@@ -51,6 +53,7 @@ def main(args):
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     dataset, report = data.load_training_data(args, accelerator, caption_column=args.caption_column)
+    dataset, held_out = data.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
 
     weight_dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
@@ -96,14 +99,13 @@ def main(args):
 
     def make_sample(image, row):
         input_ids, mask = tokenize([data.caption_text(row[args.caption_column])])
-        return {"clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0],
-                "text_input_ids": input_ids[0], "text_mask": mask[0]}
+        return {"clip_pixel_values": clip_pixels(image_processor, image), "text_input_ids": input_ids[0],
+                "text_mask": mask[0]}
 
-    def encode(batch):
+    def encode(batch):  # the image embedding, the target, is `image_embedding`'s (shared with the decoder's cache)
         text = text_encoder(batch["text_input_ids"].to(device))
         return {"prompt_embeds": text.text_embeds, "text_hidden_states": text.last_hidden_state,
-                "text_mask": batch["text_mask"].to(device),
-                "image_embeds": image_encoder(batch["clip_pixel_values"].to(device, weight_dtype)).image_embeds}
+                "text_mask": batch["text_mask"].to(device)}
 
     # The unconditional input that classifier-free guidance uses at inference: the empty caption.
     with torch.no_grad():
@@ -124,12 +126,35 @@ def main(args):
         noise = torch.randn(image_embeds.shape, device=device, generator=generator, dtype=image_embeds.dtype)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
                                   generator=generator)
-        target = (image_embeds - clip_mean) / clip_std  # the prior works on normalised embeddings
-        noisy = noise_scheduler.add_noise(target, noise, timesteps)
-        pred = model(noisy, timestep=timesteps, proj_embedding=features["prompt_embeds"],
+        pred, target = predict(model, features, noise, timesteps)
+        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+
+    def denoise(model, sample, timesteps, features):
+        """The prior's image embedding (normalised) from a noised one and the caption's text features."""
+        return model(sample, timestep=timesteps, proj_embedding=features["prompt_embeds"],
                      encoder_hidden_states=features["text_hidden_states"],
                      attention_mask=features["text_mask"]).predicted_image_embedding
-        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+
+    def predict(model, features, noise, timesteps):
+        """The prior's prediction from noised image embeddings, and its target (training and held-out loss)."""
+        target = (features["image_embeds"] - clip_mean) / clip_std  # the prior works on normalised embeddings
+        return denoise(model, noise_scheduler.add_noise(target, noise, timesteps), timesteps, features), target
+
+    eval_scheduler = UnCLIPScheduler.from_config(inference_scheduler.config)  # its own: set_timesteps changes it
+
+    def eval_cosine(model, features, generators):
+        """What the prior is for, without rendering: the caption's image embedding after a short denoising from
+        fixed noise (each sample's generator, no guidance), against the true one."""
+        eval_scheduler.set_timesteps(EVAL_DENOISING_STEPS, device=device)
+        timesteps = eval_scheduler.timesteps
+        true = features["image_embeds"]
+        latents = eval_scheduler.init_noise_sigma * fixed_noise(generators, true.shape[1:]).to(device, true.dtype)
+        for i, t in enumerate(timesteps):
+            following = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            latents = eval_scheduler.step(denoise(model, latents, t, features), timestep=t, sample=latents,
+                                          generator=generators, prev_timestep=following).prev_sample
+        predicted = latents * clip_std + clip_mean
+        return torch.nn.functional.cosine_similarity(predicted.float(), true.float(), dim=-1)
 
     def prior_pipeline(model):
         return KandinskyV22PriorPipeline(prior=model, image_encoder=image_encoder, text_encoder=text_encoder,
@@ -153,10 +178,13 @@ def main(args):
 
     stage = Stage(
         name=STAGE, subfolder="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
-        validate=validate, make_sample=make_sample, frozen_models=(text_encoder, image_encoder),
-        cache_key={"stage": STAGE, "caption_column": args.caption_column,
-                   "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)})
-    model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
+        validate=validate, make_sample=make_sample, frozen_models=(text_encoder,),
+        cache_key={"caption_column": args.caption_column, "tokenizer_len": len(tokenizer)},
+        image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype),
+        columns=(args.caption_column,),
+        held_out=HeldOutHooks(predict=predict, noised="image_embeds",
+                              num_train_timesteps=noise_scheduler.config.num_train_timesteps, cosine=eval_cosine))
+    model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

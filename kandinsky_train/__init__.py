@@ -6,18 +6,20 @@ order a run meets them:
 
     cli         the command line (the reference scripts' flags, then ours)
     checks      errors that need nothing loaded: flags, model folders, output folder
-    runtime     the Accelerator, dtypes, optimizer and schedule, LoRA, models that wait on the CPU
+    runtime     the Accelerator, dtypes, optimizer (AdamW, Adafactor, Prodigy) and schedule, LoRA, models that wait
+                on the CPU
     hub         the Hub repository, background checkpoint uploads, the final upload
-    data        the training data set, checked; samples and batches  (images: PIL decoding and crops)
-    stage       what a script plugs into the loop
-    loop        the training loop: restore, step, log, checkpoint, validate, finish
-      cache       --cache_embeddings: the frozen models' outputs, computed once
+    data        the training data set, checked; the held-out set; samples and batches  (images: PIL decoding, crops)
+    stage       what a script plugs into the loop; the CLIP image embedding both stages compute alike
+    loop        the training loop: restore, step, log, checkpoint, validate and evaluate, finish
+      cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
       batches     the order of micro-batches per epoch and process, and where a resumed epoch starts
       checkpoint  save, rotate, find and restore checkpoints; the run's position (TrainState)
       ema         --use_ema
       diffusion   the loss (Min-SNR) and the per-micro-batch seed
       tracking    TensorBoard / W&B figures and images
       validation  validation images
+      evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise
       preemption  a clean stop on SIGTERM / Ctrl-C
       faults      for testing only: fault injection and a trace of the data order
     model_card  OUTPUT_DIR/README.md

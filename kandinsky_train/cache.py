@@ -1,7 +1,7 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """--cache_embeddings: the frozen models' outputs per sample (text embeddings, CLIP image embeddings, MoVQ
 latents), computed once, stored as safetensors under a fingerprint of everything they depend on, and read back row
-by row through memory maps."""
+by row through memory maps. The CLIP image embeddings are an entry of their own, which both stages share."""
 
 import hashlib
 import json
@@ -13,30 +13,81 @@ import torch
 
 from .data import collate
 from .runtime import weight_dtype_of
+from .stage import FrozenPart
 
 logger = logging.getLogger(__name__)
 
 
-def frozen_outputs(args, accelerator, stage, samples, data_fingerprint):
-    """What the loop trains on, and the encoder it runs on each batch: with --cache_embeddings the cached outputs
-    and no encoder (the frozen models leave the GPU), else the raw samples and the stage's encoder."""
+def frozen_outputs(args, accelerator, stage, sample_sets):
+    """What the loop trains and evaluates on, and the encoder it runs on each batch. sample_sets: (samples, data
+    fingerprint) pairs, the training set and the held-out one. With --cache_embeddings: the cached outputs of each
+    set and no encoder (the frozen models leave the GPU); else the raw samples and the stage's encoders."""
+    parts = [part for part in (stage.image_embedding, FrozenPart("frozen outputs", stage.encode, stage.frozen_models,
+                                                                 {"stage": stage.name, **stage.cache_key})) if part]
     if not args.cache_embeddings:
-        return samples, stage.encode
+        return [samples for samples, _ in sample_sets], encode_all(parts)
     from datasets.fingerprint import Hasher
 
-    key = {"data": data_fingerprint, "frozen": model_fingerprint(*stage.frozen_models),
-           "dtype": str(weight_dtype_of(accelerator)), **stage.cache_key}
-    cache = EmbeddingCache(args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache"),
-                           Hasher.hash(key))
-    if cache.complete():
-        logger.info(f"Reusing cached frozen outputs from {cache.folder}")
-    else:
-        cache.build(accelerator, samples, stage.encode, args.train_batch_size)
-    for frozen in stage.frozen_models:  # not needed until validation, which brings back what it uses
-        frozen.to("cpu")
+    root = args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache")
+    # Each part under its own key: the CLIP image embeddings' key is the same in both stages for the same images,
+    # encoder, processor and dtype, so the second stage finds the first one's and never runs the image tower.
+    keys = [{"part": part.name, "frozen": model_fingerprint(*part.models), "image_column": args.image_column,
+             "dtype": str(weight_dtype_of(accelerator)), **part.key} for part in parts]
+    loaded = []
+    for samples, data_fingerprint in sample_sets:
+        caches = [EmbeddingCache(root, Hasher.hash({"data": data_fingerprint, **key})) for key in keys]
+        missing = []
+        for part, cache in zip(parts, caches):
+            if cache.complete():
+                logger.info(f"Reusing cached {part.name} from {cache.folder}")
+            else:
+                missing.append((cache, part.encode))
+        if missing:
+            build(accelerator, samples, missing, args.train_batch_size)
+        loaded.append(JoinedSamples([cache.load() for cache in caches]))
+    for part in parts:  # not needed until validation, which brings back what it uses
+        for frozen in part.models:
+            frozen.to("cpu")
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
-    return cache.load(), None
+    return loaded, None
+
+
+def encode_all(parts):
+    """One encoder for every part's outputs (the uncached path runs it on each batch)."""
+
+    def encode(batch):
+        outputs = {}
+        for part in parts:
+            outputs.update(part.encode(batch))
+        return outputs
+
+    return encode
+
+
+def build(accelerator, samples, caches, batch_size):
+    """Encode this process's share of the samples in one pass (each image decoded once) with the encoder of every
+    (EmbeddingCache, encode) pair, in the training dtype (so the cached values are exactly what the uncached path
+    computes); then each cache writes its part."""
+    from tqdm.auto import tqdm
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(samples), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(samples, mine), batch_size=batch_size,
+                                         collate_fn=collate, num_workers=0)
+    outputs = [{"index": []} for _ in caches]
+    for batch in tqdm(loader, desc=f"Caching frozen outputs ({rank + 1}/{world})",
+                      disable=not accelerator.is_local_main_process):
+        index = batch.pop("index")
+        for (_, encode), parts in zip(caches, outputs):
+            with torch.no_grad():
+                out = encode(batch)
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value.detach().cpu())
+            parts["index"].append(index)
+    for (cache, _), parts in zip(caches, outputs):
+        tensors = {key: torch.cat(values).contiguous() for key, values in parts.items() if values}
+        cache.write(accelerator, tensors or {"index": torch.zeros(0, dtype=torch.long)}, len(samples))
 
 
 def model_fingerprint(*models):
@@ -55,11 +106,8 @@ def model_fingerprint(*models):
 
 
 class EmbeddingCache:
-    """The frozen models' outputs per sample, computed once and stored as safetensors under a fingerprint.
-
-    Every process encodes its own slice of the samples (in the training dtype, so the cached values are
-    exactly what the uncached path computes), then all processes read all slices.
-    """
+    """The frozen models' outputs per sample, computed once and stored as safetensors under a fingerprint: one part
+    file per process (each encodes its own slice of the samples), read by all processes."""
 
     def __init__(self, root, fingerprint):
         self.folder = Path(root) / fingerprint[:24]
@@ -69,30 +117,17 @@ class EmbeddingCache:
         meta = self.folder / "meta.json"
         return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == self.fingerprint
 
-    def build(self, accelerator, samples, encode, batch_size):
+    def write(self, accelerator, tensors, num_samples):
+        """Save this process's part, then (main process, once all parts are written) the record that completes it."""
         from safetensors.torch import save_file
-        from tqdm.auto import tqdm
 
         rank, world = accelerator.process_index, accelerator.num_processes
-        mine = list(range(rank, len(samples), world))
         self.folder.mkdir(parents=True, exist_ok=True)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(samples, mine), batch_size=batch_size,
-                                             collate_fn=collate, num_workers=0)
-        parts = {}
-        for batch in tqdm(loader, desc=f"Caching frozen outputs ({rank + 1}/{world})",
-                          disable=not accelerator.is_local_main_process):
-            index = batch.pop("index")
-            with torch.no_grad():
-                out = encode(batch)
-            for key, value in out.items():
-                parts.setdefault(key, []).append(value.detach().cpu())
-            parts.setdefault("index", []).append(index)
-        tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
         save_file(tensors, str(self.folder / f"part-{rank:05d}-of-{world:05d}.safetensors"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (self.folder / "meta.json").write_text(json.dumps({"fingerprint": self.fingerprint, "parts": world,
-                                                               "samples": len(samples)}))
+                                                               "samples": num_samples}))
         accelerator.wait_for_everyone()
 
     def load(self):
@@ -108,12 +143,14 @@ class CachedSamples(torch.utils.data.Dataset):
         from safetensors import safe_open
 
         self.files = [str(f) for f in files]
-        self.location = {}  # sample index -> (file, row)
+        self.location, self.keys = {}, []  # sample index -> (file, row); the outputs' names
         for number, path in enumerate(self.files):
             with safe_open(path, "pt") as part:
-                for row, index in enumerate(part.get_tensor("index").tolist()):
+                indices = part.get_tensor("index").tolist()
+                for row, index in enumerate(indices):
                     self.location[index] = (number, row)
-                self.keys = [key for key in part.keys() if key != "index"]
+                if indices:  # a process with no samples of a small set writes the index alone
+                    self.keys = [key for key in part.keys() if key != "index"]
         self._handles, self._pid = None, None
 
     def __getstate__(self):  # data-loader workers started with "spawn" get a copy without the open files
@@ -130,3 +167,19 @@ class CachedSamples(torch.utils.data.Dataset):
         number, row = self.location[index]
         part = self._handles[number]
         return {"index": index, **{key: part.get_slice(key)[row] for key in self.keys}}
+
+
+class JoinedSamples(torch.utils.data.Dataset):
+    """The cached parts of the same samples, read as one sample."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __getitem__(self, index):
+        sample = {}
+        for part in self.parts:
+            sample.update(part[index])
+        return sample

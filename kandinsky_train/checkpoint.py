@@ -30,11 +30,17 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     skipped_images: list = field(default_factory=list)
+    held_out: str = None  # the rows --validation_split took out of training (data.split_rows)
 
     def state_dict(self):
         return asdict(self)
 
     def load_state_dict(self, recorded):
+        if recorded.get("held_out") != self.held_out:
+            fail(f"The held-out split differs from the checkpoint's (checkpoint: {recorded.get('held_out') or 'none'}"
+                 f"; now: {self.held_out or 'none'}): the run would train on rows it held out, or hold out rows it "
+                 "trained on. Resume with the same --validation_split and data, or start a new run in another "
+                 "--output_dir.")
         if recorded.get("steps_per_epoch") not in (None, self.steps_per_epoch):
             logger.warning("The data or batch settings changed since the checkpoint; the resumed data order "
                            "will not match an uninterrupted run.")

@@ -12,7 +12,7 @@ from .images import IMAGE_EXTENSIONS
 
 AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs",
                 "num_train_epochs", "validation_inference_steps", "num_validation_images", "rank")
-OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_train_samples")
+OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "validation_steps")
 
 
 def check_args(args, stage):
@@ -30,10 +30,29 @@ def _check_data(args):
     if args.dataset_name is not None and args.train_data_dir is not None:
         fail("Conflicting flags: give either --dataset_name or --train_data_dir, not both.")
     if args.train_data_dir is not None:
-        if not os.path.isdir(args.train_data_dir):
-            fail(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
-        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(args.train_data_dir).rglob("*")):
-            fail(f"--train_data_dir {args.train_data_dir!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        _check_image_folder("--train_data_dir", args.train_data_dir)
+    _check_held_out(args)
+
+
+def _check_image_folder(flag, folder):
+    if not os.path.isdir(folder):
+        fail(f"{flag} {folder!r} is not a folder.")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(folder).rglob("*")):
+        fail(f"{flag} {folder!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+
+
+def _check_held_out(args):
+    given = [f"--{name}" for name in ("validation_split", "validation_data_dir", "validation_dataset_name")
+             if getattr(args, name) is not None]
+    if len(given) > 1:
+        fail(f"Conflicting flags: give one held-out set, not {' and '.join(given)}.")
+    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
+        fail(f"--validation_split is the share of the data set held out, in (0, 1), got {args.validation_split}.")
+    if args.validation_data_dir is not None:
+        _check_image_folder("--validation_data_dir", args.validation_data_dir)
+        if args.train_data_dir is not None and os.path.samefile(args.validation_data_dir, args.train_data_dir):
+            fail("--validation_data_dir is the training folder: its loss would not measure anything held out. "
+                 "Use --validation_split to hold out a share of it.")
 
 
 def _check_numbers(args):
@@ -56,6 +75,8 @@ def _check_conflicts(args):
         fail("Conflicting flags: --use_ema with --use_lora is not supported; the adapter is small, drop --use_ema.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         fail("--offload_ema and --foreach_ema need --use_ema.")
+    if args.use_8bit_adam and args.optimizer != "adamw":
+        fail(f"Conflicting flags: --use_8bit_adam is an AdamW; drop it or --optimizer {args.optimizer}.")
     if args.hub_push_checkpoints and not args.push_to_hub:
         fail("--hub_push_checkpoints needs --push_to_hub.")
     if "wandb" in report_targets(args.report_to) and args.hub_token is not None:
@@ -70,6 +91,8 @@ def _check_packages(args):
             fail(f"--report_to {tracker} needs the `{tracker}` package: pip install {tracker}")
     if args.use_8bit_adam and not installed("bitsandbytes"):
         fail("--use_8bit_adam needs bitsandbytes (CUDA only): pip install bitsandbytes")
+    if args.optimizer == "prodigy" and not installed("prodigyopt"):
+        fail("--optimizer prodigy needs the `prodigyopt` package: pip install prodigyopt")
     if getattr(args, "enable_xformers_memory_efficient_attention", False) and not installed("xformers"):
         fail("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
              "(PyTorch's own scaled-dot-product attention is used by default and is as fast on recent GPUs).")

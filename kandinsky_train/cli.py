@@ -7,6 +7,7 @@ import os
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRACKERS = ("tensorboard", "wandb", "comet_ml")
+OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 
 
 def add_common_arguments(parser, stage):
@@ -70,6 +71,11 @@ def _optimization(add, stage, model):
         'reference scripts: use "constant_with_warmup").')
     add("--snr_gamma", type=float, default=None,
         help="Min-SNR-gamma loss weighting (https://huggingface.co/papers/2303.09556); 5.0 is recommended.")
+    add("--optimizer", type=str, default="adamw", choices=OPTIMIZERS,
+        help="adamw (torch's, fused on CUDA); adafactor (transformers' Adafactor at --learning_rate, with factored "
+        "second moments and no first moment: far less optimizer memory; the official Kandinsky 2.1 training's choice); "
+        "prodigy (the prodigyopt package: it estimates the step size itself, give --learning_rate 1.0). "
+        "--adam_weight_decay applies to all three; --adam_beta1/2 and --adam_epsilon to adamw and prodigy.")
     add("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (CUDA only).")
     add("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     add("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
@@ -110,7 +116,21 @@ def _validation(add, stage, model):
     add("--num_validation_images", type=int, default=None,
         help="Images per validation prompt. Default: 4 with --validation_prompt (as the reference LoRA scripts), "
         "1 otherwise.")
-    add("--validation_epochs", type=int, default=5, help="Render the validation prompts every N epochs.")
+    add("--validation_epochs", type=int, default=5,
+        help="Render the validation prompts every N epochs (unless --validation_steps is given).")
+    add("--validation_steps", type=int, default=None,
+        help="Render the validation prompts and evaluate the held-out set every N optimizer steps. Default: the "
+        "prompts every --validation_epochs epochs and the held-out evaluation every epoch.")
+    add("--validation_split", type=float, default=None,
+        help="Hold out this share of the data set (e.g. 0.05; after --max_train_samples), never trained on, and log "
+        "its loss at fixed timesteps and noise (eval_loss)"
+        + (" and the cosine between predicted and true CLIP image embeddings (eval_cosine)" if stage == "prior"
+           else "") + ". The rows held out depend only on the data, never on --seed or the number of processes.")
+    add("--validation_data_dir", type=str, default=None,
+        help="A separate held-out image folder (laid out like --train_data_dir) instead of --validation_split.")
+    add("--validation_dataset_name", type=str, default=None,
+        help="A separate held-out data set (Hub or local, same columns as the training data) instead of "
+        "--validation_split; its validation split, else its test split, else its train split.")
     add("--validation_inference_steps", type=int, default=25,
         help="Denoising steps of each validation stage (the pipelines' defaults of 25 + 100 are slow for "
         "frequent checks).")

@@ -1,11 +1,15 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """The training data: the `train` split of --dataset_name or --train_data_dir, checked before any model is loaded
-(columns, captions, one decode of every image), and served as samples the stage turns into tensors."""
+(columns, captions, one decode of every image), the held-out set (a seeded split or a separate set), and samples the
+stage turns into tensors."""
 
+import argparse
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import ImageFile
 
@@ -28,11 +32,12 @@ class ImageReport:
             ", ..." if len(self.skipped) > 20 else "")
 
 
-def load_training_data(args, accelerator, caption_column=None):
-    """Load the train split, check its columns and captions, and drop unreadable images (reported by name). The
-    main process goes first, so that the other processes find its downloads and checks in the datasets cache."""
+def load_training_data(args, accelerator, caption_column=None, splits=("train",)):
+    """Load the train split (the first of `splits` the data set has), check its columns and captions, and drop
+    unreadable images (reported by name). The main process goes first, so that the other processes find its downloads
+    and checks in the datasets cache."""
     with accelerator.main_process_first():
-        dataset = _load_split(args)
+        dataset = _load_split(args, splits)
         dataset = _check_columns(dataset, args, caption_column)
         report = ImageReport()
         if not args.skip_image_check:
@@ -40,7 +45,7 @@ def load_training_data(args, accelerator, caption_column=None):
         return dataset, report
 
 
-def _load_split(args):
+def _load_split(args, splits):
     import datasets
 
     if args.dataset_name is not None:
@@ -54,9 +59,10 @@ def _load_split(args):
         except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv: its last line says why
             fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
                  f"{str(error).strip().splitlines()[-1]}")
-    if "train" not in loaded:
-        fail(f"The dataset has no 'train' split (splits: {', '.join(loaded)}).")
-    return loaded["train"]
+    for split in splits:
+        if split in loaded:
+            return loaded[split]
+    fail(f"The dataset has no {' or '.join(map(repr, splits))} split (splits: {', '.join(loaded)}).")
 
 
 def _check_columns(dataset, args, caption_column):
@@ -67,8 +73,8 @@ def _check_columns(dataset, args, caption_column):
     for flag, column in (("--image_column", args.image_column), ("--caption_column", caption_column)):
         if column is not None and column not in columns:
             fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
-    keep = [args.image_column] + ([caption_column] if caption_column else [])
-    dataset = dataset.remove_columns([c for c in columns if c not in keep])
+    # Every column stays (each stage reads only its own, see TrainingSamples): both stages then select the same rows
+    # the same way, and their data sets share a fingerprint, the key of the shared CLIP image-embedding cache.
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:
@@ -129,11 +135,60 @@ def drop_unreadable(dataset, image_column, report, num_proc=None):
     return dataset
 
 
-class TrainingSamples(torch.utils.data.Dataset):
-    """Index -> dict of tensors, built by the stage's `make_sample(image, row)`; keeps the sample index."""
+SPLIT_SEED = 16  # fixed: the rows held out depend on the data alone, never on --seed, the stage or the processes
 
-    def __init__(self, dataset, image_column, make_sample):
-        self.dataset, self.image_column, self.make_sample = dataset, image_column, make_sample
+
+@dataclass
+class HeldOut:
+    """The held-out set; `split` describes the rows --validation_split took out of training (None for a separate
+    set), recorded in checkpoints so that a resume with another split is refused."""
+
+    dataset: object
+    split: str = None
+
+
+def held_out_data(args, accelerator, dataset, caption_column=None):
+    """(the rows to train on, HeldOut or None): --validation_split holds out a seeded share of the rows;
+    --validation_data_dir / --validation_dataset_name load a separate set, checked like the training data."""
+    if args.validation_split is not None:
+        train, held_out, split = split_rows(dataset, args.validation_split)
+        logger.info(f"Held out for evaluation: {split}")
+        return train, HeldOut(held_out, split)
+    if args.validation_data_dir is None and args.validation_dataset_name is None:
+        return dataset, None
+    same = args.validation_dataset_name is not None and args.validation_dataset_name == args.dataset_name
+    separate = argparse.Namespace(**{
+        **vars(args), "dataset_name": args.validation_dataset_name, "train_data_dir": args.validation_data_dir,
+        "dataset_config_name": args.dataset_config_name if same else None, "max_train_samples": None})
+    held_out, _ = load_training_data(separate, accelerator, caption_column, splits=("validation", "test", "train"))
+    if same and held_out.split == "train":
+        fail(f"--validation_dataset_name {args.dataset_name!r} is the training data set and has no validation or "
+             "test split: its loss would not measure anything held out. Use --validation_split instead.")
+    logger.info(f"Held out for evaluation: the {held_out.split} split of "
+                f"{args.validation_dataset_name or args.validation_data_dir!r}, {len(held_out)} samples")
+    return dataset, HeldOut(held_out)
+
+
+def split_rows(dataset, share):
+    """(training rows, held-out rows, a description): round(share x rows) rows, at least one, drawn with a fixed
+    seed, so that every process, every resume and both stages hold out the same rows of the same data."""
+    total = len(dataset)
+    count = max(1, round(total * share))
+    if count >= total:
+        fail(f"--validation_split {share} of {total} sample(s) leaves none to train on; lower it or add data.")
+    order = np.random.default_rng(SPLIT_SEED).permutation(total)
+    held, train = np.sort(order[:count]), np.sort(order[count:])
+    digest = hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()[:16]
+    return dataset.select(train), dataset.select(held), f"{count} of {total} rows (--validation_split, {digest})"
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Index -> dict of tensors, built by the stage's `make_sample(image, row)`; keeps the sample index. Rows hold
+    the image and `columns` (what make_sample reads beside it) only."""
+
+    def __init__(self, dataset, image_column, make_sample, columns=()):
+        self.dataset = dataset.select_columns([image_column, *columns])
+        self.image_column, self.make_sample = image_column, make_sample
 
     def __len__(self):
         return len(self.dataset)

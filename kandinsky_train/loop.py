@@ -1,7 +1,7 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """The Accelerate training loop both stages share. `Trainer.train()` is the table of contents: restore, then for
-each micro-batch a train step and, at each optimizer step, EMA, figures, checkpoint and stop; validation at the end
-of each --validation_epochs epoch; then finish."""
+each micro-batch a train step and, at each optimizer step, EMA, figures, checkpoint and stop; validation images and
+the held-out evaluation when due (every --validation_steps steps, or at the end of an epoch); then finish."""
 
 import math
 import os
@@ -16,20 +16,21 @@ from .batches import make_batches
 from .data import TrainingSamples
 from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
+from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
 from .preemption import StopRequest, finishing
 from .runtime import count_parameters, make_lr_scheduler, make_optimizer, set_schedule_position
 from .validation import run_validation
 
 
-def train(args, accelerator, stage, dataset, report, hub_repo_id=None):
-    """Train the stage's model on the dataset. Returns (the trained model unwrapped, its EMA or None, the final
-    validation images) for the script's final save."""
-    return Trainer(args, accelerator, stage, dataset, report, hub_repo_id).train()
+def train(args, accelerator, stage, dataset, report, hub_repo_id=None, held_out=None):
+    """Train the stage's model on the dataset (evaluating it on held_out, a data.HeldOut, if given). Returns (the
+    trained model unwrapped, its EMA or None, the final validation images) for the script's final save."""
+    return Trainer(args, accelerator, stage, dataset, report, hub_repo_id, held_out).train()
 
 
 class Trainer:
-    def __init__(self, args, accelerator, stage, dataset, report, hub_repo_id):
+    def __init__(self, args, accelerator, stage, dataset, report, hub_repo_id, held_out=None):
         self.args, self.accelerator, self.stage, self.report = args, accelerator, stage, report
         device = self.device = accelerator.device
         if accelerator.is_main_process:  # only now: a run refused before this point leaves nothing behind
@@ -38,14 +39,16 @@ class Trainer:
         seed = checkpoint.resolve_seed(args, self.resume_path)
         accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
 
-        samples = TrainingSamples(dataset, args.image_column, stage.make_sample)
-        self.samples, self.encode = frozen_outputs(args, accelerator, stage, samples, dataset._fingerprint)
+        self.samples, held_out_samples, self.encode = self.frozen_outputs(dataset, held_out)
+        self.evaluation = None
+        if held_out is not None:
+            self.evaluation = HeldOutEvaluation(args, accelerator, stage, held_out_samples, self.encode)
         self.batches = make_batches(args, accelerator, self.samples)
         steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)
         self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
         self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
-        self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch,
-                                           skipped_images=report.skipped)
+        self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, skipped_images=report.skipped,
+                                           held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(args, self.params, device)
@@ -60,6 +63,14 @@ class Trainer:
         self.generator = torch.Generator(device=device)
         self.grad_norm = None
 
+    def frozen_outputs(self, dataset, held_out):
+        """The training samples and the held-out ones (or None) as the loop reads them, and the encoder to run on
+        each batch (None when --cache_embeddings has computed its outputs)."""
+        sets = [(TrainingSamples(data, self.args.image_column, self.stage.make_sample, self.stage.columns),
+                 data._fingerprint) for data in (dataset, held_out and held_out.dataset) if data is not None]
+        outputs, encode = frozen_outputs(self.args, self.accelerator, self.stage, sets)
+        return outputs[0], (outputs[1] if held_out is not None else None), encode
+
     # ---------------------------------------------------------------------------------------------------------
     def train(self):
         from tqdm.auto import tqdm
@@ -72,16 +83,17 @@ class Trainer:
                              disable=not self.accelerator.is_local_main_process)
         self.meter = tracking.StepMeter(self.accelerator, self.args.train_batch_size)
         self.logger = tracking.LaggedLogger(self.accelerator, self.progress)
+        self.evaluate_starting_weights()
         for epoch in range(self.state.epoch, self.num_epochs):
             if self.done:
                 break
             for batch_index, batch in self.epoch_batches(epoch):
                 if self.train_step(batch, epoch, batch_index):
                     self.end_optimizer_step()
+                    self.validate_when_due()
                 if self.done:
                     break
-            if not self.done and epoch % self.args.validation_epochs == 0:
-                self.validate()
+            self.validate_when_due(end_of_epoch=epoch)
         return self.finish()
 
     def restore(self):
@@ -158,9 +170,34 @@ class Trainer:
         self.accelerator.end_training()
         sys.exit(self.stop.exit_code())
 
+    def validate_when_due(self, end_of_epoch=None):
+        """Validation images and the held-out evaluation, when due: every --validation_steps optimizer steps; without
+        it, at the end of an epoch, the images every --validation_epochs epochs and the evaluation every epoch. The
+        last step's are finish()'s."""
+        if self.done:
+            return
+        if self.args.validation_steps:
+            images = evaluate = end_of_epoch is None and self.state.global_step % self.args.validation_steps == 0
+        else:
+            images = end_of_epoch is not None and end_of_epoch % self.args.validation_epochs == 0
+            evaluate = end_of_epoch is not None
+        if images:
+            self.validate()
+        if evaluate:
+            self.evaluate()
+
     def validate(self):
         return run_validation(self.args, self.accelerator, self.stage, self.accelerator.unwrap_model(self.model),
                               self.ema, self.state.global_step)
+
+    def evaluate(self):
+        if self.evaluation is not None:
+            self.evaluation.run(self.accelerator.unwrap_model(self.model), self.ema, self.state.global_step)
+
+    def evaluate_starting_weights(self):
+        """A new run's held-out curve starts at step 0, with the weights it starts from."""
+        if self.state.global_step == 0:
+            self.evaluate()
 
     def finish(self):
         saved = checkpoint.list_checkpoints(self.args.output_dir)
@@ -172,6 +209,7 @@ class Trainer:
         finishing("the final validation")
         faults.at("finish")
         final_images = self.validate()
+        self.evaluate()
         if self.report.skipped:
             self.accelerator.print(f"Data: {self.report.summary()}")
         finishing("the checkpoint uploads")
@@ -188,6 +226,9 @@ class Trainer:
             f"{total_batch}, {count_parameters(accelerator.unwrap_model(self.model)):,} trainable parameters, "
             f"precision {accelerator.mixed_precision}, frozen outputs "
             f"{'cached' if self.encode is None else 'computed every step'}, seed {self.state.seed} *****")
+        if self.evaluation is not None:
+            accelerator.print(f"Evaluating a {self.evaluation.summary()}, every "
+                              + (f"{args.validation_steps} steps" if args.validation_steps else "epoch"))
 
 
 def check_ranks_agree(accelerator, model):

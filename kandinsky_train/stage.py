@@ -1,11 +1,35 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """What a script plugs into the shared training: its trained model, how it turns a picture into frozen-model
-outputs, its loss and its validation."""
+outputs, its loss, its validation and what its held-out evaluation needs; and the CLIP image embedding, computed
+alike by both stages."""
 
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+
+@dataclass
+class FrozenPart:
+    """Frozen-model outputs that are cached together (cache.py): the same name and key in another stage's cache
+    mean the same values."""
+
+    name: str  # what the log calls them
+    encode: Callable  # batch of samples -> dict of outputs (no grad)
+    models: tuple  # the frozen models it runs: fingerprinted, freed after caching
+    key: dict = field(default_factory=dict)  # what, beside data and frozen weights, the outputs depend on
+
+
+@dataclass
+class HeldOutHooks:
+    """What the held-out evaluation (evaluation.py) needs of a stage."""
+
+    predict: Callable  # (model, outputs of encode on the device, noise, timesteps) -> (prediction, target)
+    noised: str  # the output of encode that the stage noises: the evaluation draws noise of its shape
+    num_train_timesteps: int
+    # prior only: (model, outputs of encode, one CPU generator per sample) -> cosine per sample between the image
+    # embedding a short denoising predicts from the caption and the true one
+    cosine: Callable = None
 
 
 @dataclass
@@ -15,8 +39,29 @@ class Stage:
     model: torch.nn.Module  # the trained model, unwrapped
     model_cls: type
     make_sample: Callable  # (RGB image, dataset row) -> dict of tensors for `encode`
-    encode: Callable  # batch of samples -> dict of frozen-model outputs (no grad)
+    encode: Callable  # batch of samples -> dict of the stage's own frozen-model outputs (no grad)
     loss: Callable  # (wrapped model, outputs of encode, generator) -> scalar loss
     validate: Callable  # (model with the weights to show) -> list of (prompt, PIL image)
     frozen_models: tuple  # the encoders whose outputs `encode` returns: fingerprinted, freed after caching
     cache_key: dict = field(default_factory=dict)  # what, beside data and frozen weights, the cache depends on
+    # The CLIP image embedding (the prior's target, the decoder's condition), encoded and cached apart from
+    # `encode`'s outputs, so that the second stage trained on the same data reuses the first one's.
+    image_embedding: FrozenPart = None
+    columns: tuple = ()  # the data set's columns make_sample reads beside the image
+    held_out: HeldOutHooks = None
+
+
+def clip_pixels(image_processor, image):
+    """A picture as the CLIP image encoder sees it (the sample's `clip_pixel_values`)."""
+    return image_processor(image, return_tensors="pt").pixel_values[0]
+
+
+def clip_image_embedding(image_encoder, image_processor, device, dtype):
+    """The CLIP image embedding of a batch's `clip_pixel_values`: one definition for both stages, so that the cache
+    entry one writes is the other's."""
+
+    def encode(batch):
+        return {"image_embeds": image_encoder(batch["clip_pixel_values"].to(device, dtype)).image_embeds}
+
+    return FrozenPart("CLIP image embeddings", encode, (image_encoder,),
+                      {"image_processor": image_processor.to_dict()})

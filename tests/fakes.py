@@ -43,6 +43,9 @@ class FakeAccelerator:
     def reduce(self, tensor, reduction):
         return tensor
 
+    def autocast(self):
+        return contextlib.nullcontext()
+
     def print(self, *args):
         self.printed.append(" ".join(map(str, args)))
 

@@ -1,9 +1,9 @@
-"""--cache_embeddings: the frozen encoders' outputs computed once give bit-identical training on CPU in fp32, and
-the cache is rebuilt when the frozen model, the data or the resolution change."""
+"""--cache_embeddings: the frozen encoders' outputs computed once give bit-identical training on CPU in fp32, the
+second stage reuses the first one's CLIP image embeddings, and each cache entry is rebuilt when what it depends on
+(frozen model, data, resolution) changes."""
 
 import shutil
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,15 +14,27 @@ def final_weights(output, sub):
     return load_file(next((output / sub).glob("*.safetensors")))
 
 
-@pytest.mark.parametrize("script,sub", [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")])
-def test_cached_training_is_bit_identical(script, sub, tiny, tmp_path):
-    plain, cached = tmp_path / "plain", tmp_path / "cached"
-    launch(script, base_args(tiny, plain, steps=5, **{"--conditioning_dropout_prob": 0.3}))
-    proc = launch(script, base_args(tiny, cached, steps=5, **{"--conditioning_dropout_prob": 0.3,
-                                                               "--cache_embeddings": True}))
-    assert "frozen outputs cached" in proc.stdout + proc.stderr
-    a, b = final_weights(plain, sub), final_weights(cached, sub)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_cached_training_is_bit_identical_and_the_second_stage_reuses_the_image_embeddings(tiny, tmp_path):
+    """Each stage trains alike with and without the cache; the decoder, trained second on the same data with the
+    same cache folder, takes the CLIP image embeddings the prior's run computed (its condition is the prior's
+    target) and still trains exactly as without any cache."""
+    cache = tmp_path / "cache"
+    for script, sub in [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")]:
+        plain, cached = tmp_path / f"{sub}-plain", tmp_path / f"{sub}-cached"
+        launch(script, base_args(tiny, plain, steps=5, **{"--conditioning_dropout_prob": 0.3}))
+        proc = launch(script, base_args(tiny, cached, steps=5, **{"--conditioning_dropout_prob": 0.3,
+                                                                   "--cache_embeddings": True,
+                                                                   "--embedding_cache_dir": cache}))
+        text = proc.stdout + proc.stderr
+        assert "frozen outputs cached" in text
+        a, b = final_weights(plain, sub), final_weights(cached, sub)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        if script == PRIOR_SCRIPT:
+            assert "Reusing cached" not in text and len(list(cache.iterdir())) == 2  # image embeddings, text
+        else:
+            assert f"Reusing cached CLIP image embeddings from {cache}" in text
+            assert "Reusing cached frozen outputs" not in text  # the MoVQ latents are the decoder's own
+            assert len(list(cache.iterdir())) == 3  # no second entry of image embeddings
 
 
 def test_cache_is_reused_and_invalidated(tiny, tmp_path):
@@ -31,27 +43,30 @@ def test_cache_is_reused_and_invalidated(tiny, tmp_path):
     cache = tmp_path / "cache"
 
     def run(name, **overrides):
+        """Which of the decoder's two cache entries (CLIP image embeddings, MoVQ latents) were reused, and the
+        entries in the cache folder after the run."""
         args = {"--cache_embeddings": True, "--embedding_cache_dir": cache, **overrides}
         proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path / name, steps=1, **args))
         text = proc.stdout + proc.stderr
-        return "Reusing cached frozen outputs" in text, sorted(p.name for p in cache.iterdir())
+        reused = ("Reusing cached CLIP image embeddings" in text, "Reusing cached frozen outputs" in text)
+        return reused, sorted(p.name for p in cache.iterdir())
 
     reused, first = run("a")
-    assert not reused and len(first) == 1
+    assert reused == (False, False) and len(first) == 2
     reused, again = run("b")
-    assert reused and again == first  # same model, data, resolution: reused across runs
+    assert reused == (True, True) and again == first  # same model, data, resolution: reused across runs
     reused, folders = run("c", **{"--resolution": 128})
-    assert not reused and len(folders) == 2  # resolution changed
+    assert reused == (True, False) and len(folders) == 3  # resolution changed: new latents, same CLIP input
     data = tmp_path / "data"
     shutil.copytree(tiny["images"], data)
     from PIL import Image
 
     Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "000.jpg")  # same name, new content
     reused, folders = run("d", **{"--train_data_dir": data})
-    assert not reused and len(folders) == 3  # data changed
+    assert reused == (False, False) and len(folders) == 5  # data changed
     other_prior = tiny_kandinsky.build_tiny_prior(tmp_path / "other_prior", seed=7)
     reused, folders = run("e", **{"--pretrained_prior_model_name_or_path": other_prior})
-    assert not reused and len(folders) == 4  # frozen CLIP image encoder changed
+    assert reused == (False, True) and len(folders) == 6  # frozen CLIP image encoder changed, MoVQ did not
 
 
 # In-process checks of the cache's pieces (the tests above run the scripts end to end).
@@ -72,18 +87,26 @@ def test_cache_round_trip_reads_rows_by_sample_index(tmp_path):
     import pickle
 
     from fakes import FakeAccelerator
-    from kandinsky_train.cache import EmbeddingCache
+    from kandinsky_train.cache import EmbeddingCache, JoinedSamples, build
 
     samples = [{"index": i, "x": torch.full((2,), float(i))} for i in range(5)]
-    cache = EmbeddingCache(tmp_path, "f" * 64)
+    cache, other = EmbeddingCache(tmp_path, "f" * 64), EmbeddingCache(tmp_path, "e" * 64)
     assert not cache.complete()
-    # two processes, each encoding its share (every other sample), as the DDP run does
+    # two processes, each encoding its share (every other sample) for both caches in one pass, as the DDP run does
     for rank in (1, 0):
-        cache.build(FakeAccelerator(rank, 2), samples, lambda batch: {"y": batch["x"] * 10}, batch_size=2)
-    assert cache.complete()
+        build(FakeAccelerator(rank, 2), samples, [(cache, lambda batch: {"y": batch["x"] * 10}),
+                                                  (other, lambda batch: {"z": -batch["x"]})], batch_size=2)
+    assert cache.complete() and other.complete()
     loaded = cache.load()
     assert len(loaded) == 5 and loaded.keys == ["y"]
     assert [loaded[i]["y"].tolist() for i in range(5)] == [[10.0 * i] * 2 for i in range(5)]
     copy = pickle.loads(pickle.dumps(loaded))  # as a data-loader worker started with "spawn" receives it
     assert copy[3]["y"].tolist() == [30.0, 30.0]
+    joined = JoinedSamples([loaded, other.load()])
+    assert set(joined[4]) == {"index", "y", "z"} and joined[4]["z"].tolist() == [-4.0, -4.0]
+    # a process without a sample of a small set (one sample, two processes) writes an empty part
+    tiny_set = EmbeddingCache(tmp_path, "d" * 64)
+    for rank in (1, 0):
+        build(FakeAccelerator(rank, 2), samples[:1], [(tiny_set, lambda batch: {"y": batch["x"]})], batch_size=2)
+    assert len(tiny_set.load()) == 1 and tiny_set.load().keys == ["y"]
     assert not EmbeddingCache(tmp_path, "f" * 24 + "0" * 40).complete()  # same folder, other fingerprint

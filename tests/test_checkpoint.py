@@ -43,7 +43,7 @@ def test_train_state_round_trips_and_derives_the_epoch():
     restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
     assert restored.global_step == 9 and restored.epoch == 2  # step 10 is the second step of epoch 2
     assert state.state_dict() == {"seed": 7, "steps_per_epoch": 4, "global_step": 9, "epoch": 2,
-                                  "skipped_images": ["a.png"]}
+                                  "skipped_images": ["a.png"], "held_out": None}
 
 
 def test_save_is_atomic_rotates_after_and_waits_for_uploads(tmp_path):

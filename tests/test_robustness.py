@@ -167,9 +167,10 @@ def test_two_process_prior_stops_mid_epoch_resumes_exactly_and_on_one_process(ti
 
 def test_two_process_decoder_caches_its_shares_checkpoints_resumes_and_agrees(tiny, tmp_path):
     env = offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl"))
-    # each process encodes its share of the cache
+    # each process encodes its share of the cache, and evaluates its share of the held-out set (half of the 8
+    # images: 4 left to train on, one batch per process, so the shards need no padding and stay disjoint)
     common = {"--lr_scheduler": "linear", "--lr_warmup_steps": 1, "--checkpointing_steps": 100,
-              "--cache_embeddings": True}
+              "--cache_embeddings": True, "--validation_split": 0.5}
     # SIGTERM reaches rank 0 alone, before its first step: both ranks agree to stop together one step later.
     fault = {"KANDINSKY_TRAIN_FAULT": "micro:0:TERM", "KANDINSKY_TRAIN_FAULT_RANK": "0"}
     first = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=4, **common, **{"--report_to": "tensorboard"}),
@@ -183,14 +184,18 @@ def test_two_process_decoder_caches_its_shares_checkpoints_resumes_and_agrees(ti
         **common, "--checkpointing_steps": 2, "--resume_from_checkpoint": "latest"}), launcher=DDP, env=env)
     text = proc.stdout + proc.stderr
     assert re.search(r"Resuming from \S*checkpoint-2\b", text) and "identical on all 2 processes" in text
-    assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 2
-    assert "Reusing cached frozen outputs" in text
+    # CLIP image embeddings and MoVQ latents, of the training and the held-out set, one part per process
+    assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 8
+    assert "Reusing cached frozen outputs" in text and "Reusing cached CLIP image embeddings" in text
+    assert re.search(r"Held-out evaluation at step 3: eval_loss \S+ \(4 samples", text)  # the reduced figures
+    assert "Held-out evaluation at step 4: eval_loss" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "unet" / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
     records = trace(tmp_path / "trace.jsonl")
     by_rank = {r: [i for x in records if x["rank"] == r and x["epoch"] == 0 for i in x["index"]] for r in (0, 1)}
     assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])  # different shards
-    assert len([x for x in records if x["epoch"] == 1]) == 4  # the resumed run: 2 steps on each of 2 ranks
+    # the resumed run: steps 3 and 4 on each of 2 ranks (4 images left to train on: one step an epoch)
+    assert sorted(x["epoch"] for x in records if x["epoch"] >= 2) == [2, 2, 3, 3]
 
 
 @pytest.mark.parametrize("limit", [None, 1])

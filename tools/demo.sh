@@ -13,9 +13,11 @@ COMMON=(--pretrained_prior_model_name_or_path "$OUT/tiny/prior"
         --train_data_dir "$OUT/tiny/images" --resolution 64 --train_batch_size 2 --max_train_steps 16
         --learning_rate 1e-3 --lr_warmup_steps 0 --checkpointing_steps 4 --checkpoints_total_limit 2 --seed 0
         --validation_prompts "a red circle on a blue background" "a yellow square on a black background"
-        --validation_epochs 1 --validation_inference_steps 10 --report_to tensorboard)
+        --validation_epochs 1 --validation_inference_steps 10 --report_to tensorboard
+        --validation_split 0.125 --cache_embeddings --embedding_cache_dir "$OUT/embedding_cache")
 
-rm -rf "$OUT/tiny" "$OUT/prior" "$OUT/decoder" "$OUT/sample.png"  # a fresh demo each time (only what it writes)
+# a fresh demo each time (only what it writes)
+rm -rf "$OUT/tiny" "$OUT/prior" "$OUT/decoder" "$OUT/embedding_cache" "$OUT/sample.png"
 python tools/tiny_kandinsky.py "$OUT/tiny" --num_images 16
 "${LAUNCH[@]}" train_text_to_image_prior.py "${COMMON[@]}" --output_dir "$OUT/prior"
 "${LAUNCH[@]}" train_text_to_image_decoder.py "${COMMON[@]}" --output_dir "$OUT/decoder"
@@ -37,5 +39,7 @@ Done. Look at:
   {out}/prior/checkpoint-*, {out}/decoder/checkpoint-*   checkpoints (resume with --resume_from_checkpoint latest)
   {out}/prior/validation, {out}/decoder/validation      validation images per step
   {out}/sample.png                                      the fine-tuned prior + decoder, loaded as one pipeline
-  tensorboard --logdir {out}                            loss, learning rate, gradient norm, samples/s, images""")
+  tensorboard --logdir {out}                            loss, held-out eval_loss (and the prior's eval_cosine),
+                                                        learning rate, gradient norm, samples/s, images
+(the decoder reused the prior's CLIP image embeddings from {out}/embedding_cache)""")
 PY
