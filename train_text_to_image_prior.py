@@ -94,8 +94,8 @@ def main(args):
                            return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask.bool()
 
-    def make_sample(image, row):
-        input_ids, mask = tokenize([data.caption_text(row[args.caption_column])])
+    def make_sample(image, row, variant):  # the variant-th caption of a list of captions
+        input_ids, mask = tokenize([data.caption_text(row[args.caption_column], variant)])
         return {"clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0],
                 "text_input_ids": input_ids[0], "text_mask": mask[0]}
 
@@ -155,7 +155,8 @@ def main(args):
         name=STAGE, subfolder="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
         validate=validate, make_sample=make_sample, frozen_models=(text_encoder, image_encoder),
         cache_key={"stage": STAGE, "caption_column": args.caption_column,
-                   "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)})
+                   "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)},
+        variants=lambda dataset: data.caption_counts(dataset, args.caption_column))
     model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
 
     accelerator.wait_for_everyone()

@@ -1,7 +1,8 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """--cache_embeddings: the frozen models' outputs per sample (text embeddings, CLIP image embeddings, MoVQ
-latents), computed once, stored as safetensors under a fingerprint of everything they depend on, and read back row
-by row through memory maps."""
+latents), computed once for every version of a sample (each caption, the picture and its mirror), stored as
+safetensors under a fingerprint of everything they depend on, one file per process and training shape (the latents
+of one aspect-ratio bucket share a shape), and read back row by row through memory maps."""
 
 import hashlib
 import json
@@ -24,8 +25,9 @@ def frozen_outputs(args, accelerator, stage, samples, data_fingerprint):
         return samples, stage.encode
     from datasets.fingerprint import Hasher
 
+    # "layout": caches written before they held every version of a sample lack its "variant" rows
     key = {"data": data_fingerprint, "frozen": model_fingerprint(*stage.frozen_models),
-           "dtype": str(weight_dtype_of(accelerator)), **stage.cache_key}
+           "dtype": str(weight_dtype_of(accelerator)), "layout": "versions and shapes", **stage.cache_key}
     cache = EmbeddingCache(args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache"),
                            Hasher.hash(key))
     if cache.complete():
@@ -36,7 +38,7 @@ def frozen_outputs(args, accelerator, stage, samples, data_fingerprint):
         frozen.to("cpu")
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
-    return cache.load(), None
+    return cache.load(samples), None
 
 
 def model_fingerprint(*models):
@@ -57,7 +59,7 @@ def model_fingerprint(*models):
 class EmbeddingCache:
     """The frozen models' outputs per sample, computed once and stored as safetensors under a fingerprint.
 
-    Every process encodes its own slice of the samples (in the training dtype, so the cached values are
+    Every process encodes its own slice of each shape's samples (in the training dtype, so the cached values are
     exactly what the uncached path computes), then all processes read all slices.
     """
 
@@ -74,59 +76,90 @@ class EmbeddingCache:
         from tqdm.auto import tqdm
 
         rank, world = accelerator.process_index, accelerator.num_processes
-        mine = list(range(rank, len(samples), world))
         self.folder.mkdir(parents=True, exist_ok=True)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(samples, mine), batch_size=batch_size,
-                                             collate_fn=collate, num_workers=0)
-        parts = {}
-        for batch in tqdm(loader, desc=f"Caching frozen outputs ({rank + 1}/{world})",
-                          disable=not accelerator.is_local_main_process):
-            index = batch.pop("index")
-            with torch.no_grad():
-                out = encode(batch)
-            for key, value in out.items():
-                parts.setdefault(key, []).append(value.detach().cpu())
-            parts.setdefault("index", []).append(index)
-        tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
-        save_file(tensors, str(self.folder / f"part-{rank:05d}-of-{world:05d}.safetensors"))
+        groups = {}  # training shape -> every (sample, version) of that shape
+        for index in range(len(samples)):
+            shape = samples.shapes[index] if samples.shapes else None
+            groups.setdefault(shape, []).extend((index, v) for v in range(samples.variants.count(index)))
+        progress = tqdm(total=sum(len(keys[rank::world]) for keys in groups.values()), disable=not
+                        accelerator.is_local_main_process, desc=f"Caching frozen outputs ({rank + 1}/{world})")
+        for number, keys in enumerate(groups.values()):
+            if keys[rank::world]:
+                tensors = self._encode(_Versions(samples, keys[rank::world]), encode, batch_size, progress)
+                save_file(tensors, str(self.folder / f"part-{rank:05d}-{number:04d}-of-{world:05d}.safetensors"))
+        progress.close()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (self.folder / "meta.json").write_text(json.dumps({"fingerprint": self.fingerprint, "parts": world,
                                                                "samples": len(samples)}))
         accelerator.wait_for_everyone()
 
-    def load(self):
+    @staticmethod
+    def _encode(versions, encode, batch_size, progress):
+        """The stage's frozen outputs of some versions of samples that share a shape, as tensors keyed by output,
+        with each row's sample index and version."""
+        parts = {}
+        for batch in torch.utils.data.DataLoader(versions, batch_size=batch_size, collate_fn=collate):
+            keys = {"index": batch.pop("index"), "variant": batch.pop("variant")}
+            with torch.no_grad():
+                out = encode(batch)
+            for key, value in {**out, **keys}.items():
+                parts.setdefault(key, []).append(value.detach().cpu())
+            progress.update(len(keys["index"]))
+        return {key: torch.cat(values).contiguous() for key, values in parts.items()}
+
+    def load(self, samples):
         meta = json.loads((self.folder / "meta.json").read_text())
-        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")))
+        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")), samples)
+
+
+class _Versions(torch.utils.data.Dataset):
+    """Given versions of samples, each with its sample index and version number."""
+
+    def __init__(self, samples, keys):
+        self.samples, self.keys = samples, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        index, variant = self.keys[i]
+        return {**self.samples.sample(index, variant), "variant": variant}
 
 
 class CachedSamples(torch.utils.data.Dataset):
-    """The cached outputs of each sample, read row by row from the memory-mapped safetensors files: a cache larger
-    than RAM works, and the processes of a multi-GPU run share the page cache instead of holding a copy each."""
+    """The cached outputs of each sample, in this epoch's version (as `samples` draws them), read row by row from the
+    memory-mapped safetensors files: a cache larger than RAM works, and the processes of a multi-GPU run share the
+    page cache instead of holding a copy each."""
 
-    def __init__(self, files):
+    def __init__(self, files, samples):
         from safetensors import safe_open
 
         self.files = [str(f) for f in files]
-        self.location = {}  # sample index -> (file, row)
+        self.variants, self.shapes, self.size = samples.variants, samples.shapes, len(samples)
+        self.location = {}  # (sample index, version) -> (file, row)
         for number, path in enumerate(self.files):
             with safe_open(path, "pt") as part:
-                for row, index in enumerate(part.get_tensor("index").tolist()):
-                    self.location[index] = (number, row)
-                self.keys = [key for key in part.keys() if key != "index"]
+                keys = zip(part.get_tensor("index").tolist(), part.get_tensor("variant").tolist())
+                for row, key in enumerate(keys):
+                    self.location[key] = (number, row)
+                self.keys = [key for key in part.keys() if key not in ("index", "variant")]
         self._handles, self._pid = None, None
 
     def __getstate__(self):  # data-loader workers started with "spawn" get a copy without the open files
         return {**self.__dict__, "_handles": None, "_pid": None}
 
     def __len__(self):
-        return len(self.location)
+        return self.size
+
+    def set_epoch(self, epoch):
+        self.variants.set_epoch(epoch)
 
     def __getitem__(self, index):
         from safetensors import safe_open
 
         if self._pid != os.getpid():  # open the files once in each process (data-loader workers are forked)
             self._handles, self._pid = [safe_open(path, "pt") for path in self.files], os.getpid()
-        number, row = self.location[index]
+        number, row = self.location[(index, self.variants.pick(index))]
         part = self._handles[number]
         return {"index": index, **{key: part.get_slice(key)[row] for key in self.keys}}

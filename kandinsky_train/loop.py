@@ -12,7 +12,7 @@ import torch
 from . import checkpoint, faults, tracking
 from .cache import frozen_outputs
 from .batches import make_batches
-from .data import TrainingSamples
+from .data import training_samples
 from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
 from .hub import CheckpointUploads
@@ -35,7 +35,7 @@ class Trainer:
         seed = checkpoint.resolve_seed(args, self.resume_path)
         accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
 
-        samples = TrainingSamples(dataset, args.image_column, stage.make_sample)
+        samples = training_samples(dataset, args.image_column, stage, seed)
         self.samples, self.encode = frozen_outputs(args, accelerator, stage, samples, dataset._fingerprint)
         self.batches = make_batches(args, accelerator, self.samples)
         steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)

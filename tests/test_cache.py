@@ -68,22 +68,46 @@ def test_fingerprint_changes_with_any_weight_and_the_config():
     assert model_fingerprint(model) != before
 
 
-def test_cache_round_trip_reads_rows_by_sample_index(tmp_path):
+class VersionedSamples:
+    """Samples as TrainingSamples serves them: versions drawn per epoch, and a training shape each."""
+
+    def __init__(self, counts, shapes):
+        from kandinsky_train.data import Variants
+
+        self.variants, self.shapes = Variants(counts, seed=3), shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def sample(self, index, variant):  # the tensor's length is the sample's shape; its value names the version
+        return {"index": index, "x": torch.full(self.shapes[index], 10.0 * index + variant)}
+
+
+def test_cache_holds_every_version_per_shape_and_reads_this_epochs(tmp_path):
     import pickle
 
     from fakes import FakeAccelerator
     from kandinsky_train.cache import EmbeddingCache
 
-    samples = [{"index": i, "x": torch.full((2,), float(i))} for i in range(5)]
+    counts, shapes = [1, 3, 1, 2, 1], [(2,), (3,), (2,), (3,), (3,)]
+    samples = VersionedSamples(counts, shapes)
     cache = EmbeddingCache(tmp_path, "f" * 64)
     assert not cache.complete()
-    # two processes, each encoding its share (every other sample), as the DDP run does
+    # two processes, each encoding its share of each shape, as the DDP run does
     for rank in (1, 0):
         cache.build(FakeAccelerator(rank, 2), samples, lambda batch: {"y": batch["x"] * 10}, batch_size=2)
     assert cache.complete()
-    loaded = cache.load()
-    assert len(loaded) == 5 and loaded.keys == ["y"]
-    assert [loaded[i]["y"].tolist() for i in range(5)] == [[10.0 * i] * 2 for i in range(5)]
+    assert len(list(cache.folder.glob("part-*-of-00002.safetensors"))) == 4  # 2 processes x 2 shapes
+    loaded = cache.load(samples)
+    assert len(loaded) == 5 and loaded.keys == ["y"] and len(loaded.location) == sum(counts)
+    drawn = set()
+    for epoch in range(20):
+        loaded.set_epoch(epoch)
+        for index in range(5):
+            variant = samples.variants.pick(index)
+            assert loaded[index]["y"].tolist() == [100.0 * index + 10 * variant] * shapes[index][0]
+            drawn.add((index, variant))
+    assert drawn == set(loaded.location)  # over a few epochs every version is trained on
     copy = pickle.loads(pickle.dumps(loaded))  # as a data-loader worker started with "spawn" receives it
-    assert copy[3]["y"].tolist() == [30.0, 30.0]
+    assert copy[2]["y"].tolist() == [200.0, 200.0]
     assert not EmbeddingCache(tmp_path, "f" * 24 + "0" * 40).complete()  # same folder, other fingerprint

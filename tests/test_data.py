@@ -60,7 +60,7 @@ def test_image_folder_loads_with_its_captions_and_columns_are_checked(tiny):
 def test_samples_carry_their_index_and_collate_stacks(tiny):
     dataset, _ = load_training_data(data_args(train_data_dir=str(tiny["images"]), skip_image_check=True),
                                     FakeAccelerator())
-    samples = TrainingSamples(dataset, "image", lambda image, row: {"size": torch.tensor(image.size)})
+    samples = TrainingSamples(dataset, "image", lambda image, row, variant: {"size": torch.tensor(image.size)})
     batch = collate([samples[3], samples[0]])
     assert batch["index"].tolist() == [3, 0] and batch["size"].shape == (2, 2)
     rows = [json.loads(line) for line in (tiny["images"] / "metadata.jsonl").read_text().splitlines()]
