@@ -18,8 +18,8 @@ def movq_factor(movq_config):
 
 def size_multiple(movq_config, unet_config):
     """What every side of a training shape must be a multiple of: MoVQ's factor times the UNet's, which halves its
-    latents in every down block but the last (8 x 8 = 64 for Kandinsky 2.2). Other sides still run, but the UNet
-    then interpolates its skip connections to mismatched sizes."""
+    latents in every down block but the last (8 x 8 = 64 for Kandinsky 2.2). On other sides the UNet's resnet
+    up-sampling blocks double an odd size past its skip connection's, and the forward pass fails."""
     return movq_factor(movq_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
