@@ -49,7 +49,8 @@ def _models_and_data(add, stage, model):
         "and recorded in each checkpoint, so a resumed run still continues the same way.")
     add("--resolution", type=int, default=512,
         help="Training images are centre-cropped and resized to this size (a multiple of 8)."
-        + (" The prior sees CLIP's own 224 px crop; this sets the validation render size." if stage == "prior" else ""))
+        + (" The prior sees CLIP's own 224 px crop; this sets the validation render size." if stage == "prior" else
+           " With --enable_bucket, to a shape of about this many pixels squared."))
     add("--dataloader_num_workers", type=int, default=0,
         help="Subprocesses that load images; 0 loads them in the main process.")
     add("--local_rank", type=int, default=-1, help="Set by the distributed launcher; leave it alone.")
