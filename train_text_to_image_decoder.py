@@ -106,9 +106,8 @@ def main(args):
 
     resample = images.RESAMPLING[args.image_interpolation_mode]
 
-    def make_sample(image, row, variant):  # version 1: mirrored (--random_flip)
-        size = bucketing.nearest(image.size) if bucketing else args.resolution
-        return decoder_sample(image, size, resample, image_processor, flip=variant == 1)
+    def make_sample(image, row, variant, shape):  # version 1: mirrored (--random_flip); shape: the bucket's
+        return decoder_sample(image, shape or args.resolution, resample, image_processor, flip=variant == 1)
 
     def encode(batch):
         return {"latents": movq.encode(batch["pixel_values"].to(device, weight_dtype)).latents,

@@ -94,7 +94,7 @@ def main(args):
                            return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask.bool()
 
-    def make_sample(image, row, variant):  # the variant-th caption of a list of captions
+    def make_sample(image, row, variant, shape):  # the variant-th caption of a list; no shape: CLIP crops
         input_ids, mask = tokenize([data.caption_text(row[args.caption_column], variant)])
         return {"clip_pixel_values": image_processor(image, return_tensors="pt").pixel_values[0],
                 "text_input_ids": input_ids[0], "text_mask": mask[0]}

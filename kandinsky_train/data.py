@@ -197,8 +197,9 @@ class Variants:
 
 
 class TrainingSamples(torch.utils.data.Dataset):
-    """Index -> dict of tensors, built by the stage's `make_sample(image, row, variant)` for this epoch's version of
-    the sample; keeps the sample index. `shapes`: each sample's training shape (aspect-ratio buckets), or None."""
+    """Index -> dict of tensors, built by the stage's `make_sample(image, row, variant, shape)` for this epoch's
+    version of the sample; keeps the sample index. `shapes`: each sample's training shape (aspect-ratio buckets), or
+    None; the shape the batches were grouped by is the one the sample is made at."""
 
     def __init__(self, dataset, image_column, make_sample, variants=None, shapes=None):
         self.dataset, self.image_column, self.make_sample = dataset, image_column, make_sample
@@ -215,7 +216,8 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def sample(self, index, variant):
         row = self.dataset[index]
-        sample = self.make_sample(open_rgb(row[self.image_column]), row, variant)
+        shape = self.shapes[index] if self.shapes else None
+        sample = self.make_sample(open_rgb(row[self.image_column]), row, variant, shape)
         sample["index"] = index
         return sample
 

@@ -14,7 +14,7 @@ class Stage:
     subfolder: str  # the trained model's folder in a pipeline and in a checkpoint: "prior" or "unet"
     model: torch.nn.Module  # the trained model, unwrapped
     model_cls: type
-    make_sample: Callable  # (RGB image, dataset row, version) -> dict of tensors for `encode`
+    make_sample: Callable  # (RGB image, dataset row, version, training shape or None) -> dict of tensors for `encode`
     encode: Callable  # batch of samples -> dict of frozen-model outputs (no grad)
     loss: Callable  # (wrapped model, outputs of encode, generator) -> scalar loss
     validate: Callable  # (model with the weights to show) -> list of (prompt, PIL image)

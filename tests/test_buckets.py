@@ -173,7 +173,8 @@ def shapes_of(folder):
 
 
 def micro_batches(path):
-    return [(r["rank"], r["epoch"], r["micro"], r["index"]) for r in map(json.loads, Path(path).read_text().splitlines())]
+    records = map(json.loads, Path(path).read_text().splitlines())
+    return [(r["rank"], r["epoch"], r["micro"], r["index"]) for r in records]
 
 
 OPTIONS = {"--enable_bucket": True, "--random_flip": True, "--noise_offset": 0.1, "--input_perturbation": 0.1,

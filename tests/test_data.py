@@ -70,7 +70,7 @@ def test_several_captions_per_picture_one_drawn_per_sample_and_epoch_from_the_se
     counts = caption_counts(dataset, "text")
     assert counts == [1, 2, 3, 1, 2, 3, 1, 2]
 
-    def make_sample(image, row, variant):  # what the prior does with a row
+    def make_sample(image, row, variant, shape):  # what the prior does with a row
         return {"caption": torch.tensor(int(caption_text(row["text"], variant).split()[-1]))}
 
     def drawn(samples, epochs, **loader):
@@ -108,7 +108,7 @@ def test_image_folder_loads_with_its_captions_and_columns_are_checked(tiny):
 def test_samples_carry_their_index_and_collate_stacks(tiny):
     dataset, _ = load_training_data(data_args(train_data_dir=str(tiny["images"]), skip_image_check=True),
                                     FakeAccelerator())
-    samples = TrainingSamples(dataset, "image", lambda image, row, variant: {"size": torch.tensor(image.size)})
+    samples = TrainingSamples(dataset, "image", lambda image, row, variant, shape: {"size": torch.tensor(image.size)})
     batch = collate([samples[3], samples[0]])
     assert batch["index"].tolist() == [3, 0] and batch["size"].shape == (2, 2)
     rows = [json.loads(line) for line in (tiny["images"] / "metadata.jsonl").read_text().splitlines()]
