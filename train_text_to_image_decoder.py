@@ -5,12 +5,14 @@ The MoVQ and the CLIP image encoder stay frozen. Same command line as diffusers'
 examples/kandinsky2_2/text_to_image/train_text_to_image_decoder.py, plus the flags listed in README.md."""
 
 import argparse
+import functools
 import os
 
 import numpy as np
 import torch
 
-from kandinsky_train import checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime, validation
+from kandinsky_train import (buckets, checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime,
+                             validation)
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "decoder"
@@ -33,17 +35,27 @@ def main(args):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     checks.check_args(args, STAGE)
+    extra_sizes = buckets.parse_shapes(args.validation_resolutions, "--validation_resolutions") \
+        if args.validation_resolutions else []
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
     checks.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
     needed = PRIOR_SUBFOLDERS_NEEDED + (["prior", "text_encoder", "tokenizer", "scheduler"]
                                         if args.validation_prompts else [])
     checks.check_model_repo(prior_path, needed, "--pretrained_prior_model_name_or_path")
     load = dict(cache_dir=args.cache_dir)
-    with errors.loading("MoVQ configuration", "--pretrained_decoder_model_name_or_path", decoder_path):
+    with errors.loading("MoVQ and UNet configurations", "--pretrained_decoder_model_name_or_path", decoder_path):
         movq_config = VQModel.load_config(decoder_path, subfolder="movq", **load)
-    scale = 2 ** (len(movq_config["block_out_channels"]) - 1)
+        unet_config = UNet2DConditionModel.load_config(decoder_path, subfolder="unet", **load)
+    scale = buckets.movq_factor(movq_config)
     if args.resolution % scale:
         errors.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
+    bucketing = buckets.Buckets.from_args(args, buckets.size_multiple(movq_config, unet_config)) \
+        if args.enable_bucket else None
+    render_multiple = buckets.render_multiple(movq_config)
+    for width, height in extra_sizes:
+        if width % render_multiple or height % render_multiple:
+            errors.fail(f"--validation_resolutions {width}x{height}: the pipeline renders sides in multiples of "
+                        f"{render_multiple} (MoVQ's factor squared); choose such sides.")
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     dataset, report = data.load_training_data(args, accelerator)
@@ -55,6 +67,8 @@ def main(args):
         noise_scheduler = DDPMScheduler.from_pretrained(decoder_path, subfolder="scheduler", **load)
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", torch_dtype=weight_dtype, **load)
         unet = UNet2DConditionModel.from_pretrained(decoder_path, subfolder="unet", **load)
+    if args.prediction_type is not None:  # trains with it, validates with it, and is saved with the pipeline
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     with errors.loading("CLIP image encoder", "--pretrained_prior_model_name_or_path", prior_path):
         image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
@@ -92,10 +106,10 @@ def main(args):
         unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     unet.train()
 
-    def make_sample(image, row):
-        pixels = np.asarray(images.center_crop_resize(image, args.resolution), dtype=np.float32) / 127.5 - 1.0
-        return {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1),
-                "clip_pixel_values": clip_pixels(image_processor, image)}
+    resample = images.RESAMPLING[args.image_interpolation_mode]
+
+    def make_sample(image, row, variant, shape):  # version 1: mirrored (--random_flip); shape: the bucket's
+        return decoder_sample(image, shape or args.resolution, resample, image_processor, flip=variant == 1)
 
     def encode(batch):  # the condition, the CLIP image embedding, is `image_embedding`'s (shared with the prior's)
         return {"latents": movq.encode(batch["pixel_values"].to(device, weight_dtype)).latents}
@@ -106,48 +120,28 @@ def main(args):
         zero_embed = image_encoder(torch.zeros(1, 3, crop["height"], crop["width"], device=device,
                                                dtype=weight_dtype)).image_embeds
 
-    def compute_loss(model, features, generator):
-        latents = features["latents"].to(device, non_blocking=True)
-        image_embeds = features["image_embeds"].to(device, non_blocking=True)
-        bsz = latents.shape[0]
-        if args.conditioning_dropout_prob > 0:
-            drop = torch.rand(bsz, device=device, generator=generator) < args.conditioning_dropout_prob
-            image_embeds = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), image_embeds)
-        noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
-                                  generator=generator)
-        pred, target = predict(model, {"latents": latents, "image_embeds": image_embeds}, noise, timesteps)
-        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
-
-    def predict(model, features, noise, timesteps):
-        """The UNet's prediction from noised latents, and its target (training and held-out loss)."""
-        latents = features["latents"]
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        if device.type == "cuda":
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        if noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = latents
-        # The UNet also predicts the variance in its last 4 channels; only the first 4 are trained.
-        pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": features["image_embeds"]}).sample
-        return pred[:, :4], target
+    sizes = [(args.resolution, args.resolution)] + extra_sizes
 
     def validate(model):
         pipe = KandinskyV22Pipeline(unet=model, scheduler=noise_scheduler, movq=movq)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=device).manual_seed(args.seed or 0)
         with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, movq):
-            return [(prompt, validation.render(pipe, args, embeds, negative, generator))
-                    for prompt, embeds, negative in validation_embeds]
+            return [(prompt if i == 0 else f"{prompt} ({width}x{height})",
+                     validation.render(pipe, args, embeds, negative, generator, (width, height)))
+                    for prompt, embeds, negative in validation_embeds for i, (width, height) in enumerate(sizes)]
 
     stage = Stage(
-        name=STAGE, subfolder="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode, loss=compute_loss,
-        validate=validate, make_sample=make_sample, frozen_models=(movq,), cache_key={"resolution": args.resolution},
-        image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype),
-        held_out=HeldOutHooks(predict=predict, noised="latents",
+        name=STAGE, subfolder="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode,
+        loss=functools.partial(compute_loss, args=args, noise_scheduler=noise_scheduler, zero_embed=zero_embed),
+        validate=validate, make_sample=make_sample, frozen_models=(movq,),
+        cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
+                   "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
+        image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype,
+                                             "the picture, its mirror" if args.random_flip else "the picture"),
+        variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
+        shapes=(lambda dataset: bucketing.assign(accelerator, dataset, args.image_column)) if bucketing else None,
+        held_out=HeldOutHooks(predict=functools.partial(predict, noise_scheduler=noise_scheduler), noised="latents",
                               num_train_timesteps=noise_scheduler.config.num_train_timesteps))
     model, ema, rendered = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
 
@@ -156,6 +150,60 @@ def main(args):
         preemption.finishing("the final save")
         save_final(args, accelerator, model, ema, rendered, noise_scheduler, hub_repo_id)
     accelerator.end_training()
+
+
+def decoder_sample(image, size, resample, image_processor, flip=False):
+    """What the decoder trains on for one picture: its pixels centre-cropped and resized to `size` (a side, or
+    (width, height)), in [-1, 1], and CLIP's view of it; both mirrored left to right with `flip`, after the crop,
+    where diffusers' Stable Diffusion script flips."""
+    pixels = np.asarray(images.center_crop_resize(image, size, resample), dtype=np.float32) / 127.5 - 1.0
+    sample = {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1),
+              "clip_pixel_values": clip_pixels(image_processor, image)}
+    return {key: value.flip(-1) for key, value in sample.items()} if flip else sample
+
+
+def compute_loss(model, features, generator, *, args, noise_scheduler, zero_embed):
+    """The decoder's diffusion loss on a batch of MoVQ latents and CLIP image embeddings. It draws from `generator`
+    in this order: conditioning dropout, noise, timesteps, then --noise_offset's shift and --input_perturbation's
+    extra noise, so that a run without those options draws what it always drew."""
+    device = zero_embed.device
+    latents = features["latents"].to(device, non_blocking=True)
+    image_embeds = features["image_embeds"].to(device, non_blocking=True)
+    bsz, channels = latents.shape[:2]
+    if args.conditioning_dropout_prob > 0:
+        drop = torch.rand(bsz, device=device, generator=generator) < args.conditioning_dropout_prob
+        image_embeds = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), image_embeds)
+    noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
+                              generator=generator)
+    if args.noise_offset:  # one shift per image and channel: lets the model learn overall brightness
+        noise = noise + args.noise_offset * torch.randn((bsz, channels, 1, 1), device=device, generator=generator,
+                                                        dtype=latents.dtype)
+    model_noise = noise
+    if args.input_perturbation:  # the input sees more noise than the target accounts for
+        model_noise = noise + args.input_perturbation * torch.randn(latents.shape, device=device,
+                                                                    generator=generator, dtype=latents.dtype)
+    pred, target = predict(model, {"latents": latents, "image_embeds": image_embeds}, noise, timesteps,
+                           noise_scheduler=noise_scheduler, input_noise=model_noise)
+    return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+
+
+def predict(model, features, noise, timesteps, *, noise_scheduler, input_noise=None):
+    """The UNet's prediction from noised latents, and its target (training and held-out loss). input_noise: what
+    noises the input where it differs from the noise the target is made of (--input_perturbation)."""
+    latents = features["latents"]
+    noisy = noise_scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
+    if noisy.device.type == "cuda":
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = latents
+    # The UNet also predicts the variance in its last 4 channels; only the first 4 are trained.
+    pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": features["image_embeds"]}).sample
+    return pred[:, :4], target
 
 
 def save_final(args, accelerator, unet, ema, rendered, scheduler, hub_repo_id):

@@ -97,8 +97,8 @@ def main(args):
                            return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask.bool()
 
-    def make_sample(image, row):
-        input_ids, mask = tokenize([data.caption_text(row[args.caption_column])])
+    def make_sample(image, row, variant, shape):  # the variant-th caption of a list; no shape: CLIP crops
+        input_ids, mask = tokenize([data.caption_text(row[args.caption_column], variant)])
         return {"clip_pixel_values": clip_pixels(image_processor, image), "text_input_ids": input_ids[0],
                 "text_mask": mask[0]}
 
@@ -181,7 +181,7 @@ def main(args):
         validate=validate, make_sample=make_sample, frozen_models=(text_encoder,),
         cache_key={"caption_column": args.caption_column, "tokenizer_len": len(tokenizer)},
         image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype),
-        columns=(args.caption_column,),
+        columns=(args.caption_column,), variants=lambda dataset: data.caption_counts(dataset, args.caption_column),
         held_out=HeldOutHooks(predict=predict, noised="image_embeds",
                               num_train_timesteps=noise_scheduler.config.num_train_timesteps, cosine=eval_cosine))
     model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)

@@ -14,6 +14,7 @@ order a run meets them:
     loop        the training loop: restore, step, log, checkpoint, validate and evaluate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
       batches     the order of micro-batches per epoch and process, and where a resumed epoch starts
+      buckets     --enable_bucket: aspect-ratio bucket shapes, each picture's bucket, a bucketed epoch's order
       checkpoint  save, rotate, find and restore checkpoints; the run's position (TrainState)
       ema         --use_ema
       diffusion   the loss (Min-SNR) and the per-micro-batch seed

@@ -4,11 +4,14 @@ one sees), the share of each process, and where a resumed epoch starts."""
 
 import torch
 
+from .buckets import epoch_order
 from .data import collate
 
 
 def make_batches(args, accelerator, samples):
-    """The batching the command line asks for."""
+    """The batching the command line asks for: samples with training shapes come from --enable_bucket."""
+    if samples.shapes is not None:
+        return BucketBatches(args, accelerator, samples)
     return ShuffledBatches(args, accelerator, samples)
 
 
@@ -17,7 +20,7 @@ class ShuffledBatches:
     seed and the epoch) and its per-process shards; a resumed epoch skips the micro-batches already consumed."""
 
     def __init__(self, args, accelerator, samples):
-        self.accelerator = accelerator
+        self.accelerator, self.samples = accelerator, samples
         device = accelerator.device
         self.loader = accelerator.prepare(torch.utils.data.DataLoader(
             samples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
@@ -30,6 +33,57 @@ class ShuffledBatches:
 
     def epoch(self, epoch, start=0):
         """(micro-batch index, batch) of one epoch, from micro-batch `start` on."""
+        self.samples.set_epoch(epoch)  # the epoch's version of each sample
         self.loader.set_epoch(epoch)
         loader = self.accelerator.skip_first_batches(self.loader, start) if start else self.loader
         return enumerate(loader, start=start)
+
+
+class BucketBatches:
+    """--enable_bucket: every micro-batch holds samples of one training shape (`samples.shapes`). Each process
+    builds its own share of the epoch's order (`buckets.epoch_order`, a pure function of seed and epoch) and hands
+    it to an accelerate DataLoaderShard as its batch sampler: the loader places batches on the device and tells
+    gradient accumulation where the epoch ends, and, not being passed through `accelerator.prepare`, is not sharded
+    a second time (accelerate's BatchSamplerShard would fill a short batch with samples of other shapes)."""
+
+    def __init__(self, args, accelerator, samples):
+        from accelerate.data_loader import DataLoaderShard
+
+        self.samples = samples
+        self.sampler = _EpochBatches(samples.shapes, args.train_batch_size, accelerator.dataloader_config.data_seed,
+                                     accelerator.num_processes, accelerator.process_index)
+        device = accelerator.device
+        self.loader = DataLoaderShard(
+            samples, device=device, batch_sampler=self.sampler, collate_fn=collate,
+            num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=args.dataloader_num_workers > 0,
+            _non_blocking=accelerator.dataloader_config.non_blocking)
+
+    def __len__(self):
+        """Micro-batches per epoch on each process (the same on every process)."""
+        return self.sampler.per_process
+
+    def epoch(self, epoch, start=0):
+        """(micro-batch index, batch) of one epoch, from micro-batch `start` on."""
+        self.sampler.position = (epoch, start)
+        self.samples.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        return enumerate(self.loader, start=start)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of the epoch and from the micro-batch that `position` names. (No `set_epoch`
+    here: the DataLoaderShard would call it with its own count of iterations.)"""
+
+    def __init__(self, shapes, batch_size, seed, num_processes, rank):
+        self.shapes, self.batch_size, self.seed = shapes, batch_size, seed
+        self.num_processes, self.rank = num_processes, rank
+        self.per_process = len(epoch_order(shapes, batch_size, seed, 0, num_processes)[rank])
+        self.position = (0, 0)
+
+    def __len__(self):
+        return self.per_process - self.position[1]
+
+    def __iter__(self):
+        epoch, start = self.position
+        yield from epoch_order(self.shapes, self.batch_size, self.seed, epoch, self.num_processes)[self.rank][start:]

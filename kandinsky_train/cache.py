@@ -1,7 +1,9 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """--cache_embeddings: the frozen models' outputs per sample (text embeddings, CLIP image embeddings, MoVQ
-latents), computed once, stored as safetensors under a fingerprint of everything they depend on, and read back row
-by row through memory maps. The CLIP image embeddings are an entry of their own, which both stages share."""
+latents), computed once for every version of a sample (each caption, the picture and its mirror), stored as
+safetensors under a fingerprint of everything they depend on, one file per process and training shape (the latents
+of one aspect-ratio bucket share a shape), and read back row by row through memory maps. The CLIP image embeddings
+are an entry of their own, which both stages share."""
 
 import hashlib
 import json
@@ -30,12 +32,16 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
 
     root = args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache")
     # Each part under its own key: the CLIP image embeddings' key is the same in both stages for the same images,
-    # encoder, processor and dtype, so the second stage finds the first one's and never runs the image tower.
+    # versions, encoder, processor and dtype, so the second stage finds the first one's and never runs the tower.
+    # "layout": caches written before they held every version of a sample lack its "variant" rows.
     keys = [{"part": part.name, "frozen": model_fingerprint(*part.models), "image_column": args.image_column,
-             "dtype": str(weight_dtype_of(accelerator)), **part.key} for part in parts]
+             "dtype": str(weight_dtype_of(accelerator)), "layout": "versions and shapes", **part.key}
+            for part in parts]
     loaded = []
     for samples, data_fingerprint in sample_sets:
-        caches = [EmbeddingCache(root, Hasher.hash({"data": data_fingerprint, **key})) for key in keys]
+        versions = [samples.variants.count(i) for i in range(len(samples))]
+        caches = [EmbeddingCache(root, Hasher.hash({"data": data_fingerprint, "versions": versions, **key}))
+                  for key in keys]
         missing = []
         for part, cache in zip(parts, caches):
             if cache.complete():
@@ -44,7 +50,7 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
                 missing.append((cache, part.encode))
         if missing:
             build(accelerator, samples, missing, args.train_batch_size)
-        loaded.append(JoinedSamples([cache.load() for cache in caches]))
+        loaded.append(JoinedSamples([cache.load(samples) for cache in caches]))
     for part in parts:  # not needed until validation, which brings back what it uses
         for frozen in part.models:
             frozen.to("cpu")
@@ -66,28 +72,38 @@ def encode_all(parts):
 
 
 def build(accelerator, samples, caches, batch_size):
-    """Encode this process's share of the samples in one pass (each image decoded once) with the encoder of every
-    (EmbeddingCache, encode) pair, in the training dtype (so the cached values are exactly what the uncached path
-    computes); then each cache writes its part."""
+    """Encode this process's share of every version of the samples, one training shape at a time (each image
+    decoded once per version), with the encoder of every (EmbeddingCache, encode) pair, in the training dtype (so
+    the cached values are exactly what the uncached path computes); then each cache writes its parts."""
     from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(samples), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(samples, mine), batch_size=batch_size,
-                                         collate_fn=collate, num_workers=0)
-    outputs = [{"index": []} for _ in caches]
-    for batch in tqdm(loader, desc=f"Caching frozen outputs ({rank + 1}/{world})",
-                      disable=not accelerator.is_local_main_process):
-        index = batch.pop("index")
-        for (_, encode), parts in zip(caches, outputs):
-            with torch.no_grad():
-                out = encode(batch)
-            for key, value in out.items():
-                parts.setdefault(key, []).append(value.detach().cpu())
-            parts["index"].append(index)
-    for (cache, _), parts in zip(caches, outputs):
-        tensors = {key: torch.cat(values).contiguous() for key, values in parts.items() if values}
-        cache.write(accelerator, tensors or {"index": torch.zeros(0, dtype=torch.long)}, len(samples))
+    groups = {}  # training shape -> every (sample, version) of that shape
+    for index in range(len(samples)):
+        shape = samples.shapes[index] if samples.shapes else None
+        groups.setdefault(shape, []).extend((index, v) for v in range(samples.variants.count(index)))
+    progress = tqdm(total=sum(len(keys[rank::world]) for keys in groups.values()), disable=not
+                    accelerator.is_local_main_process, desc=f"Caching frozen outputs ({rank + 1}/{world})")
+    for number, keys in enumerate(groups.values()):
+        if not keys[rank::world]:
+            continue
+        outputs = [{} for _ in caches]
+        loader = torch.utils.data.DataLoader(_Versions(samples, keys[rank::world]), batch_size=batch_size,
+                                             collate_fn=collate)
+        for batch in loader:
+            rows = {"index": batch.pop("index"), "variant": batch.pop("variant")}
+            for (_, encode), tensors in zip(caches, outputs):
+                with torch.no_grad():
+                    out = encode(batch)
+                for key, value in {**out, **rows}.items():
+                    tensors.setdefault(key, []).append(value.detach().cpu())
+            progress.update(len(rows["index"]))
+        for (cache, _), tensors in zip(caches, outputs):
+            cache.write_part(accelerator, {key: torch.cat(values).contiguous() for key, values in tensors.items()},
+                             number)
+    progress.close()
+    for cache, _ in caches:
+        cache.finish(accelerator, len(samples))
 
 
 def model_fingerprint(*models):
@@ -107,7 +123,7 @@ def model_fingerprint(*models):
 
 class EmbeddingCache:
     """The frozen models' outputs per sample, computed once and stored as safetensors under a fingerprint: one part
-    file per process (each encodes its own slice of the samples), read by all processes."""
+    file per process and training shape (each process encodes its own slice), read by all processes."""
 
     def __init__(self, root, fingerprint):
         self.folder = Path(root) / fingerprint[:24]
@@ -117,63 +133,88 @@ class EmbeddingCache:
         meta = self.folder / "meta.json"
         return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == self.fingerprint
 
-    def write(self, accelerator, tensors, num_samples):
-        """Save this process's part, then (main process, once all parts are written) the record that completes it."""
+    def write_part(self, accelerator, tensors, number):
         from safetensors.torch import save_file
 
         rank, world = accelerator.process_index, accelerator.num_processes
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.folder / f"part-{rank:05d}-of-{world:05d}.safetensors"))
+        save_file(tensors, str(self.folder / f"part-{rank:05d}-{number:04d}-of-{world:05d}.safetensors"))
+
+    def finish(self, accelerator, num_samples):
+        """Once every process has written its parts, the main process writes the record that completes the cache."""
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (self.folder / "meta.json").write_text(json.dumps({"fingerprint": self.fingerprint, "parts": world,
-                                                               "samples": num_samples}))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "meta.json").write_text(json.dumps({
+                "fingerprint": self.fingerprint, "parts": accelerator.num_processes, "samples": num_samples}))
         accelerator.wait_for_everyone()
 
-    def load(self):
+    def load(self, samples):
         meta = json.loads((self.folder / "meta.json").read_text())
-        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")))
+        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")), samples)
+
+
+class _Versions(torch.utils.data.Dataset):
+    """Given versions of samples, each with its sample index and version number."""
+
+    def __init__(self, samples, keys):
+        self.samples, self.keys = samples, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        index, variant = self.keys[i]
+        return {**self.samples.sample(index, variant), "variant": variant}
 
 
 class CachedSamples(torch.utils.data.Dataset):
-    """The cached outputs of each sample, read row by row from the memory-mapped safetensors files: a cache larger
-    than RAM works, and the processes of a multi-GPU run share the page cache instead of holding a copy each."""
+    """The cached outputs of each sample, in this epoch's version (as `samples` draws them), read row by row from the
+    memory-mapped safetensors files: a cache larger than RAM works, and the processes of a multi-GPU run share the
+    page cache instead of holding a copy each."""
 
-    def __init__(self, files):
+    def __init__(self, files, samples):
         from safetensors import safe_open
 
         self.files = [str(f) for f in files]
-        self.location, self.keys = {}, []  # sample index -> (file, row); the outputs' names
+        self.variants, self.shapes, self.size = samples.variants, samples.shapes, len(samples)
+        self.location = {}  # (sample index, version) -> (file, row)
         for number, path in enumerate(self.files):
             with safe_open(path, "pt") as part:
-                indices = part.get_tensor("index").tolist()
-                for row, index in enumerate(indices):
-                    self.location[index] = (number, row)
-                if indices:  # a process with no samples of a small set writes the index alone
-                    self.keys = [key for key in part.keys() if key != "index"]
+                keys = zip(part.get_tensor("index").tolist(), part.get_tensor("variant").tolist())
+                for row, key in enumerate(keys):
+                    self.location[key] = (number, row)
+                self.keys = [key for key in part.keys() if key not in ("index", "variant")]
         self._handles, self._pid = None, None
 
     def __getstate__(self):  # data-loader workers started with "spawn" get a copy without the open files
         return {**self.__dict__, "_handles": None, "_pid": None}
 
     def __len__(self):
-        return len(self.location)
+        return self.size
+
+    def set_epoch(self, epoch):
+        self.variants.set_epoch(epoch)
 
     def __getitem__(self, index):
         from safetensors import safe_open
 
         if self._pid != os.getpid():  # open the files once in each process (data-loader workers are forked)
             self._handles, self._pid = [safe_open(path, "pt") for path in self.files], os.getpid()
-        number, row = self.location[index]
+        number, row = self.location[(index, self.variants.pick(index))]
         part = self._handles[number]
         return {"index": index, **{key: part.get_slice(key)[row] for key in self.keys}}
 
 
 class JoinedSamples(torch.utils.data.Dataset):
-    """The cached parts of the same samples, read as one sample."""
+    """The cached parts of the same samples, read as one sample (in the same version: the parts share `variants`)."""
 
     def __init__(self, parts):
         self.parts = parts
+        self.variants, self.shapes = parts[0].variants, parts[0].shapes
+
+    def set_epoch(self, epoch):
+        self.variants.set_epoch(epoch)
 
     def __len__(self):
         return len(self.parts[0])

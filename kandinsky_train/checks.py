@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_RE, list_checkpoints
-from .cli import LR_SCHEDULERS, installed, report_targets
+from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets
 from .errors import fail
 from .images import IMAGE_EXTENSIONS
 
@@ -16,11 +16,33 @@ OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_trai
 
 
 def check_args(args, stage):
+    _check_image_options(args, stage)
     _check_data(args)
     _check_numbers(args)
     _check_conflicts(args)
     _check_packages(args)
     _check_output_dir(args)
+
+
+def _check_image_options(args, stage):
+    """The decoder's image options: refused by name by the prior, checked for range by the decoder (the bucket
+    sides against the model's size multiple once its configuration is read: buckets.Buckets.from_args)."""
+    if stage == "prior":
+        given = [flag for flag in DECODER_OPTIONS if hasattr(args, flag[2:])]
+        if given:
+            fail(f"{given[0]} is a decoder option: the prior learns the CLIP image embedding of CLIP's own 224 px "
+                 "centre crop of each picture, not its pixels or latents, so it has no use for it. Use it with "
+                 "train_text_to_image_decoder.py.")
+        return
+    for name in ("noise_offset", "input_perturbation"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be at least 0, got {getattr(args, name)}.")
+    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if getattr(args, name) is not None:
+            if not args.enable_bucket:
+                fail(f"--{name} needs --enable_bucket.")
+            if getattr(args, name) < 1:
+                fail(f"--{name} must be at least 1, got {getattr(args, name)}.")
 
 
 def _check_data(args):

@@ -2,8 +2,11 @@
 """The command line both scripts accept: the flags of diffusers' reference scripts with their names, types and
 defaults (tests/test_cli.py checks each one), then ours, in groups. Each script adds its own few flags."""
 
+import argparse
 import importlib.util
 import os
+
+from .images import RESAMPLING
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRACKERS = ("tensorboard", "wandb", "comet_ml")
@@ -15,6 +18,7 @@ def add_common_arguments(parser, stage):
     model = "PriorTransformer" if stage == "prior" else "UNet"
     for group in (_models_and_data, _optimization, _checkpoints, _validation, _tracking_and_hub, _speed):
         group(parser.add_argument, stage, model)
+    _decoder_images(parser, stage)
 
 
 def _models_and_data(add, stage, model):
@@ -46,7 +50,8 @@ def _models_and_data(add, stage, model):
         "and recorded in each checkpoint, so a resumed run still continues the same way.")
     add("--resolution", type=int, default=512,
         help="Training images are centre-cropped and resized to this size (a multiple of 8)."
-        + (" The prior sees CLIP's own 224 px crop; this sets the validation render size." if stage == "prior" else ""))
+        + (" The prior sees CLIP's own 224 px crop; this sets the validation render size." if stage == "prior" else
+           " With --enable_bucket, to a shape of about this many pixels squared."))
     add("--dataloader_num_workers", type=int, default=0,
         help="Subprocesses that load images; 0 loads them in the main process.")
     add("--local_rank", type=int, default=-1, help="Set by the distributed launcher; leave it alone.")
@@ -163,6 +168,57 @@ def _speed(add, stage, model):
     add("--embedding_cache_dir", type=str, default=None,
         help="Where --cache_embeddings stores its files (default OUTPUT_DIR/embedding_cache); share it between runs.")
     add("--torch_compile", action="store_true", help=f"Compile the {model} with torch.compile.")
+
+
+# The decoder's image options; the prior accepts them only to refuse them by name (checks.py).
+DECODER_OPTIONS = ("--enable_bucket", "--min_bucket_reso", "--max_bucket_reso", "--bucket_reso_steps", "--random_flip",
+                   "--noise_offset", "--input_perturbation", "--prediction_type", "--image_interpolation_mode",
+                   "--validation_resolutions")
+
+
+def _decoder_images(parser, stage):
+    """Aspect-ratio buckets under kohya's sd-scripts' names, and diffusers' Stable Diffusion script's options."""
+    if stage == "prior":
+        group = parser.add_argument_group(
+            "decoder options (refused here)", "The prior trains on CLIP's own 224 px centre crop of each image, so "
+            "aspect-ratio buckets, flips, the noise options and the resize filter do not apply to it: use them with "
+            "train_text_to_image_decoder.py.")
+
+        def add(flag, **kwargs):  # no default: a flag is in the parsed arguments only when it was given
+            group.add_argument(flag, **{**kwargs, "default": argparse.SUPPRESS,
+                                        "help": "(Decoder only; refused here.) " + kwargs["help"]})
+    else:
+        add = parser.add_argument_group("images: aspect-ratio buckets, augmentation, noise").add_argument
+    add("--enable_bucket", action="store_true",
+        help="Train at aspect-ratio buckets instead of square crops: shapes of about --resolution² pixels whose "
+        "sides are multiples of what MoVQ and the UNet need; each image goes to the shape nearest its aspect ratio "
+        "and is centre-cropped and resized to it; a micro-batch holds one shape. Bucket counts are printed at the "
+        "start.")
+    add("--min_bucket_reso", type=int, default=None,
+        help="Smallest bucket side in pixels (with --enable_bucket). Default: half of --resolution.")
+    add("--max_bucket_reso", type=int, default=None,
+        help="Largest bucket side in pixels (with --enable_bucket). Default: twice --resolution.")
+    add("--bucket_reso_steps", type=int, default=None,
+        help="Bucket sides are multiples of this (with --enable_bucket). Default: what the decoder needs, MoVQ's "
+        "and the UNet's downscaling together (64 for Kandinsky 2.2).")
+    add("--random_flip", action="store_true",
+        help="Mirror each training image horizontally with probability 1/2, drawn per image and epoch from the "
+        "seed (resume stays exact); with --cache_embeddings both orientations are cached.")
+    add("--noise_offset", type=float, default=0.0,
+        help="The scale of noise offset (https://www.crosslabs.org/blog/diffusion-with-offset-noise): a random "
+        "shift per image and latent channel added to the noise; 0.05 to 0.1 is usual.")
+    add("--input_perturbation", type=float, default=0.0,
+        help="The scale of input perturbation (https://huggingface.co/papers/2301.11706): the noisy input gets "
+        "extra noise that the target does not have; 0.1 is recommended.")
+    add("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+        help="What the UNet learns to predict. Default: the decoder scheduler's (epsilon for Kandinsky 2.2). The "
+        "saved pipeline's scheduler carries it, so inference matches.")
+    add("--image_interpolation_mode", type=str, default="bicubic", choices=list(RESAMPLING),
+        help="Resampling filter of the training resize. Default: bicubic, the reference decoder script's "
+        "(diffusers' Stable Diffusion script defaults to lanczos).")
+    add("--validation_resolutions", type=str, default=None,
+        help="Also render the validation prompts at these WIDTHxHEIGHT shapes, e.g. 768x1024,1024x768 "
+        "(multiples of 64 for Kandinsky 2.2).")
 
 
 def finish_args(args):

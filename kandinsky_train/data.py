@@ -1,7 +1,8 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """The training data: the `train` split of --dataset_name or --train_data_dir, checked before any model is loaded
 (columns, captions, one decode of every image), the held-out set (a seeded split or a separate set), and samples the
-stage turns into tensors."""
+stage turns into tensors: each epoch in one of each sample's versions (one of its captions, the picture or its
+mirror), at the sample's training shape."""
 
 import argparse
 import hashlib
@@ -14,7 +15,7 @@ import torch
 from PIL import ImageFile
 
 from .errors import fail, first_line
-from .images import image_name, open_rgb
+from .images import image_name, image_size, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _check_columns(dataset, args, caption_column):
     if len(dataset) == 0:
         fail(f"The dataset {source!r} is empty.")
     if caption_column is not None:
-        bad = [i for i, c in enumerate(dataset[caption_column]) if caption_text(c) is None]
+        bad = [i for i, c in enumerate(dataset[caption_column]) if captions(c) is None]
         if bad:
             fail(f"{len(bad)} sample(s) have a missing or non-string caption in column {caption_column!r} "
                  f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}); fix or drop them.")
@@ -90,11 +91,26 @@ def _check_columns(dataset, args, caption_column):
     return dataset
 
 
-def caption_text(value):
-    """A caption as one string: lists (several captions per image) give their first entry."""
-    if isinstance(value, (list, tuple)) and value:
-        value = value[0]
-    return value if isinstance(value, str) else None
+def captions(value):
+    """A caption cell as a list of strings: a string, or a list of them (several captions per image, as many Hub
+    data sets have); None for anything else (missing, a number, an empty list, a list holding a non-string)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value):
+        return list(value)
+    return None
+
+
+def caption_counts(dataset, caption_column):
+    """Captions per sample when some have several (a list in the caption column), else None."""
+    counts = [len(captions(value)) for value in dataset[caption_column]]
+    return counts if max(counts) > 1 else None
+
+
+def caption_text(value, variant=0):
+    """One caption of a cell: the `variant`-th of its list (see `Variants`)."""
+    texts = captions(value)
+    return None if texts is None else texts[variant]
 
 
 def _check_images(values, indices):
@@ -117,8 +133,8 @@ def drop_unreadable(dataset, image_column, report, num_proc=None):
     `datasets.map` (never all in memory at once), in parallel on large data; datasets caches the verdicts, so the
     other processes of a multi-GPU run and later runs on the same data do not decode again."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    if num_proc is None:  # parallel processes pay for their start-up only on large data sets
-        num_proc = min(os.cpu_count() or 1, len(dataset) // 2000) or None
+    if num_proc is None:
+        num_proc = _parallelism(dataset)
     verdicts = dataset.map(_check_images, input_columns=image_column, with_indices=True, batched=True, batch_size=64,
                            remove_columns=dataset.column_names, num_proc=num_proc, desc="Checking images")
     keep = []
@@ -182,20 +198,80 @@ def split_rows(dataset, share):
     return dataset.select(train), dataset.select(held), f"{count} of {total} rows (--validation_split, {digest})"
 
 
-class TrainingSamples(torch.utils.data.Dataset):
-    """Index -> dict of tensors, built by the stage's `make_sample(image, row)`; keeps the sample index. Rows hold
-    the image and `columns` (what make_sample reads beside it) only."""
+def _parallelism(dataset):
+    """Processes for a pass over every image: parallel ones pay for their start-up only on large data sets."""
+    return min(os.cpu_count() or 1, len(dataset) // 2000) or None
 
-    def __init__(self, dataset, image_column, make_sample, columns=()):
+
+def _sizes(values):
+    sizes = [image_size(value) for value in values]
+    return {"width": [w for w, _ in sizes], "height": [h for _, h in sizes]}
+
+
+def image_sizes(dataset, image_column):
+    """(width, height) of every image, as training opens it, from the files' headers: a streaming pass that
+    `datasets` caches for later runs and the other processes."""
+    sizes = dataset.map(_sizes, input_columns=image_column, batched=True, batch_size=256,
+                        remove_columns=dataset.column_names, num_proc=_parallelism(dataset), desc="Reading image sizes")
+    return list(zip(sizes["width"], sizes["height"]))
+
+
+def training_samples(dataset, image_column, stage, seed):
+    """The stage's samples of the data set, with their versions (stage.variants) and training shapes
+    (stage.shapes) when the stage has them."""
+    counts = stage.variants(dataset) if stage.variants else None
+    shapes = stage.shapes(dataset) if stage.shapes else None
+    return TrainingSamples(dataset, image_column, stage.make_sample, stage.columns, Variants(counts, seed), shapes)
+
+
+class Variants:
+    """Which version of each sample an epoch trains on (one of its captions; the picture or its mirror): drawn per
+    sample and epoch from the run's seed, a pure function of (seed, epoch, index), so that a resumed run sees what
+    an uninterrupted one sees whatever the number of processes. The epoch lives in shared memory, so that data-loader
+    workers (persistent ones too) see `set_epoch`."""
+
+    def __init__(self, counts=None, seed=0):
+        self.counts, self.seed = counts, seed  # counts: versions per sample; None: one each
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch):
+        self._epoch.fill_(epoch)
+
+    def count(self, index):
+        return 1 if self.counts is None else self.counts[index]
+
+    def pick(self, index):
+        count = self.count(index)
+        if count == 1:
+            return 0
+        mixed = hashlib.sha256(f"variant/{self.seed}/{int(self._epoch)}/{index}".encode()).digest()
+        return int.from_bytes(mixed[:8], "little") % count
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Index -> dict of tensors, built by the stage's `make_sample(image, row, variant, shape)` for this epoch's
+    version of the sample; keeps the sample index. Rows hold the image and `columns` (what make_sample reads beside
+    it) only. `shapes`: each sample's training shape (aspect-ratio buckets), or None; the shape the batches were
+    grouped by is the one the sample is made at."""
+
+    def __init__(self, dataset, image_column, make_sample, columns=(), variants=None, shapes=None):
         self.dataset = dataset.select_columns([image_column, *columns])
         self.image_column, self.make_sample = image_column, make_sample
+        self.variants, self.shapes = variants or Variants(), shapes
 
     def __len__(self):
         return len(self.dataset)
 
+    def set_epoch(self, epoch):
+        self.variants.set_epoch(epoch)
+
     def __getitem__(self, index):
+        return self.sample(index, self.variants.pick(index))
+
+    def sample(self, index, variant):
         row = self.dataset[index]
-        sample = self.make_sample(open_rgb(row[self.image_column]), row)
+        shape = self.shapes[index] if self.shapes else None
+        sample = self.make_sample(open_rgb(row[self.image_column]), row, variant, shape)
         sample["index"] = index
         return sample
 

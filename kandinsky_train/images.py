@@ -1,14 +1,19 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """Pictures as PIL sees them: opening a data set's image cell, converting any mode to RGB the way a person expects
-it to look, the decoder's crop, and the grid of validation images on the model card."""
+it to look, its size from the header alone, the decoder's crop and resampling filters, and the grid of validation
+images on the model card."""
 
 import io
 import math
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# --image_interpolation_mode: torchvision's InterpolationMode names (diffusers' SD script) as the PIL filters that
+# torchvision itself uses for PIL images (nearest_exact is PIL's nearest, which samples pixel centres).
+RESAMPLING = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
+              "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
 def image_name(value):
@@ -20,16 +25,30 @@ def image_name(value):
     return getattr(value, "filename", None) or f"<{type(value).__name__}>"
 
 
-def open_rgb(value):
-    """Open a dataset image cell (PIL image, {path, bytes} dict or path) as an RGB image."""
+def _open(value):
+    """A dataset image cell (PIL image, {path, bytes} dict or path) as a PIL image, not decoded yet."""
     if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-    else:
-        image = Image.open(value)
+        return value
+    if isinstance(value, dict):
+        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    return Image.open(value)
+
+
+def open_rgb(value):
+    """Open a dataset image cell as an RGB image."""
+    image = _open(value)
     image.load()
     return to_rgb(image)
+
+
+def image_size(value):
+    """(width, height) of a dataset image cell as `open_rgb` returns it, read from the header (no pixel decoding):
+    EXIF orientations 5 to 8 turn the picture a quarter, which swaps its sides."""
+    image = _open(value)
+    width, height = image.size
+    if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+        return height, width
+    return width, height
 
 
 def to_rgb(image):
@@ -50,13 +69,19 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def center_crop_resize(image, resolution):
-    """Deterministic centre crop to a square, then a bicubic resize (the decoder's transform)."""
+def center_crop_resize(image, size, resample=Image.BICUBIC):
+    """The decoder's transform: the largest centred crop with the aspect ratio of `size` (a side, for a square, or
+    (width, height)), resized to it. Square and bicubic, it is the reference decoder script's transform, which
+    reduces by whole factors before the filter (reducing_gap=1); every filter keeps that."""
+    target_width, target_height = (size, size) if isinstance(size, int) else size
     width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    return image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
+    if width * target_height > height * target_width:  # wider than the target: crop the sides
+        crop_width, crop_height = round(height * target_width / target_height), height
+    else:
+        crop_width, crop_height = width, round(width * target_height / target_width)
+    left, top = (width - crop_width) // 2, (height - crop_height) // 2
+    image = image.crop((left, top, left + crop_width, top + crop_height))
+    return image.resize((target_width, target_height), resample=resample, reducing_gap=1)
 
 
 def image_grid(images):

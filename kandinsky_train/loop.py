@@ -13,7 +13,7 @@ import torch
 from . import checkpoint, faults, tracking
 from .cache import frozen_outputs
 from .batches import make_batches
-from .data import TrainingSamples
+from .data import TrainingSamples, training_samples
 from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
@@ -39,7 +39,7 @@ class Trainer:
         seed = checkpoint.resolve_seed(args, self.resume_path)
         accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
 
-        self.samples, held_out_samples, self.encode = self.frozen_outputs(dataset, held_out)
+        self.samples, held_out_samples, self.encode = self.frozen_outputs(dataset, held_out, seed)
         self.evaluation = None
         if held_out is not None:
             self.evaluation = HeldOutEvaluation(args, accelerator, stage, held_out_samples, self.encode)
@@ -63,11 +63,14 @@ class Trainer:
         self.generator = torch.Generator(device=device)
         self.grad_norm = None
 
-    def frozen_outputs(self, dataset, held_out):
+    def frozen_outputs(self, dataset, held_out, seed):
         """The training samples and the held-out ones (or None) as the loop reads them, and the encoder to run on
-        each batch (None when --cache_embeddings has computed its outputs)."""
-        sets = [(TrainingSamples(data, self.args.image_column, self.stage.make_sample, self.stage.columns),
-                 data._fingerprint) for data in (dataset, held_out and held_out.dataset) if data is not None]
+        each batch (None when --cache_embeddings has computed its outputs). Held-out samples come in their first
+        version, at --resolution: the same figures at every evaluation."""
+        sets = [(training_samples(dataset, self.args.image_column, self.stage, seed), dataset._fingerprint)]
+        if held_out is not None:
+            sets.append((TrainingSamples(held_out.dataset, self.args.image_column, self.stage.make_sample,
+                                         self.stage.columns), held_out.dataset._fingerprint))
         outputs, encode = frozen_outputs(self.args, self.accelerator, self.stage, sets)
         return outputs[0], (outputs[1] if held_out is not None else None), encode
 

@@ -4,7 +4,7 @@ outputs, its loss, its validation and what its held-out evaluation needs; and th
 alike by both stages."""
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,7 +38,7 @@ class Stage:
     subfolder: str  # the trained model's folder in a pipeline and in a checkpoint: "prior" or "unet"
     model: torch.nn.Module  # the trained model, unwrapped
     model_cls: type
-    make_sample: Callable  # (RGB image, dataset row) -> dict of tensors for `encode`
+    make_sample: Callable  # (RGB image, dataset row, version, training shape or None) -> dict of tensors
     encode: Callable  # batch of samples -> dict of the stage's own frozen-model outputs (no grad)
     loss: Callable  # (wrapped model, outputs of encode, generator) -> scalar loss
     validate: Callable  # (model with the weights to show) -> list of (prompt, PIL image)
@@ -49,6 +49,8 @@ class Stage:
     image_embedding: FrozenPart = None
     columns: tuple = ()  # the data set's columns make_sample reads beside the image
     held_out: HeldOutHooks = None
+    variants: Optional[Callable] = None  # dataset -> versions of each sample (captions, mirror); one drawn per epoch
+    shapes: Optional[Callable] = None  # dataset -> training (width, height) of each sample (aspect-ratio buckets)
 
 
 def clip_pixels(image_processor, image):
@@ -56,12 +58,13 @@ def clip_pixels(image_processor, image):
     return image_processor(image, return_tensors="pt").pixel_values[0]
 
 
-def clip_image_embedding(image_encoder, image_processor, device, dtype):
+def clip_image_embedding(image_encoder, image_processor, device, dtype, versions="the picture"):
     """The CLIP image embedding of a batch's `clip_pixel_values`: one definition for both stages, so that the cache
-    entry one writes is the other's."""
+    entry one writes is the other's. `versions`: what a sample's versions show ("the picture" for all, or "the
+    picture, its mirror" with --random_flip): entries of different meaning are never shared."""
 
     def encode(batch):
         return {"image_embeds": image_encoder(batch["clip_pixel_values"].to(device, dtype)).image_embeds}
 
     return FrozenPart("CLIP image embeddings", encode, (image_encoder,),
-                      {"image_processor": image_processor.to_dict()})
+                      {"image_processor": image_processor.to_dict(), "versions": versions})

@@ -26,9 +26,11 @@ def save_images(output_dir, images, step):
         image.save(os.path.join(folder, f"step-{step:06d}-{i:02d}.png"))
 
 
-def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator):
-    """One validation image from image embeddings, at the training resolution and the validation step count."""
+def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator, size=None):
+    """One validation image from image embeddings, at the validation step count and at (width, height) `size`,
+    by default the training resolution."""
+    width, height = size or (args.resolution, args.resolution)
     return decoder_pipe(image_embeds=image_embeds, negative_image_embeds=negative_image_embeds,
-                        height=args.resolution, width=args.resolution,
+                        height=height, width=width,
                         num_inference_steps=args.validation_inference_steps,
                         guidance_scale=args.validation_guidance_scale, generator=generator).images[0]

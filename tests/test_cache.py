@@ -83,30 +83,55 @@ def test_fingerprint_changes_with_any_weight_and_the_config():
     assert model_fingerprint(model) != before
 
 
-def test_cache_round_trip_reads_rows_by_sample_index(tmp_path):
+class VersionedSamples:
+    """Samples as TrainingSamples serves them: versions drawn per epoch, and a training shape each."""
+
+    def __init__(self, counts, shapes):
+        from kandinsky_train.data import Variants
+
+        self.variants, self.shapes = Variants(counts, seed=3), shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def sample(self, index, variant):  # the tensor's length is the sample's shape; its value names the version
+        return {"index": index, "x": torch.full(self.shapes[index], 10.0 * index + variant)}
+
+
+def test_cache_holds_every_version_per_shape_and_reads_this_epochs(tmp_path):
     import pickle
 
     from fakes import FakeAccelerator
     from kandinsky_train.cache import EmbeddingCache, JoinedSamples, build
 
-    samples = [{"index": i, "x": torch.full((2,), float(i))} for i in range(5)]
+    counts, shapes = [1, 3, 1, 2, 1], [(2,), (3,), (2,), (3,), (3,)]
+    samples = VersionedSamples(counts, shapes)
     cache, other = EmbeddingCache(tmp_path, "f" * 64), EmbeddingCache(tmp_path, "e" * 64)
     assert not cache.complete()
-    # two processes, each encoding its share (every other sample) for both caches in one pass, as the DDP run does
+    # two processes, each encoding its share of each shape for both caches in one pass, as the DDP run does
     for rank in (1, 0):
         build(FakeAccelerator(rank, 2), samples, [(cache, lambda batch: {"y": batch["x"] * 10}),
                                                   (other, lambda batch: {"z": -batch["x"]})], batch_size=2)
     assert cache.complete() and other.complete()
-    loaded = cache.load()
-    assert len(loaded) == 5 and loaded.keys == ["y"]
-    assert [loaded[i]["y"].tolist() for i in range(5)] == [[10.0 * i] * 2 for i in range(5)]
+    assert len(list(cache.folder.glob("part-*-of-00002.safetensors"))) == 4  # 2 processes x 2 shapes
+    loaded = cache.load(samples)
+    assert len(loaded) == 5 and loaded.keys == ["y"] and len(loaded.location) == sum(counts)
+    joined = JoinedSamples([loaded, other.load(samples)])
+    drawn = set()
+    for epoch in range(20):
+        joined.set_epoch(epoch)
+        for index in range(5):
+            variant = samples.variants.pick(index)
+            assert loaded[index]["y"].tolist() == [100.0 * index + 10 * variant] * shapes[index][0]
+            assert joined[index]["z"].tolist() == [-10.0 * index - variant] * shapes[index][0]  # the same version
+            drawn.add((index, variant))
+    assert drawn == set(loaded.location)  # over a few epochs every version is trained on
     copy = pickle.loads(pickle.dumps(loaded))  # as a data-loader worker started with "spawn" receives it
-    assert copy[3]["y"].tolist() == [30.0, 30.0]
-    joined = JoinedSamples([loaded, other.load()])
-    assert set(joined[4]) == {"index", "y", "z"} and joined[4]["z"].tolist() == [-4.0, -4.0]
-    # a process without a sample of a small set (one sample, two processes) writes an empty part
+    assert copy[2]["y"].tolist() == [200.0, 200.0]
+    # a process without a sample of a small set (one sample, two processes) writes no part; the cache is complete
     tiny_set = EmbeddingCache(tmp_path, "d" * 64)
+    one = VersionedSamples([1], [(2,)])
     for rank in (1, 0):
-        build(FakeAccelerator(rank, 2), samples[:1], [(tiny_set, lambda batch: {"y": batch["x"]})], batch_size=2)
-    assert len(tiny_set.load()) == 1 and tiny_set.load().keys == ["y"]
+        build(FakeAccelerator(rank, 2), one, [(tiny_set, lambda batch: {"y": batch["x"]})], batch_size=2)
+    assert len(tiny_set.load(one)) == 1 and tiny_set.load(one).keys == ["y"]
     assert not EmbeddingCache(tmp_path, "f" * 24 + "0" * 40).complete()  # same folder, other fingerprint

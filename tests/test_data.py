@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fakes import FakeAccelerator
-from kandinsky_train.data import ImageReport, TrainingSamples, caption_text, collate, drop_unreadable
-from kandinsky_train.data import load_training_data
+from kandinsky_train.data import ImageReport, TrainingSamples, Variants, caption_counts, caption_text, captions
+from kandinsky_train.data import collate, drop_unreadable, load_training_data
 from kandinsky_train.errors import UserError
 
 
@@ -42,10 +42,58 @@ def test_unreadable_images_are_found_serially_and_in_parallel(num_proc, tmp_path
     assert report.summary().startswith("3 unreadable image(s) skipped: row ")
 
 
-def test_captions_lists_take_their_first_entry_and_reject_non_strings():
-    assert caption_text("a cat") == "a cat"
-    assert caption_text(["a cat", "a feline"]) == "a cat"
-    assert caption_text(None) is None and caption_text(7) is None and caption_text([]) is None
+def test_caption_cells_are_strings_or_lists_of_strings():
+    assert captions("a cat") == ["a cat"] and captions(["a cat", "a feline"]) == ["a cat", "a feline"]
+    assert caption_text(["a cat", "a feline"]) == "a cat" and caption_text(["a cat", "a feline"], 1) == "a feline"
+    for bad in (None, 7, [], ["a cat", 7], [None]):
+        assert captions(bad) is None and caption_text(bad) is None
+
+
+def caption_lists(tiny, folder, lists):
+    """The tiny image folder with a list of captions per picture."""
+    import shutil
+
+    shutil.copytree(tiny["images"], folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({**row, "text": texts}) + "\n"
+                                                   for row, texts in zip(rows, lists)))
+    return folder
+
+
+def test_several_captions_per_picture_one_drawn_per_sample_and_epoch_from_the_seed(tiny, tmp_path):
+    """A list in the caption column (as many Hub data sets have): every caption is checked, and each epoch trains on
+    one of them per sample, drawn from the run's seed, so a resumed run draws what an uninterrupted one draws; data
+    loader workers, persistent ones too, follow the epoch."""
+    lists = [[f"picture {i} caption {k}" for k in range(1 + i % 3)] for i in range(8)]
+    folder = caption_lists(tiny, tmp_path / "lists", lists)
+    dataset, _ = load_training_data(data_args(train_data_dir=str(folder)), FakeAccelerator(), caption_column="text")
+    counts = caption_counts(dataset, "text")
+    assert counts == [1, 2, 3, 1, 2, 3, 1, 2]
+
+    def make_sample(image, row, variant, shape):  # what the prior does with a row
+        return {"caption": torch.tensor(int(caption_text(row["text"], variant).split()[-1]))}
+
+    def drawn(samples, epochs, **loader):
+        chosen = []
+        batches = torch.utils.data.DataLoader(samples, batch_size=8, collate_fn=collate, **loader)
+        for epoch in epochs:
+            samples.set_epoch(epoch)
+            chosen.append(next(iter(batches))["caption"].tolist())
+        return chosen
+
+    samples = TrainingSamples(dataset, "image", make_sample, ("text",), Variants(counts, seed=0))
+    first = drawn(samples, range(6))
+    assert all(caption < count for epoch in first for caption, count in zip(epoch, counts))
+    assert len({tuple(epoch) for epoch in first}) > 1  # a new draw each epoch...
+    assert {c for epoch in first for c in epoch[2::3]} == {0, 1, 2}  # ...over every caption
+    again = TrainingSamples(dataset, "image", make_sample, ("text",), Variants(counts, seed=0))
+    assert drawn(again, [3, 4, 5]) == first[3:]  # a resumed run starting at epoch 3
+    assert drawn(again, range(6), num_workers=1, persistent_workers=True) == first
+    assert drawn(TrainingSamples(dataset, "image", make_sample, ("text",), Variants(counts, seed=1)), range(6)) != first
+    with pytest.raises(UserError, match=r"1 sample\(s\) have a missing or non-string caption in column 'text' "
+                                        r"\(rows 2\)"):
+        bad = caption_lists(tiny, tmp_path / "bad", [["a"], ["b"], ["c", None]] + [["x"]] * 5)
+        load_training_data(data_args(train_data_dir=str(bad)), FakeAccelerator(), caption_column="text")
 
 
 def test_image_folder_loads_with_its_captions_and_columns_are_checked(tiny):
@@ -60,7 +108,7 @@ def test_image_folder_loads_with_its_captions_and_columns_are_checked(tiny):
 def test_samples_carry_their_index_and_collate_stacks(tiny):
     dataset, _ = load_training_data(data_args(train_data_dir=str(tiny["images"]), skip_image_check=True),
                                     FakeAccelerator())
-    samples = TrainingSamples(dataset, "image", lambda image, row: {"size": torch.tensor(image.size)})
+    samples = TrainingSamples(dataset, "image", lambda image, row, variant, shape: {"size": torch.tensor(image.size)})
     batch = collate([samples[3], samples[0]])
     assert batch["index"].tolist() == [3, 0] and batch["size"].shape == (2, 2)
     rows = [json.loads(line) for line in (tiny["images"] / "metadata.jsonl").read_text().splitlines()]

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from kandinsky_train.images import center_crop_resize, image_grid, image_name, open_rgb, to_rgb
+from kandinsky_train.images import center_crop_resize, image_grid, image_name, image_size, open_rgb, to_rgb
 
 
 def test_16_bit_greyscale_keeps_its_tones():
@@ -47,3 +47,21 @@ def test_center_crop_keeps_the_middle_of_a_landscape_picture():
 def test_grid_has_four_columns_at_most():
     grid = image_grid([Image.new("RGB", (8, 6)) for _ in range(5)])
     assert grid.size == (32, 12)
+
+
+def test_header_size_is_the_size_training_opens_exif_rotation_included(tmp_path):
+    """Buckets are chosen from the files' headers: a phone photo stored 80x48 with EXIF "rotate 90" opens 48x80."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (80, 48)).save(tmp_path / "phone.jpg", exif=exif)
+    Image.new("RGB", (80, 48)).save(tmp_path / "plain.png")
+    for name, size in (("phone.jpg", (48, 80)), ("plain.png", (80, 48))):
+        for cell in (str(tmp_path / name), {"path": None, "bytes": (tmp_path / name).read_bytes()}):
+            assert image_size(cell) == open_rgb(cell).size == size
+
+
+def test_center_crop_to_a_bucket_keeps_the_middle_at_its_aspect_ratio():
+    image = Image.new("RGB", (300, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (50, 0, 250, 100))  # blue except 50 px at each end
+    out = center_crop_resize(image, (160, 80))  # 2:1 of a 3:1 picture: 200 px of the middle
+    assert out.size == (160, 80) and np.asarray(out)[:, [0, -1], 0].max() < 10
