@@ -9,7 +9,8 @@ import argparse
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, runtime, validation
+from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, runtime, storage, validation
+from kandinsky_train.model_card import pair_snippet, snippet_name
 from kandinsky_train.stage import Stage
 
 STAGE = "prior"
@@ -156,53 +157,41 @@ def main(args):
         validate=validate, make_sample=make_sample, frozen_models=(text_encoder, image_encoder),
         cache_key={"stage": STAGE, "caption_column": args.caption_column,
                    "image_processor": image_processor.to_dict(), "tokenizer_len": len(tokenizer)})
-    model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
+    trained = loop.train(args, accelerator, stage, dataset, report, hub_repo_id)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(args, accelerator, model, ema, images, tokenizer, image_processor, inference_scheduler,
-                   hub_repo_id)
+        save_final(args, accelerator, trained, tokenizer, image_processor, inference_scheduler, hub_repo_id)
     accelerator.end_training()
 
 
-def save_final(args, accelerator, prior, ema, images, tokenizer, image_processor, scheduler, hub_repo_id):
+def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler, hub_repo_id):
     """OUTPUT_DIR becomes a KandinskyV22PriorPipeline folder (or a LoRA adapter file with --use_lora)."""
     from diffusers import KandinskyV22PriorPipeline
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    prior_path = args.pretrained_prior_model_name_or_path
+    prior_path, prior = args.pretrained_prior_model_name_or_path, trained.model
+    output = hub_repo_id or args.hub_model_id or args.output_dir
+    pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
+                prompt=(args.validation_prompts or ["a photo"])[0])
     if args.use_lora:
-        prior.save_lora_adapter(args.output_dir)
-        snippet = f'''
-import torch
-from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
-
-prior = KandinskyV22PriorPipeline.from_pretrained("{prior_path}", torch_dtype=torch.float16)
-prior.prior.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None,
-    weight_name="pytorch_lora_weights.safetensors")
-pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
-    **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
-image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
+        storage.save_output("the LoRA adapter", prior.save_lora_adapter, args.output_dir,
+                            storage.tensor_bytes(p for p in prior.parameters() if p.requires_grad))
+        snippet = pair_snippet(prior=snippet_name(prior_path), prior_lora=output, **pair)
     else:
-        if ema is not None:
-            ema.copy_to(prior.parameters())
+        if trained.ema is not None:
+            trained.ema.copy_to(prior.parameters())
         # The frozen encoders are saved as they were stored, not in the training's half precision.
         text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_path, subfolder="text_encoder",
                                                                    cache_dir=args.cache_dir)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder",
                                                                       cache_dir=args.cache_dir)
-        KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
-                                  tokenizer=tokenizer, scheduler=scheduler,
-                                  image_processor=image_processor).save_pretrained(args.output_dir)
-        snippet = f'''
-import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-
-prior = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}", torch_dtype=torch.float16)
-pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
-    **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
-image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
-    hub.publish(args, accelerator, STAGE, prior_path, snippet, images, hub_repo_id)
+        pipe = KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
+                                         tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
+        storage.save_output("the fine-tuned pipeline", pipe.save_pretrained, args.output_dir,
+                            storage.module_bytes(*pipe.components.values()))
+        snippet = pair_snippet(prior=output, **pair)
+    hub.publish(args, accelerator, STAGE, prior_path, snippet, trained.images, hub_repo_id, trained.summary)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .data import collate
 from .runtime import weight_dtype_of
 
@@ -88,7 +89,10 @@ class EmbeddingCache:
                 parts.setdefault(key, []).append(value.detach().cpu())
             parts.setdefault("index", []).append(index)
         tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
-        save_file(tensors, str(self.folder / f"part-{rank:05d}-of-{world:05d}.safetensors"))
+        part = self.folder / f"part-{rank:05d}-of-{world:05d}.safetensors"
+        with storage.writing("the embedding cache", self.folder, storage.tensor_bytes(tensors.values()), partial=part,
+                             advice="Free some space, or give --embedding_cache_dir on a larger disk, and run again."):
+            save_file(tensors, str(part))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (self.folder / "meta.json").write_text(json.dumps({"fingerprint": self.fingerprint, "parts": world,

@@ -6,10 +6,12 @@ of each --validation_epochs epoch; then finish."""
 import math
 import signal
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, faults, tracking
+from . import checkpoint, checkpoint_folders, faults, tracking
 from .cache import frozen_outputs
 from .batches import make_batches
 from .data import TrainingSamples
@@ -21,9 +23,19 @@ from .runtime import count_parameters, make_lr_scheduler, make_optimizer
 from .validation import run_validation
 
 
+@dataclass
+class TrainResult:
+    """What the script's final save needs: the trained model (unwrapped), its EMA or None, the final validation
+    images, and the run's own figures for the model card."""
+
+    model: torch.nn.Module
+    ema: object
+    images: list
+    summary: tracking.RunSummary
+
+
 def train(args, accelerator, stage, dataset, report, hub_repo_id=None):
-    """Train the stage's model on the dataset. Returns (the trained model unwrapped, its EMA or None, the final
-    validation images) for the script's final save."""
+    """Train the stage's model on the dataset; a TrainResult for the script's final save."""
     return Trainer(args, accelerator, stage, dataset, report, hub_repo_id).train()
 
 
@@ -31,7 +43,8 @@ class Trainer:
     def __init__(self, args, accelerator, stage, dataset, report, hub_repo_id):
         self.args, self.accelerator, self.stage, self.report = args, accelerator, stage, report
         device = self.device = accelerator.device
-        self.resume_path = checkpoint.resolve_resume(args)
+        self.layout = checkpoint_folders.Layout.of(args, stage.name)
+        self.resume_path = checkpoint_folders.resolve_resume(args, self.layout)
         seed = checkpoint.resolve_seed(args, self.resume_path)
         accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
 
@@ -46,8 +59,10 @@ class Trainer:
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(args, self.params, device)
+        checkpoint.accept_whole_model_optimizer_states(optimizer, stage.model)
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
         self.ema = make_ema(args, stage.model, device)
+        self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora)
         checkpoint.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
@@ -56,6 +71,7 @@ class Trainer:
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.grad_norm = None
+        self.clock = time.monotonic()
 
     # ---------------------------------------------------------------------------------------------------------
     def train(self):
@@ -102,7 +118,7 @@ class Trainer:
         accelerator, args = self.accelerator, self.args
         self.generator.manual_seed(step_seed(self.state.seed, accelerator.process_index, epoch, batch_index))
         with accelerator.accumulate(self.model):
-            batch.pop("index", None)
+            self.state.samples_seen += len(batch.pop("index")) * accelerator.num_processes
             if self.encode is not None:
                 with torch.no_grad():
                     # contiguous, as cached tensors are: the layout decides which kernels run
@@ -133,8 +149,10 @@ class Trainer:
             self.exit_on_signal()
 
     def save_checkpoint(self):
+        self.count_time()
         path = checkpoint.save(self.accelerator, self.args.output_dir, self.state, self.args.checkpoints_total_limit,
-                               before_remove=self.uploads.wait)
+                               before_remove=self.uploads.wait, layout=self.layout,
+                               expected_bytes=self.checkpoint_estimate)
         self.accelerator.print(f"Saved {path}")
         self.uploads.push(path)
 
@@ -158,7 +176,23 @@ class Trainer:
         if self.report.skipped:
             self.accelerator.print(f"Data: {self.report.summary()}")
         self.uploads.wait()
-        return self.accelerator.unwrap_model(self.model), self.ema, final_images
+        self.count_time()
+        return TrainResult(self.accelerator.unwrap_model(self.model), self.ema, final_images, self.summary())
+
+    def count_time(self):
+        """Add the time since the last count to the run's training time (recorded with each checkpoint)."""
+        now = time.monotonic()
+        self.state.train_seconds += now - self.clock
+        self.clock = now
+
+    def summary(self):
+        state, accelerator = self.state, self.accelerator
+        final_loss, loss_steps = self.logger.recent_loss()
+        return tracking.RunSummary(
+            steps=state.global_step, epochs=state.global_step / state.steps_per_epoch, samples=state.samples_seen,
+            seconds=state.train_seconds, counted_from_step=state.counted_from_step, final_loss=final_loss,
+            loss_steps=loss_steps, processes=accelerator.num_processes,
+            device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision)
 
     def print_plan(self):
         args, accelerator = self.args, self.accelerator

@@ -1,10 +1,13 @@
 """Fixtures: tiny random Kandinsky 2.2 repos and image sets on disk, and a runner that launches the real scripts
 with `accelerate launch` in a subprocess, offline."""
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,23 @@ def base_args(tiny, output_dir, steps=4, **overrides):
 
 def read_state(checkpoint_dir):
     return json.loads((Path(checkpoint_dir) / "training_state.json").read_text())
+
+
+@contextlib.contextmanager
+def warnings_seen():
+    """The messages of every warning a block raises (warnings module) or logs at WARNING or above, in a list filled
+    when the block ends. diffusers and transformers log through their own handlers, not the root logger's."""
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("", "diffusers", "transformers", "huggingface_hub")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    seen.extend(str(w.message) for w in caught)
