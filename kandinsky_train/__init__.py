@@ -13,12 +13,14 @@ order a run meets them:
     loop        the training loop: restore, step, log, checkpoint, validate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once
       batches     the order of micro-batches per epoch and process, and where a resumed epoch starts
-      checkpoint  save, rotate, find and restore checkpoints; the run's position (TrainState)
+      checkpoint  save, rotate and restore checkpoints; the run's position (TrainState)
+      checkpoint_folders  which folders are complete checkpoints (ours, the reference scripts'), which to resume
       ema         --use_ema
       diffusion   the loss (Min-SNR) and the per-micro-batch seed
       tracking    TensorBoard / W&B figures and images
       validation  validation images
       preemption  a clean stop on SIGTERM / Ctrl-C
+      storage     a full disk: free space checked before large writes, ENOSPC as one line
       faults      for testing only: fault injection and a trace of the data order
     model_card  OUTPUT_DIR/README.md
     errors      UserError: one line on stderr, exit code 2

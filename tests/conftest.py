@@ -60,6 +60,27 @@ def tiny(tmp_path_factory):
     return {k: Path(v) for k, v in tiny_kandinsky.build_all(str(root)).items()}
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size): a folder on a fresh tmpfs of that size ("1m"), unmounted after the test; or a skip that says why
+    there cannot be one (mounting needs root on Linux)."""
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / f"tmpfs-{len(mounted)}"
+        folder.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {proc.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 def base_args(tiny, output_dir, steps=4, **overrides):
     """A small, fast command line shared by most tests."""
     args = {

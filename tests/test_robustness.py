@@ -223,23 +223,8 @@ def test_disk_full_while_writing_a_checkpoint_stops_with_one_line(tiny, tmp_path
     assert read_state(tmp_path / "checkpoint-1")["global_step"] == 1
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """An output folder on a 700 KiB tmpfs (room for one tiny prior checkpoint, not two), or a skip that says why
-    there cannot be one."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(folder)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
-def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(tiny, small_tmpfs):
+def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(tiny, tmpfs):
+    small_tmpfs = tmpfs("700k")  # room for one tiny prior checkpoint, not two
     args = base_args(tiny, small_tmpfs, steps=3, **{"--checkpointing_steps": 1})
     full = launch(PRIOR_SCRIPT, args, check=False)
     assert full.returncode != 0
