@@ -80,12 +80,12 @@ def restore(accelerator, path, state):
     state.load_state_dict({"global_step": step_of(path)})
     done = state.global_step - state.epoch * state.steps_per_epoch
     logger.warning(
-        f"{os.path.basename(path)} has no {STATE_FILE} (diffusers' reference scripts write none): its weights, EMA, "
-        f"optimizer, learning-rate schedule and random states are loaded, and the run goes on at step "
-        f"{state.global_step}, from the folder's name. Where it was in the data was not recorded: the run starts "
-        f"epoch {state.epoch} in its own order (seed {state.seed}) after the first {done} of its "
-        f"{state.steps_per_epoch} steps' batches, so the rest of that epoch is as much data as was left, though not "
-        "exactly the images the earlier run had not seen; later epochs are unaffected.")
+        f"{os.path.basename(path)} has no {STATE_FILE} (diffusers' reference scripts write none): what it holds "
+        f"(weights, EMA, optimizer, learning-rate schedule, random states) is loaded, and the run goes on at step "
+        f"{state.global_step}, taken from the folder's name. Where it was in the data was not recorded: this run "
+        f"takes up epoch {state.epoch} in its own data order (seed {state.seed}) after the batches of the first "
+        f"{done} of its {state.steps_per_epoch} steps, so the rest of that epoch is as much data as was left, but "
+        "not exactly the images not seen yet; later epochs are unaffected.")
 
 
 def size_estimate(model, trained, ema=None, lora=False):

@@ -111,6 +111,6 @@ def save_output(what, save, folder, needed):
     first and a full disk during the write turned into one line."""
     with writing(what, folder, needed, basis="the size of its weights",
                  outcome=f"{what[0].upper()}{what[1:]} in it is incomplete.",
-                 advice="The checkpoints are intact: free some space and run the same command with "
-                 "--resume_from_checkpoint latest, which saves it again.", fault_point="final"):
+                 advice="Free some space and run the same command with --resume_from_checkpoint latest: it resumes "
+                 "from the newest checkpoint (untouched) and saves it again.", fault_point="final"):
         save(folder)

@@ -118,8 +118,8 @@ def test_enospc_during_the_final_save_says_it_is_incomplete(tmp_path, monkeypatc
     monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
     with pytest.raises(UserError, match=f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it "
                                         r"needs about 1.0 KiB \(the size of its weights\), .* free. The fine-tuned "
-                                        "pipeline in it is incomplete. The checkpoints are intact: "
-                                        ".*--resume_from_checkpoint latest"):
+                                        "pipeline in it is incomplete. Free some space .*--resume_from_checkpoint latest: "
+                                        r"it resumes from the newest checkpoint \(untouched\)"):
         storage.save_output("the fine-tuned pipeline", lambda folder: None, str(tmp_path), 1024)
     with pytest.raises(UserError, match="free. Nothing was written"):  # checked before writing
         storage.save_output("the fine-tuned pipeline", pytest.fail, str(tmp_path), storage.free_bytes(tmp_path) + 2**30)
