@@ -160,16 +160,13 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id):
     unet, output = trained.model, hub_repo_id or args.hub_model_id or args.output_dir
     pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0])
     if args.use_lora:
-        storage.save_output("the LoRA adapter", unet.save_lora_adapter, args.output_dir,
-                            storage.tensor_bytes(p for p in unet.parameters() if p.requires_grad))
+        storage.save_lora_adapter(unet, args.output_dir)
         snippet = pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair)
     else:
         if trained.ema is not None:
             trained.ema.copy_to(unet.parameters())
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored
-        pipe = KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
-        storage.save_output("the fine-tuned pipeline", pipe.save_pretrained, args.output_dir,
-                            storage.module_bytes(unet, movq))
+        storage.save_pipeline(KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq), args.output_dir)
         snippet = pair_snippet(decoder=output, **pair)
     notes = [] if hub_id(prior_path) else [
         f"Generate with the Kandinsky 2.2 prior it was trained with, a local model folder "

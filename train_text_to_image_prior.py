@@ -175,8 +175,7 @@ def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler
     pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
                 prompt=(args.validation_prompts or ["a photo"])[0])
     if args.use_lora:
-        storage.save_output("the LoRA adapter", prior.save_lora_adapter, args.output_dir,
-                            storage.tensor_bytes(p for p in prior.parameters() if p.requires_grad))
+        storage.save_lora_adapter(prior, args.output_dir)
         snippet = pair_snippet(prior=snippet_name(prior_path), prior_lora=output, **pair)
     else:
         if trained.ema is not None:
@@ -188,8 +187,7 @@ def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler
                                                                       cache_dir=args.cache_dir)
         pipe = KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
                                          tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
-        storage.save_output("the fine-tuned pipeline", pipe.save_pretrained, args.output_dir,
-                            storage.module_bytes(*pipe.components.values()))
+        storage.save_pipeline(pipe, args.output_dir)
         snippet = pair_snippet(prior=output, **pair)
     hub.publish(args, accelerator, STAGE, prior_path, snippet, trained.images, hub_repo_id, trained.summary)
 

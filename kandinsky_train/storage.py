@@ -7,6 +7,7 @@ of a library's traceback (torch.save says "unexpected pos", safetensors "I/O err
 import contextlib
 import errno
 import os
+import re
 import shutil
 
 from . import faults
@@ -14,6 +15,11 @@ from .errors import UserError, fail
 
 # A write that failed while less than this was free ran out of space, whatever the library called the error.
 NEARLY_FULL = 1 << 20
+# The error numbers of a full disk and of a full quota.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# How Rust's std::io::Error ends its message (safetensors' SafetensorError carries it: "... (os error 28)").
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def free_bytes(path):
@@ -63,24 +69,37 @@ def check_room(what, folder, needed, basis, advice="", free=None):
         no_space(what, folder, needed, basis, free, "Nothing was written.", advice)
 
 
+def says_no_space(error):
+    """Whether this exception itself says the disk (or the quota) is full: an OSError's errno, or the message of a
+    library that reports the OS error in words, such as safetensors' SafetensorError ("Error while serializing: I/O
+    error: No space left on device (os error 28)"), which is no OSError."""
+    if getattr(error, "errno", None) in NO_SPACE:
+        return True
+    text = str(error)
+    return (any(os.strerror(code) in text for code in NO_SPACE)
+            or any(int(code) in NO_SPACE for code in RUST_OS_ERROR.findall(text)))
+
+
 def ran_out_of_space(error, folder):
-    """Whether a failed write failed for lack of space: ENOSPC (or a quota) anywhere in the exception's chain, or
-    libraries that wrap it (torch.save's "unexpected pos") while the disk is (nearly) full."""
+    """Whether a failed write failed for lack of space: an exception in its chain says so, or a library wrapped it
+    in words that do not (torch.save's "unexpected pos") and the disk is (nearly) full."""
     seen = error
     while seen is not None:
-        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or os.strerror(errno.ENOSPC) in str(seen):
+        if says_no_space(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return free_bytes(folder) < NEARLY_FULL
 
 
-def remove(path):
-    if path is None or not os.path.lexists(path):
-        return
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        os.remove(path)
+def remove(paths):
+    """Delete the files and folders among `paths` (one path or a list) that exist."""
+    for path in paths if isinstance(paths, list) else [paths]:
+        if path is None or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 @contextlib.contextmanager
@@ -88,8 +107,8 @@ def writing(what, folder, needed, partial=None, advice="", outcome=None, basis="
             fault_point=None):
     """Write `what` (about `needed` bytes, how that was reckoned: `basis`) into `folder`: stop before the write when
     the room is short (`free`: as the caller measured it, else measured here); if it runs out of space all the same,
-    remove `partial` (the half-written file or folder) and stop with one line. Other errors pass through unchanged.
-    `fault_point`: where the tests inject ENOSPC."""
+    remove `partial` (the half-written file or folder, or a list of them) and stop with one line. Other errors pass
+    through unchanged. `fault_point`: where the tests inject ENOSPC."""
     check_room(what, folder, needed, basis, advice, free)
     try:
         yield
@@ -106,11 +125,24 @@ def writing(what, folder, needed, partial=None, advice="", outcome=None, basis="
         no_space(what, folder, needed, basis, free_bytes(folder), outcome, advice)
 
 
-def save_output(what, save, folder, needed):
+def save_output(what, save, folder, needed, written):
     """A final output written straight into `folder` (too large to write twice for atomicity), with the room checked
-    first and a full disk during the write turned into one line."""
-    with writing(what, folder, needed, basis="the size of its weights",
-                 outcome=f"{what[0].upper()}{what[1:]} in it is incomplete.",
+    first. If the disk fills up during the write, what it writes there (`written`: names in `folder`) is removed: a
+    half-written pipeline must neither pass for a whole one nor keep the last free bytes. The checkpoints stay."""
+    with writing(what, folder, needed, partial=[os.path.join(folder, name) for name in written],
+                 basis="the size of its weights", fault_point="final",
                  advice="Free some space and run the same command with --resume_from_checkpoint latest: it resumes "
-                 "from the newest checkpoint (untouched) and saves it again.", fault_point="final"):
+                 "from the newest checkpoint (untouched) and saves it again."):
         save(folder)
+
+
+def save_pipeline(pipe, folder):
+    """A diffusers pipeline's save_pretrained: model_index.json and a folder per component."""
+    save_output("the fine-tuned pipeline", pipe.save_pretrained, folder, module_bytes(*pipe.components.values()),
+                written=["model_index.json", *pipe.components])
+
+
+def save_lora_adapter(model, folder):
+    """The trained LoRA adapter of a diffusers model, as one file."""
+    save_output("the LoRA adapter", lambda to: model.save_lora_adapter(to, weight_name=LORA_WEIGHTS), folder,
+                tensor_bytes(p for p in model.parameters() if p.requires_grad), written=[LORA_WEIGHTS])

@@ -114,15 +114,86 @@ def test_enospc_while_saving_validation_images_names_them(tmp_path, monkeypatch)
     assert os.listdir(tmp_path / "validation") == []
 
 
-def test_enospc_during_the_final_save_says_it_is_incomplete(tmp_path, monkeypatch):
-    monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
-    with pytest.raises(UserError, match=f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it "
-                                        r"needs about 1.0 KiB \(the size of its weights\), .* free. The fine-tuned "
-                                        "pipeline in it is incomplete. Free some space .*--resume_from_checkpoint latest: "
-                                        r"it resumes from the newest checkpoint \(untouched\)"):
-        storage.save_output("the fine-tuned pipeline", lambda folder: None, str(tmp_path), 1024)
+class Pipeline:
+    """A pipeline as storage.save_pipeline sees one: components (a 1.1 KiB model) and a save_pretrained that writes
+    model_index.json and unet/, its weights through `write_weights(path)`."""
+
+    def __init__(self, write_weights):
+        self.components = {"unet": torch.nn.Linear(16, 16), "scheduler": object()}
+        self.write_weights = write_weights
+
+    def save_pretrained(self, folder):
+        with open(os.path.join(folder, "model_index.json"), "w") as f:
+            f.write("{}")
+        os.makedirs(os.path.join(folder, "unet"), exist_ok=True)
+        self.write_weights(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def final_save_fails(folder, pipe):
+    """storage.save_pipeline into `folder` beside a checkpoint; the one line it stops with."""
+    os.makedirs(os.path.join(folder, "checkpoint-1"))
+    with pytest.raises(UserError) as raised:
+        storage.save_pipeline(pipe, str(folder))
+    assert sorted(os.listdir(folder)) == ["checkpoint-1"]  # what it wrote removed, the checkpoint kept
+    return str(raised.value)
+
+
+def test_a_full_disk_in_the_final_save_removes_what_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")  # once the whole pipeline is written
+    message = final_save_fails(tmp_path, Pipeline(lambda path: open(path, "wb").write(b"weights")))
+    assert re.fullmatch(f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it needs about "
+                        r"1.1 KiB \(the size of its weights\), .* free. What it had written was removed. Free some "
+                        r"space and run the same command with --resume_from_checkpoint latest: it resumes from the "
+                        r"newest checkpoint \(untouched\) and saves it again.", message), message
+    monkeypatch.setattr(faults, "_FAULT", None)
     with pytest.raises(UserError, match="free. Nothing was written"):  # checked before writing
-        storage.save_output("the fine-tuned pipeline", pytest.fail, str(tmp_path), storage.free_bytes(tmp_path) + 2**30)
+        storage.save_output("the fine-tuned pipeline", pytest.fail, str(tmp_path), storage.free_bytes(tmp_path) + 2**30,
+                            written=[])
+
+
+def test_a_safetensors_error_saying_the_disk_is_full_is_a_full_disk(tmp_path):
+    """A real run's final save on a full disk ended in safetensors' own error, raised from save_pretrained:
+    "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)", which is no
+    OSError and has no errno. On a disk with room here, so that only the error itself can tell."""
+    from safetensors import SafetensorError
+
+    def full_disk(path):
+        open(path, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    message = final_save_fails(tmp_path, Pipeline(full_disk))
+    assert message.startswith(f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it needs about "
+                              "1.1 KiB (the size of its weights), ") and "\n" not in message
+    assert storage.ran_out_of_space(SafetensorError("I/O error: Disk quota exceeded (os error 122)"), str(tmp_path))
+    # Rust numbers the OS error whatever the language of its text
+    assert storage.ran_out_of_space(SafetensorError("I/O error: Kein Platz auf dem Gerät (os error 28)"), tmp_path)
+    denied = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    assert not storage.ran_out_of_space(denied, str(tmp_path))
+    with pytest.raises(SafetensorError, match="Permission denied"):  # not a full disk: passes through as it is
+        storage.save_pipeline(Pipeline(lambda path: (_ for _ in ()).throw(denied)), str(tmp_path))
+
+
+def test_the_final_save_on_a_real_full_disk(tmpfs):
+    """safetensors itself running out of room on a tmpfs (the weights passed the check before the write: another
+    writer filled the disk meanwhile, say). 4 MiB, so that the disk is not nearly full once safetensors has removed
+    its partial file: only the error can tell."""
+    from safetensors.torch import save_file
+
+    disk = tmpfs("4m")
+    message = final_save_fails(disk, Pipeline(lambda path: save_file({"w": torch.zeros(2_000_000)}, path)))
+    assert f"to write the fine-tuned pipeline in {disk}: it needs about 1.1 KiB" in message
+    assert storage.free_bytes(disk) > 4_000_000
+
+
+def test_a_full_disk_in_the_lora_adapter_save_removes_it(tmp_path, monkeypatch):
+    class Adapted(torch.nn.Linear):
+        def save_lora_adapter(self, folder, weight_name):
+            open(os.path.join(folder, weight_name), "wb").write(b"adapter")
+
+    monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
+    with pytest.raises(UserError, match=f"write the LoRA adapter in {tmp_path}: it needs about 288 bytes "):
+        storage.save_lora_adapter(Adapted(8, 8), str(tmp_path))  # its 72 weights: 288 bytes
+    assert os.listdir(tmp_path) == []
 
 
 def test_other_errors_pass_through(tmp_path):
