@@ -12,7 +12,6 @@ import argparse
 import gzip
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
