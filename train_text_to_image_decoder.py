@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from kandinsky_train import (buckets, checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime,
-                             validation)
+                             storage, validation)
+from kandinsky_train.model_card import hub_id, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "decoder"
@@ -143,12 +144,12 @@ def main(args):
         shapes=(lambda dataset: bucketing.assign(accelerator, dataset, args.image_column)) if bucketing else None,
         held_out=HeldOutHooks(predict=functools.partial(predict, noise_scheduler=noise_scheduler), noised="latents",
                               num_train_timesteps=noise_scheduler.config.num_train_timesteps))
-    model, ema, rendered = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
+    trained = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         preemption.finishing("the final save")
-        save_final(args, accelerator, model, ema, rendered, noise_scheduler, hub_repo_id)
+        save_final(args, accelerator, trained, noise_scheduler, hub_repo_id)
     accelerator.end_training()
 
 
@@ -206,38 +207,30 @@ def predict(model, features, noise, timesteps, *, noise_scheduler, input_noise=N
     return pred[:, :4], target
 
 
-def save_final(args, accelerator, unet, ema, rendered, scheduler, hub_repo_id):
-    """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora). Its model card
-    names the prior, so AutoPipelineForText2Image can load the pair from OUTPUT_DIR alone."""
+def save_final(args, accelerator, trained, scheduler, hub_repo_id):
+    """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora). When the prior
+    is a Hub model, the card names it, so that AutoPipelineForText2Image loads the pair from OUTPUT_DIR alone; a
+    local prior folder is only described (a path would leak and load nowhere else)."""
     from diffusers import KandinskyV22Pipeline, VQModel
 
     decoder_path, prior_path = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
-    prior_ref = os.path.abspath(prior_path) if os.path.isdir(prior_path) else prior_path
-    prompt = (args.validation_prompts or ["a photo"])[0]
+    unet, output = trained.model, hub_repo_id or args.hub_model_id or args.output_dir
+    pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0])
     if args.use_lora:
-        unet.save_lora_adapter(args.output_dir)
-        snippet = f'''
-import torch
-from diffusers import AutoPipelineForText2Image
-
-pipe = AutoPipelineForText2Image.from_pretrained("{decoder_path}", torch_dtype=torch.float16).to("cuda")
-pipe.unet.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None,
-    weight_name="pytorch_lora_weights.safetensors")
-image = pipe("{prompt}").images[0]'''
+        storage.save_lora_adapter(unet, args.output_dir)
+        snippet = pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair)
     else:
-        if ema is not None:
-            ema.copy_to(unet.parameters())
+        if trained.ema is not None:
+            trained.ema.copy_to(unet.parameters())
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored
-        KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(args.output_dir)
-        snippet = f'''
-import torch
-from diffusers import AutoPipelineForText2Image
-
-pipe = AutoPipelineForText2Image.from_pretrained("{args.hub_model_id or args.output_dir}",
-                                                 torch_dtype=torch.float16).to("cuda")
-image = pipe("{prompt}").images[0]'''
-    hub.publish(args, accelerator, STAGE, decoder_path, snippet, rendered, hub_repo_id,
-                extra_yaml={"prior": [prior_ref]})
+        storage.save_pipeline(KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq), args.output_dir)
+        snippet = pair_snippet(decoder=output, **pair)
+    notes = [] if hub_id(prior_path) else [
+        f"Generate with the Kandinsky 2.2 prior it was trained with, a local model folder "
+        f"`{os.path.basename(os.path.normpath(prior_path))}` (or one fine-tuned from it): the code below expects it "
+        f"at `{pair['prior']}`."]
+    hub.publish(args, accelerator, STAGE, decoder_path, snippet, trained.images, hub_repo_id, trained.summary,
+                extra_yaml={"prior": [prior_path]} if hub_id(prior_path) else None, notes=notes)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import argparse
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, validation
+from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, storage, validation
 from kandinsky_train.evaluation import fixed_noise
+from kandinsky_train.model_card import pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "prior"
@@ -184,54 +185,40 @@ def main(args):
         columns=(args.caption_column,), variants=lambda dataset: data.caption_counts(dataset, args.caption_column),
         held_out=HeldOutHooks(predict=predict, noised="image_embeds",
                               num_train_timesteps=noise_scheduler.config.num_train_timesteps, cosine=eval_cosine))
-    model, ema, images = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
+    trained = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         preemption.finishing("the final save")
-        save_final(args, accelerator, model, ema, images, tokenizer, image_processor, inference_scheduler,
-                   hub_repo_id)
+        save_final(args, accelerator, trained, tokenizer, image_processor, inference_scheduler, hub_repo_id)
     accelerator.end_training()
 
 
-def save_final(args, accelerator, prior, ema, images, tokenizer, image_processor, scheduler, hub_repo_id):
+def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler, hub_repo_id):
     """OUTPUT_DIR becomes a KandinskyV22PriorPipeline folder (or a LoRA adapter file with --use_lora)."""
     from diffusers import KandinskyV22PriorPipeline
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    prior_path = args.pretrained_prior_model_name_or_path
+    prior_path, prior = args.pretrained_prior_model_name_or_path, trained.model
+    output = hub_repo_id or args.hub_model_id or args.output_dir
+    pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
+                prompt=(args.validation_prompts or ["a photo"])[0])
     if args.use_lora:
-        prior.save_lora_adapter(args.output_dir)
-        snippet = f'''
-import torch
-from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
-
-prior = KandinskyV22PriorPipeline.from_pretrained("{prior_path}", torch_dtype=torch.float16)
-prior.prior.load_lora_adapter("{args.hub_model_id or args.output_dir}", prefix=None,
-    weight_name="pytorch_lora_weights.safetensors")
-pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
-    **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
-image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
+        storage.save_lora_adapter(prior, args.output_dir)
+        snippet = pair_snippet(prior=snippet_name(prior_path), prior_lora=output, **pair)
     else:
-        if ema is not None:
-            ema.copy_to(prior.parameters())
+        if trained.ema is not None:
+            trained.ema.copy_to(prior.parameters())
         # The frozen encoders are saved as they were stored, not in the training's half precision.
         text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_path, subfolder="text_encoder",
                                                                    cache_dir=args.cache_dir)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder",
                                                                       cache_dir=args.cache_dir)
-        KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
-                                  tokenizer=tokenizer, scheduler=scheduler,
-                                  image_processor=image_processor).save_pretrained(args.output_dir)
-        snippet = f'''
-import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-
-prior = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}", torch_dtype=torch.float16)
-pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_decoder_model_name_or_path}",
-    **{{"prior_" + k: v for k, v in prior.components.items()}}, torch_dtype=torch.float16).to("cuda")
-image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]'''
-    hub.publish(args, accelerator, STAGE, prior_path, snippet, images, hub_repo_id)
+        pipe = KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
+                                         tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
+        storage.save_pipeline(pipe, args.output_dir)
+        snippet = pair_snippet(prior=output, **pair)
+    hub.publish(args, accelerator, STAGE, prior_path, snippet, trained.images, hub_repo_id, trained.summary)
 
 
 if __name__ == "__main__":

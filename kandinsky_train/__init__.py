@@ -15,13 +15,15 @@ order a run meets them:
       cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
       batches     the order of micro-batches per epoch and process, and where a resumed epoch starts
       buckets     --enable_bucket: aspect-ratio bucket shapes, each picture's bucket, a bucketed epoch's order
-      checkpoint  save, rotate, find and restore checkpoints; the run's position (TrainState)
+      checkpoint  save, rotate and restore checkpoints; the run's position (TrainState)
+      checkpoint_folders  which folders are complete checkpoints (ours, the reference scripts'), which to resume
       ema         --use_ema
       diffusion   the loss (Min-SNR) and the per-micro-batch seed
       tracking    TensorBoard / W&B figures and images
       validation  validation images
       evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise
       preemption  a clean stop on SIGTERM / Ctrl-C
+      storage     a full disk: free space checked before large writes, ENOSPC as one line
       faults      for testing only: fault injection and a trace of the data order
     model_card  OUTPUT_DIR/README.md
     errors      UserError: one line on stderr, exit code 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .data import collate
 from .runtime import weight_dtype_of
 from .stage import FrozenPart
@@ -138,7 +139,10 @@ class EmbeddingCache:
 
         rank, world = accelerator.process_index, accelerator.num_processes
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.folder / f"part-{rank:05d}-{number:04d}-of-{world:05d}.safetensors"))
+        part = self.folder / f"part-{rank:05d}-{number:04d}-of-{world:05d}.safetensors"
+        with storage.writing("the embedding cache", self.folder, storage.tensor_bytes(tensors.values()), partial=part,
+                             advice="Free some space, or give --embedding_cache_dir on a larger disk, and run again."):
+            save_file(tensors, str(part))
 
     def finish(self, accelerator, num_samples):
         """Once every process has written its parts, the main process writes the record that completes the cache."""

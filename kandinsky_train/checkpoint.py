@@ -2,23 +2,25 @@
 """Checkpoints: OUTPUT_DIR/checkpoint-STEP holds what accelerate saves (optimizer, schedule, RNG states), the
 trained model in diffusers format (SUBFOLDER/, SUBFOLDER_ema/ or SUBFOLDER_lora/, the reference scripts' layout),
 and training_state.json: where the run is, written last, so that its presence marks the checkpoint complete.
+A checkpoint of diffusers' reference scripts (the same, without training_state.json) resumes at the step its name
+gives (checkpoint_folders.py says which folders are complete).
 
-A checkpoint is written into .tmp-checkpoint-STEP and renamed when complete; old ones are rotated away only after."""
+A checkpoint is written into .tmp-checkpoint-STEP, after a check that the disk has room for it, and renamed when
+complete; old ones are rotated away only after. A folder named checkpoint-STEP that is not complete is never
+overwritten or deleted."""
 
+import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
-from . import faults
+from . import faults, storage
+from .checkpoint_folders import STATE_FILE, is_reference, list_checkpoints, read_state, step_of
 from .errors import fail
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "training_state.json"
 
 
 @dataclass
@@ -31,6 +33,10 @@ class TrainState:
     epoch: int = 0
     skipped_images: list = field(default_factory=list)
     held_out: str = None  # the rows --validation_split took out of training (data.split_rows)
+    # The run's own figures for its model card, summed over resumed sessions from step counted_from_step on.
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+    counted_from_step: int = 0
 
     def state_dict(self):
         return asdict(self)
@@ -46,50 +52,17 @@ class TrainState:
                            "will not match an uninterrupted run.")
         self.global_step = recorded["global_step"]
         self.epoch = self.global_step // self.steps_per_epoch  # the epoch the next step belongs to
+        self.samples_seen = recorded.get("samples_seen", 0)
+        self.train_seconds = recorded.get("train_seconds", 0.0)
+        # A checkpoint that did not record them (a reference script's): the figures count from its step on.
+        self.counted_from_step = recorded.get("counted_from_step", self.global_step)
 
 
-def read_state(path):
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints as (step, path), oldest first. Temporary or foreign folders are ignored."""
-    found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            match = CHECKPOINT_RE.match(name)
-            path = os.path.join(output_dir, name)
-            if match and os.path.isfile(os.path.join(path, STATE_FILE)):
-                found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resolve_resume(args):
-    """The checkpoint folder to resume from, or None for a new run."""
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.warning(f"No complete checkpoint in {args.output_dir!r}; starting a new training run.")
-            return None
-        return checkpoints[-1][1]
-    path = args.resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        available = ", ".join(os.path.basename(p) for _, p in list_checkpoints(args.output_dir)) or "none"
-        fail(f"Checkpoint {args.resume_from_checkpoint!r} does not exist or is incomplete in {args.output_dir!r} "
-             f"(complete checkpoints: {available}).")
-    return path
-
-
-def set_aside_newer(accelerator, output_dir, step):
+def set_aside_newer(accelerator, output_dir, step, layout):
     """Resuming from an older checkpoint abandons the newer ones. Move them into OUTPUT_DIR/abandoned-after-
     checkpoint-STEP (never deleted), so that rotation and `latest` only see the run that goes on."""
     if accelerator.is_main_process:
-        newer = [path for s, path in list_checkpoints(output_dir) if s > step]
+        newer = [path for s, path in list_checkpoints(output_dir, layout) if s > step]
         if newer:
             aside = os.path.join(output_dir, f"abandoned-after-checkpoint-{step}")
             number = 2
@@ -109,51 +82,109 @@ def resolve_seed(args, resume_path):
     process (every process must shuffle the data alike for the shards not to overlap)."""
     from accelerate.utils import broadcast_object_list
 
-    if resume_path is not None:
+    recorded = None
+    if resume_path is not None and not is_reference(resume_path):
         recorded = read_state(resume_path).get("seed")
-        if args.seed is not None and recorded is not None and recorded != args.seed:
-            logger.warning(f"--seed {args.seed} differs from the checkpoint's seed {recorded}; using {args.seed}.")
+    if args.seed is not None and recorded is not None and recorded != args.seed:
+        logger.warning(f"--seed {args.seed} differs from the checkpoint's seed {recorded}; using {args.seed}.")
+    if args.seed is not None or recorded is not None:
         return args.seed if args.seed is not None else recorded
-    if args.seed is not None:
-        return args.seed
-    return broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
+    seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
+    if resume_path is not None:
+        logger.warning(f"{resume_path} records no seed (diffusers' reference scripts do not): the resumed run uses "
+                       f"seed {seed}; give --seed {seed} to repeat it.")
+    return seed
 
 
 def restore(accelerator, path, state):
     """Load what accelerate saved (and, through the hooks, the model and its EMA), then the run's position."""
     accelerator.print(f"Resuming from {path}")
     accelerator.load_state(path)
-    state.load_state_dict(read_state(path))
+    if not is_reference(path):
+        state.load_state_dict(read_state(path))
+        return
+    state.load_state_dict({"global_step": step_of(path)})
+    done = state.global_step - state.epoch * state.steps_per_epoch
+    logger.warning(
+        f"{os.path.basename(path)} has no {STATE_FILE} (diffusers' reference scripts write none): what it holds "
+        f"(weights, EMA, optimizer, learning-rate schedule, random states) is loaded, and the run goes on at step "
+        f"{state.global_step}, taken from the folder's name. Where it was in the data was not recorded: this run "
+        f"takes up epoch {state.epoch} in its own data order (seed {state.seed}) after the batches of the first "
+        f"{done} of its {state.steps_per_epoch} steps, so the rest of that epoch is as much data as was left, but "
+        "not exactly the images not seen yet; later epochs are unaffected.")
 
 
-def save(accelerator, output_dir, state, total_limit, before_remove=None):
-    """Write checkpoint-STEP atomically: into a temporary folder, renamed when complete; rotate after.
+def size_estimate(model, trained, ema=None, lora=False):
+    """The size of a first checkpoint, before one exists to measure: the model (its adapters with LoRA), the EMA,
+    and AdamW's two moments per trained weight."""
+    trained_bytes = storage.tensor_bytes(trained)
+    model_bytes = trained_bytes if lora else storage.tensor_bytes(model.parameters())
+    return model_bytes * (2 if ema is not None else 1) + 2 * trained_bytes
+
+
+def save(accelerator, output_dir, state, total_limit, before_remove=None, *, layout, expected_bytes=0):
+    """Write checkpoint-STEP atomically: into a temporary folder, renamed when complete; rotate after. Stops with one
+    line, earlier checkpoints untouched, when the disk has less room than the newest checkpoint takes
+    (`expected_bytes` before there is one) or fills up during the write.
     before_remove(path) runs before an old checkpoint is deleted (to let its background upload finish)."""
-    final = os.path.join(output_dir, f"checkpoint-{state.global_step}")
-    temp = os.path.join(output_dir, f".tmp-checkpoint-{state.global_step}")
+    name = f"checkpoint-{state.global_step}"
+    final, temp = os.path.join(output_dir, name), os.path.join(output_dir, f".tmp-{name}")
+    previous = list_checkpoints(output_dir, layout)
+    needed = storage.tree_bytes(previous[-1][1]) if previous else expected_bytes
+    basis = f"the size of {os.path.basename(previous[-1][1])}" if previous else "estimated from the model's weights"
+    kept = f"{os.path.basename(previous[-1][1])} and the checkpoints before it are" if previous else "The output is"
+    advice = (f"{kept} intact. Free some space (with --checkpoints_total_limit the oldest checkpoint is removed only "
+              "after the new one is complete) and continue with --resume_from_checkpoint latest.")
     if accelerator.is_main_process:
-        shutil.rmtree(temp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temp)
-    faults.at(f"save:{state.global_step}")
-    accelerator.wait_for_everyone()
+        for leftover in os.listdir(output_dir):  # saves that were killed: never resumed, and they take room
+            if leftover.startswith(".tmp-checkpoint-"):
+                shutil.rmtree(os.path.join(output_dir, leftover), ignore_errors=True)
+    with storage.writing(name, output_dir, needed, partial=temp, advice=advice, basis=basis,
+                         free=_main_process_free(accelerator, output_dir)):
+        accelerator.wait_for_everyone()
+        accelerator.save_state(temp)
+        faults.at(f"save:{state.global_step}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(temp, STATE_FILE), "w") as f:
+                json.dump(state.state_dict(), f, indent=2)
     if accelerator.is_main_process:
-        with open(os.path.join(temp, STATE_FILE), "w") as f:
-            json.dump(state.state_dict(), f, indent=2)
-        if os.path.isdir(final):  # a checkpoint of this step from an earlier, abandoned run
-            shutil.rmtree(final)
+        _clear_the_way(final, layout)
         os.replace(temp, final)
-        for name in os.listdir(output_dir):  # leftovers of saves that were killed
-            if name.startswith(".tmp-checkpoint-"):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
         if total_limit is not None:
-            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+            for _, old in list_checkpoints(output_dir, layout)[:-total_limit]:
                 if before_remove is not None:
                     before_remove(old)
                 logger.info(f"Removing old checkpoint {old}")
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _main_process_free(accelerator, folder):
+    """The free space the main process sees, on every process: they must agree whether to write."""
+    free = storage.free_bytes(folder) if accelerator.is_main_process else None
+    if accelerator.num_processes == 1:
+        return free
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([free])[0]
+
+
+def _clear_the_way(final, layout):
+    """A folder already named like the new checkpoint: a complete one is from an earlier, abandoned run and is
+    replaced; one that is not complete is nobody's checkpoint to delete, and is set aside under a new name."""
+    if not os.path.isdir(final):
+        return
+    if not layout.missing(final):
+        shutil.rmtree(final)
+        return
+    number, aside = 1, os.path.join(os.path.dirname(final), f"incomplete-{os.path.basename(final)}")
+    while os.path.exists(aside):
+        number += 1
+        aside = os.path.join(os.path.dirname(final), f"incomplete-{os.path.basename(final)}-{number}")
+    os.replace(final, aside)
+    logger.warning(f"{final} is not a complete checkpoint; it was set aside as {aside} before writing a new one.")
 
 
 class ModelStateHooks:
@@ -208,10 +239,50 @@ class ModelStateHooks:
             else:
                 unwrapped.load_state_dict(model_cls.from_pretrained(os.path.join(input_dir, sub)).state_dict())
             if self.ema is not None:
-                from diffusers.training_utils import EMAModel
-
-                loaded = EMAModel.from_pretrained(os.path.join(input_dir, f"{sub}_ema"), model_cls,
-                                                  foreach=self.ema.foreach)
-                self.ema.load_state_dict(loaded.state_dict())
-                self.ema.to(self.ema_device)
+                self._load_ema(os.path.join(input_dir, f"{sub}_ema"))
             models.pop(i)
+
+    def _load_ema(self, folder):
+        """The EMA as diffusers saves it: the averaged weights as a model whose config also holds the EMA's own
+        settings (decay, step count...). Loaded here without EMAModel.from_pretrained, which goes through a
+        deprecated call, and without the model class's warning about those settings, which are expected."""
+        model_cls = self.stage.model_cls
+        config = model_cls.load_config(folder)
+        with _quiet("diffusers.configuration_utils"):
+            averaged = model_cls.from_pretrained(folder)
+        settings = {k: config[k] for k in self.ema.state_dict() if k in config and k != "shadow_params"}
+        self.ema.load_state_dict({**settings, "shadow_params": [p.detach() for p in averaged.parameters()]})
+        self.ema.to(self.ema_device)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name):
+    """Errors only from one library logger for a while."""
+    quieted = logging.getLogger(logger_name)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
+
+
+def accept_whole_model_optimizer_states(optimizer, model):
+    """Diffusers' reference prior script gives AdamW every parameter of the prior, the frozen clip_mean / clip_std
+    too (they never get a gradient, so they hold no state); ours gives it the trained ones only. An optimizer state
+    of the first kind is mapped onto ours by the trained parameters' places in model.parameters(); our own
+    optimizer's implementation flags (fused, foreach) stay."""
+    everything = list(model.parameters())
+    trained = [i for i, p in enumerate(everything) if p.requires_grad]
+
+    def adopt(optimizer, saved):
+        groups = saved["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(everything) or len(trained) == len(everything):
+            return None  # ours, or something else: torch's own checks decide
+        ids = groups[0]["params"]
+        ours = optimizer.param_groups[0]
+        flags = {k: ours[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in ours}
+        state = {new: saved["state"][ids[old]] for new, old in enumerate(trained) if ids[old] in saved["state"]}
+        return {"state": state, "param_groups": [{**groups[0], **flags, "params": list(range(len(trained)))}]}
+
+    optimizer.register_load_state_dict_pre_hook(adopt)

@@ -5,7 +5,7 @@ or GPU time, and each problem is one line that names the flag to fix."""
 import os
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT_RE, list_checkpoints
+from .checkpoint_folders import CHECKPOINT_RE, Layout, named_checkpoint, scan, step_of
 from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets
 from .errors import fail
 from .images import IMAGE_EXTENSIONS
@@ -21,7 +21,7 @@ def check_args(args, stage):
     _check_numbers(args)
     _check_conflicts(args)
     _check_packages(args)
-    _check_output_dir(args)
+    _check_output_dir(args, stage)
 
 
 def _check_image_options(args, stage):
@@ -122,18 +122,28 @@ def _check_packages(args):
         fail("--use_lora needs peft: pip install peft")
 
 
-def _check_output_dir(args):
+def _check_output_dir(args, stage):
+    layout = Layout.of(args, stage)
+    complete, incomplete = scan(args.output_dir, layout)
     if args.resume_from_checkpoint is None:
-        earlier = [os.path.basename(path) for _, path in list_checkpoints(args.output_dir)]
+        earlier = [os.path.basename(path) for _, path in complete]
         if earlier:  # a new run would overwrite them step by step, and rotation would delete its own first
             fail(f"--output_dir {args.output_dir!r} already holds checkpoints of an earlier run "
                  f"({', '.join(earlier[-3:])}). Add --resume_from_checkpoint latest to continue it, or choose "
                  "another --output_dir to start a new run.")
+    start = complete[-1][0] if args.resume_from_checkpoint == "latest" and complete else 0
     if args.resume_from_checkpoint not in (None, "latest"):
         name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
         if not CHECKPOINT_RE.match(name):
             fail(f'--resume_from_checkpoint takes "latest" or a folder named checkpoint-<step>, got '
                  f"{args.resume_from_checkpoint!r}.")
+        start = step_of(named_checkpoint(args, layout))
+    for step, path, missing in incomplete:
+        if step > start:  # this run would save its own checkpoint of that step over it
+            fail(f"--output_dir {args.output_dir!r} holds {os.path.basename(path)}, which is not a complete checkpoint "
+                 f"(it lacks {', '.join(missing)}; perhaps the half-written save of a run that was killed), and this "
+                 "run would save its own checkpoint of that step there. Move it out of --output_dir (or delete it), "
+                 "then run again.")
 
 
 def check_model_repo(path, subfolders, flag):

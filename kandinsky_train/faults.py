@@ -4,11 +4,13 @@ unset (as in every real run), these hooks do nothing.
 
 KANDINSKY_TRAIN_FAULT=<point>:<SIGNAL> sends this process a real signal at a point: "micro:N" before the N-th
 micro-batch of the run (counted over epochs), "save:STEP" while checkpoint-STEP is being written; only on the
-process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set.
+process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set. <point>:ENOSPC instead raises the error a full disk
+gives, at "save:STEP" or "final" (when the final pipeline has been written).
 KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch as JSON lines, to prove that a resumed
 run sees exactly the data an uninterrupted one sees.
 """
 
+import errno
 import json
 import os
 import signal
@@ -19,12 +21,15 @@ _TRACE = os.environ.get("KANDINSKY_TRAIN_TRACE")
 
 
 def at(point):
-    """Send the configured signal if this is the configured point (and rank)."""
+    """Send the configured signal (or raise the configured error) if this is the configured point (and rank)."""
     if not _FAULT or (_FAULT_RANK is not None and _FAULT_RANK != os.environ.get("RANK", "0")):
         return
     where, name = _FAULT.rsplit(":", 1)
-    if where == point:
-        os.kill(os.getpid(), getattr(signal, "SIG" + name))
+    if where != point:
+        return
+    if name == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), getattr(signal, "SIG" + name))
 
 
 def observed(batches, rank, epoch, first_micro):

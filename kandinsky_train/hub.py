@@ -65,13 +65,14 @@ class CheckpointUploads:
                 logger.warning(f"The upload of {done} to the Hub failed: {first_line(error)}")
 
 
-def publish(args, accelerator, stage_name, base_model, snippet, images, repo_id, extra_yaml=None):
-    """Write the model card of the saved output and, with --push_to_hub, upload the folder (no checkpoints, logs,
-    validation images or cache)."""
+def publish(args, accelerator, stage_name, base_model, snippet, images, repo_id, summary, extra_yaml=None, notes=()):
+    """Write the model card of the saved output (with the run's own figures, `summary`) and, with --push_to_hub,
+    upload the folder (no checkpoints, logs, validation images or cache)."""
     from huggingface_hub import upload_folder
 
     title = f"Kandinsky 2.2 {stage_name}" + (" LoRA" if args.use_lora else "")
-    write_model_card(args, title, base_model, snippet, images, extra_yaml, wandb_url=wandb_run_url(accelerator))
+    write_model_card(args, title, base_model, snippet, images, summary, extra_yaml, notes,
+                     wandb_url=wandb_run_url(accelerator))
     if args.push_to_hub:
         finishing("the upload to the Hub")
         ignore = HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**"]

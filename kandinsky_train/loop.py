@@ -7,10 +7,12 @@ import math
 import os
 import signal
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, faults, tracking
+from . import checkpoint, checkpoint_folders, faults, tracking
 from .cache import frozen_outputs
 from .batches import make_batches
 from .data import TrainingSamples, training_samples
@@ -23,9 +25,20 @@ from .runtime import count_parameters, make_lr_scheduler, make_optimizer, set_sc
 from .validation import run_validation
 
 
+@dataclass
+class TrainResult:
+    """What the script's final save needs: the trained model (unwrapped), its EMA or None, the final validation
+    images, and the run's own figures for the model card."""
+
+    model: torch.nn.Module
+    ema: object
+    images: list
+    summary: tracking.RunSummary
+
+
 def train(args, accelerator, stage, dataset, report, hub_repo_id=None, held_out=None):
-    """Train the stage's model on the dataset (evaluating it on held_out, a data.HeldOut, if given). Returns (the
-    trained model unwrapped, its EMA or None, the final validation images) for the script's final save."""
+    """Train the stage's model on the dataset (evaluating it on held_out, a data.HeldOut, if given); a TrainResult
+    for the script's final save."""
     return Trainer(args, accelerator, stage, dataset, report, hub_repo_id, held_out).train()
 
 
@@ -35,7 +48,8 @@ class Trainer:
         device = self.device = accelerator.device
         if accelerator.is_main_process:  # only now: a run refused before this point leaves nothing behind
             os.makedirs(args.output_dir, exist_ok=True)
-        self.resume_path = checkpoint.resolve_resume(args)
+        self.layout = checkpoint_folders.Layout.of(args, stage.name)
+        self.resume_path = checkpoint_folders.resolve_resume(args, self.layout)
         seed = checkpoint.resolve_seed(args, self.resume_path)
         accelerator.dataloader_config.data_seed = seed  # read when the data loader is prepared
 
@@ -52,8 +66,10 @@ class Trainer:
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(args, self.params, device)
+        checkpoint.accept_whole_model_optimizer_states(optimizer, stage.model)
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
         self.ema = make_ema(args, stage.model, device)
+        self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora)
         checkpoint.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
@@ -62,6 +78,7 @@ class Trainer:
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.grad_norm = None
+        self.clock = time.monotonic()
 
     def frozen_outputs(self, dataset, held_out, seed):
         """The training samples and the held-out ones (or None) as the loop reads them, and the encoder to run on
@@ -104,8 +121,8 @@ class Trainer:
         is loaded, and the schedule is put at the checkpoint's optimizer step."""
         if self.resume_path is None:
             return
-        step = checkpoint.read_state(self.resume_path)["global_step"]
-        checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step)
+        step = checkpoint_folders.step_of(self.resume_path)
+        checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step, self.layout)
         checkpoint.restore(self.accelerator, self.resume_path, self.state)
         set_schedule_position(self.lr_scheduler, self.state.global_step, self.accelerator.num_processes)
 
@@ -129,7 +146,7 @@ class Trainer:
         accelerator, args = self.accelerator, self.args
         self.generator.manual_seed(step_seed(self.state.seed, accelerator.process_index, epoch, batch_index))
         with accelerator.accumulate(self.model):
-            batch.pop("index", None)
+            self.state.samples_seen += len(batch.pop("index")) * accelerator.num_processes
             if self.encode is not None:
                 with torch.no_grad():
                     # contiguous, as cached tensors are: the layout decides which kernels run
@@ -160,8 +177,10 @@ class Trainer:
             self.exit_on_signal()
 
     def save_checkpoint(self):
+        self.count_time()
         path = checkpoint.save(self.accelerator, self.args.output_dir, self.state, self.args.checkpoints_total_limit,
-                               before_remove=self.uploads.wait)
+                               before_remove=self.uploads.wait, layout=self.layout,
+                               expected_bytes=self.checkpoint_estimate)
         self.accelerator.print(f"Saved {path}")
         self.uploads.push(path)
 
@@ -203,7 +222,7 @@ class Trainer:
             self.evaluate()
 
     def finish(self):
-        saved = checkpoint.list_checkpoints(self.args.output_dir)
+        saved = checkpoint_folders.list_checkpoints(self.args.output_dir, self.layout)
         self.stop.training_ended(f"Training reached step {self.state.global_step}; the last checkpoint is "
                                  f"{os.path.basename(saved[-1][1]) if saved else 'none'}.")
         self.logger.flush()
@@ -217,7 +236,23 @@ class Trainer:
             self.accelerator.print(f"Data: {self.report.summary()}")
         finishing("the checkpoint uploads")
         self.uploads.wait()
-        return self.accelerator.unwrap_model(self.model), self.ema, final_images
+        self.count_time()
+        return TrainResult(self.accelerator.unwrap_model(self.model), self.ema, final_images, self.summary())
+
+    def count_time(self):
+        """Add the time since the last count to the run's training time (recorded with each checkpoint)."""
+        now = time.monotonic()
+        self.state.train_seconds += now - self.clock
+        self.clock = now
+
+    def summary(self):
+        state, accelerator = self.state, self.accelerator
+        final_loss, loss_steps = self.logger.recent_loss()
+        return tracking.RunSummary(
+            steps=state.global_step, epochs=state.global_step / state.steps_per_epoch, samples=state.samples_seen,
+            seconds=state.train_seconds, counted_from_step=state.counted_from_step, final_loss=final_loss,
+            loss_steps=loss_steps, processes=accelerator.num_processes,
+            device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision)
 
     def print_plan(self):
         args, accelerator = self.args, self.accelerator

@@ -1,5 +1,7 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
-"""OUTPUT_DIR/README.md: the model card of the fine-tuned stage, through huggingface_hub's ModelCard."""
+"""OUTPUT_DIR/README.md: the model card of the fine-tuned stage, through huggingface_hub's ModelCard. Its figures
+are the run's own (steps and epochs run, samples seen, loss, time, hardware), and it names models by Hub id only:
+a local path leaks the machine's layout and loads nowhere else."""
 
 import os
 
@@ -8,43 +10,104 @@ from .images import image_grid
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]
 
 
-def write_model_card(args, stage_title, base_model, inference_snippet, images, extra_yaml=None, wandb_url=None):
+def hub_id(path):
+    """The Hub id a model was given as, or None for a local folder."""
+    return None if os.path.isdir(path) else path
+
+
+def public_name(path):
+    """How a card names a model: its Hub id, or for a local folder its name alone."""
+    return hub_id(path) or f"a local model folder `{os.path.basename(os.path.normpath(path))}`"
+
+
+def snippet_name(path):
+    """A model in the card's code: its Hub id, or a placeholder for a local folder."""
+    return hub_id(path) or f"path/to/{os.path.basename(os.path.normpath(path))}"
+
+
+def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None):
+    """Code that generates with a prior and a decoder (Hub ids or folders; a LoRA adapter on either): two
+    pipelines, the prior's image embeddings handed to the decoder. Loading them together through
+    AutoPipelineForText2Image with `prior_*` components prints a warning with the whole model in it."""
+    lines = ["import torch", "from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline", "",
+             f'prior = KandinskyV22PriorPipeline.from_pretrained("{prior}", dtype=torch.float16).to("cuda")',
+             f'decoder = KandinskyV22Pipeline.from_pretrained("{decoder}", dtype=torch.float16).to("cuda")']
+    for model, adapter in (("prior.prior", prior_lora), ("decoder.unet", decoder_lora)):
+        if adapter:
+            lines.append(f'{model}.load_lora_adapter("{adapter}", prefix=None, '
+                         'weight_name="pytorch_lora_weights.safetensors")')
+    return "\n".join(lines + [
+        f'embeds = prior("{prompt}")',
+        "image = decoder(image_embeds=embeds.image_embeds,",
+        "                negative_image_embeds=embeds.negative_image_embeds).images[0]"])
+
+
+def write_model_card(args, stage_title, base_model, inference_snippet, images, summary, extra_yaml=None,
+                     notes=(), wandb_url=None):
+    """summary: the run's own figures (tracking.RunSummary); notes: lines of text the stage adds."""
     from huggingface_hub import ModelCard, ModelCardData
 
     if images:
         image_grid([image for _, image in images]).save(os.path.join(args.output_dir, "val_imgs_grid.png"))
     data = ModelCardData(
         license="apache-2.0",  # the license of Kandinsky 2.2
-        base_model=None if os.path.isdir(base_model) else base_model,  # the Hub only accepts model ids here
+        base_model=hub_id(base_model),  # the Hub only accepts model ids here
         datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
         tags=TAGS,
         library_name="diffusers",
         **(extra_yaml or {}),
     )
-    settings = {
-        "Epochs / steps": f"{args.num_train_epochs} / {args.max_train_steps}",
-        "Learning rate": args.learning_rate,
-        "LR schedule": f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
-        "Batch size": args.train_batch_size,
-        "Gradient accumulation steps": args.gradient_accumulation_steps,
-        "Resolution": args.resolution,
-        "Mixed precision": args.mixed_precision,
-        "Min-SNR gamma": args.snr_gamma,
-        "EMA": args.use_ema,
-        "LoRA": f"rank {args.rank}, alpha {args.lora_alpha}" if args.use_lora else "no",
-    }
-    lines = [f"# {stage_title} fine-tuned from {base_model}", "",
-             f"Fine-tuned on {args.dataset_name or 'a local image folder'} with the Kandinsky 2.2 training scripts.",
-             ""]
+    dataset = hub_id(args.dataset_name) if args.dataset_name else None
+    lines = [f"# {stage_title} fine-tuned from {public_name(base_model)}", "",
+             f"Fine-tuned on {dataset or 'a local data set'} with the Kandinsky 2.2 training scripts.", ""]
+    lines += [*notes, ""] if notes else []
     if args.validation_prompts:
         lines += [f"Validation prompts: {', '.join(args.validation_prompts)}", ""]
     if images:
         lines += ["![validation images](./val_imgs_grid.png)", ""]
-    lines += ["## Use", "", "```python", inference_snippet.strip(), "```", "", "## Training settings", "",
-              "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += ["## Use", "", "```python", inference_snippet.strip(), "```", "", "## Training", "",
+              "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in {**run_figures(summary), **settings(args, summary)}.items()]
     if wandb_url:
         lines += ["", f"Training run: [Weights & Biases]({wandb_url})"]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     card.save(os.path.join(args.output_dir, "README.md"))
     return card
+
+
+def run_figures(summary):
+    """What the run did."""
+    since = (f" (since step {summary.counted_from_step}: the checkpoint it resumed from did not record them)"
+             if summary.counted_from_step else "")
+    loss = ("no step in the last session" if summary.final_loss is None
+            else f"{summary.final_loss:.4g} (mean of the last {summary.loss_steps} steps)")
+    return {
+        "Optimizer steps": summary.steps,
+        "Epochs": f"{summary.epochs:.3g}",
+        "Samples seen": f"{summary.samples:,}{since}",
+        "Final training loss": loss,
+        "Training time": f"{duration(summary.seconds)}{since}",
+        "Hardware": f"{summary.processes} x {summary.device}",
+        "Precision": {"no": "fp32"}.get(summary.precision, summary.precision),
+    }
+
+
+def settings(args, summary):
+    """How it was asked to train."""
+    total = args.train_batch_size * summary.processes * args.gradient_accumulation_steps
+    return {
+        "Learning rate": args.learning_rate,
+        "LR schedule": f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
+        "Batch size": f"{total} ({args.train_batch_size} per device x {summary.processes} process(es) x "
+                      f"{args.gradient_accumulation_steps} accumulation)",
+        "Resolution": args.resolution,
+        "Min-SNR gamma": args.snr_gamma if args.snr_gamma is not None else "off",
+        "EMA": f"decay {args.ema_decay}" if args.use_ema else "off",
+        "LoRA": f"rank {args.rank}, alpha {args.lora_alpha}" if args.use_lora else "off",
+    }
+
+
+def duration(seconds):
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"

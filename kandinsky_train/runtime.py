@@ -42,7 +42,9 @@ def configure_logging(accelerator):
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    # One line per saved file (accelerate), one per Hub request (huggingface_hub's HTTP clients): noise.
+    for noisy in ("accelerate", "httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated")
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process

@@ -3,6 +3,8 @@
 step late, so that logging never makes the host wait for the GPU), and validation images."""
 
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,11 @@ class LaggedLogger:
 
     def __init__(self, accelerator, progress):
         self.accelerator, self.progress, self.pending = accelerator, progress, None
+        self.losses = deque(maxlen=10)  # the last steps' losses, for the model card
+
+    def recent_loss(self):
+        """The mean training loss of the last (up to 10) logged steps (None when none were), and how many."""
+        return (sum(self.losses) / len(self.losses) if self.losses else None), len(self.losses)
 
     def push(self, step, values):
         self.flush()
@@ -63,8 +70,31 @@ class LaggedLogger:
         step, values = self.pending
         self.pending = None
         logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()}
+        self.losses.append(logs["train_loss"])
         self.progress.set_postfix(loss=f"{logs['train_loss']:.4g}", lr=f"{logs['lr']:.3g}", refresh=False)
         self.accelerator.log(logs, step=step)
+
+
+@dataclass
+class RunSummary:
+    """What the run did, for its model card: its own figures, not the command line's."""
+
+    steps: int  # optimizer steps, resumed sessions included
+    epochs: float  # passes over the data those steps make
+    samples: int  # samples trained on (all processes), from step counted_from_step on
+    seconds: float  # time in the training loop, from step counted_from_step on
+    counted_from_step: int  # 0, or the step of a checkpoint that did not record them (a reference script's)
+    final_loss: float | None  # mean training loss of the last loss_steps steps (None: no step in the last session)
+    loss_steps: int
+    processes: int
+    device: str
+    precision: str
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return {"cpu": "CPU", "mps": "Apple GPU (MPS)"}.get(device.type, device.type)
 
 
 def log_images(accelerator, images, step):

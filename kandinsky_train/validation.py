@@ -4,6 +4,7 @@ only; the images go to the trackers and to OUTPUT_DIR/validation."""
 
 import os
 
+from . import storage
 from .ema import ema_weights
 from .tracking import log_images
 
@@ -21,9 +22,13 @@ def run_validation(args, accelerator, stage, model, ema, step):
 
 def save_images(output_dir, images, step):
     folder = os.path.join(output_dir, "validation")
+    needed = sum(image.width * image.height * 3 for _, image in images)  # uncompressed: PNG takes less
     os.makedirs(folder, exist_ok=True)
     for i, (prompt, image) in enumerate(images):
-        image.save(os.path.join(folder, f"step-{step:06d}-{i:02d}.png"))
+        path = os.path.join(folder, f"step-{step:06d}-{i:02d}.png")
+        with storage.writing("the validation images", folder, needed, partial=path, basis="uncompressed",
+                             advice="Free some space and continue with --resume_from_checkpoint latest."):
+            image.save(path)
 
 
 def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator, size=None):

@@ -1,10 +1,13 @@
 """Fixtures: tiny random Kandinsky 2.2 repos and image sets on disk, and a runner that launches the real scripts
 with `accelerate launch` in a subprocess, offline."""
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,27 @@ def tiny(tmp_path_factory):
     return {k: Path(v) for k, v in tiny_kandinsky.build_all(str(root)).items()}
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size): a folder on a fresh tmpfs of that size ("1m"), unmounted after the test; or a skip that says why
+    there cannot be one (mounting needs root on Linux)."""
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / f"tmpfs-{len(mounted)}"
+        folder.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {proc.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 def base_args(tiny, output_dir, steps=4, **overrides):
     """A small, fast command line shared by most tests."""
     args = {
@@ -88,3 +112,23 @@ def base_args(tiny, output_dir, steps=4, **overrides):
 
 def read_state(checkpoint_dir):
     return json.loads((Path(checkpoint_dir) / "training_state.json").read_text())
+
+
+@contextlib.contextmanager
+def warnings_seen():
+    """The messages of every warning a block raises (warnings module) or logs at WARNING or above, in a list filled
+    when the block ends. diffusers and transformers log through their own handlers, not the root logger's."""
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("", "diffusers", "transformers", "huggingface_hub")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    seen.extend(str(w.message) for w in caught)

@@ -51,3 +51,19 @@ class FakeAccelerator:
 
     def log(self, values, step):
         self.logged.append((step, values))
+
+
+def fake_reference_checkpoint(path, sub, ema=False, leave_out=()):
+    """The files a checkpoint of diffusers' reference scripts holds (placeholders: only their presence is looked at
+    by the code under test): accelerate's optimizer.bin, scheduler.bin, random_states_0.pkl, the model in SUB/ and
+    with `ema` its EMA in SUB_ema/, no training_state.json. `leave_out`: names not to write."""
+    files = ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", f"{sub}/config.json",
+             f"{sub}/diffusion_pytorch_model.safetensors"]
+    if ema:
+        files += [f"{sub}_ema/config.json", f"{sub}_ema/diffusion_pytorch_model.safetensors"]
+    for name in files:
+        if name not in leave_out and name.split("/")[0] + "/" not in leave_out:
+            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(b"{}")
+    return path

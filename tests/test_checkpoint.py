@@ -1,5 +1,7 @@
-"""kandinsky_train.checkpoint in-process: which folders count as checkpoints, atomic save and rotation, the run's
-position as one object, and the model hooks that write a checkpoint in diffusers format."""
+"""kandinsky_train.checkpoint and checkpoint_folders in-process: which folders count as checkpoints (ours, the
+reference scripts', incomplete ones), atomic save and rotation that never delete an incomplete folder, the run's
+position as one object, the model hooks that write a checkpoint in diffusers format and load it back quietly, and
+the reference prior script's optimizer state."""
 
 import json
 import os
@@ -7,9 +9,13 @@ import os
 import pytest
 import torch
 
-from fakes import FakeAccelerator
-from kandinsky_train import checkpoint
+from conftest import warnings_seen
+from fakes import FakeAccelerator, fake_reference_checkpoint
+from kandinsky_train import checkpoint, checkpoint_folders
+from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.errors import UserError
+
+PRIOR = Layout("prior")
 
 
 def make_checkpoint(folder, step, complete=True):
@@ -25,25 +31,55 @@ def test_latest_ignores_foreign_and_incomplete_folders(tmp_path):
                            ("checkpoint-old", True), (".tmp-checkpoint-14", True), ("checkpoint-3-copy", True)]:
         (tmp_path / name).mkdir()
         if complete:
-            (tmp_path / name / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": 1}))
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [2, 10]
+            (tmp_path / name / checkpoint_folders.STATE_FILE).write_text(json.dumps({"global_step": 1}))
+    assert [s for s, _ in checkpoint_folders.list_checkpoints(str(tmp_path), PRIOR)] == [2, 10]
 
     class Args:
         output_dir, resume_from_checkpoint = str(tmp_path), "latest"
 
-    assert checkpoint.resolve_resume(Args).endswith("checkpoint-10")
+    assert checkpoint_folders.resolve_resume(Args, PRIOR).endswith("checkpoint-10")
     Args.resume_from_checkpoint = "checkpoint-12"
     with pytest.raises(UserError, match="does not exist or is incomplete.*checkpoint-2, checkpoint-10"):
-        checkpoint.resolve_resume(Args)
+        checkpoint_folders.resolve_resume(Args, PRIOR)
+
+
+def test_reference_script_checkpoints_count_when_complete(tmp_path):
+    """diffusers' reference scripts write accelerate's files and the model folders, no training_state.json."""
+    with_ema = Layout("unet", ema=True)
+    fake_reference_checkpoint(tmp_path / "checkpoint-3", "unet", ema=True)
+    fake_reference_checkpoint(tmp_path / "checkpoint-5", "unet")  # trained without --use_ema
+    fake_reference_checkpoint(tmp_path / "checkpoint-7", "unet", ema=True, leave_out=["optimizer.bin", "unet/"])
+    assert Layout("unet").missing(tmp_path / "checkpoint-5") == []
+    assert with_ema.missing(tmp_path / "checkpoint-5") == ["unet_ema/"]
+    assert with_ema.missing(tmp_path / "checkpoint-7") == ["optimizer.bin", "unet/"]
+    assert Layout("prior").missing(tmp_path / "checkpoint-3") == ["prior/"]  # a decoder's is not a prior's
+    complete, incomplete = checkpoint_folders.scan(str(tmp_path), with_ema)
+    assert [s for s, _ in complete] == [3]
+    assert [(s, missing) for s, _, missing in incomplete] == [(5, ["unet_ema/"]), (7, ["optimizer.bin", "unet/"])]
+
+    class Args:
+        output_dir, resume_from_checkpoint, use_ema, use_lora = str(tmp_path), "latest", False, False
+
+    assert checkpoint_folders.resolve_resume(Args, Layout.of(Args, "decoder")).endswith("checkpoint-5")
+    Args.resume_from_checkpoint = "checkpoint-7"
+    with pytest.raises(UserError, match=r"'checkpoint-7' does not exist or is incomplete .*\(complete checkpoints: "
+                                        r"checkpoint-3, checkpoint-5\); it lacks optimizer.bin, unet/\."):
+        checkpoint_folders.resolve_resume(Args, Layout.of(Args, "decoder"))
 
 
 def test_train_state_round_trips_and_derives_the_epoch():
-    state = checkpoint.TrainState(seed=7, steps_per_epoch=4, global_step=9, epoch=2, skipped_images=["a.png"])
+    state = checkpoint.TrainState(seed=7, steps_per_epoch=4, global_step=9, epoch=2, skipped_images=["a.png"],
+                                  samples_seen=36, train_seconds=5.5)
     restored = checkpoint.TrainState(seed=7, steps_per_epoch=4)
     restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
     assert restored.global_step == 9 and restored.epoch == 2  # step 10 is the second step of epoch 2
+    assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (36, 5.5, 0)
     assert state.state_dict() == {"seed": 7, "steps_per_epoch": 4, "global_step": 9, "epoch": 2,
-                                  "skipped_images": ["a.png"], "held_out": None}
+                                  "skipped_images": ["a.png"], "samples_seen": 36, "train_seconds": 5.5,
+                                  "counted_from_step": 0, "held_out": None}
+    # A checkpoint that recorded no figures (a reference script's): they count from its step on.
+    restored.load_state_dict({"global_step": 6})
+    assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (0, 0.0, 6)
 
 
 def test_save_is_atomic_rotates_after_and_waits_for_uploads(tmp_path):
@@ -53,12 +89,26 @@ def test_save_is_atomic_rotates_after_and_waits_for_uploads(tmp_path):
     state = checkpoint.TrainState(seed=0, steps_per_epoch=10)
     for step in (1, 2, 3):
         state.global_step = step
-        path = checkpoint.save(accelerator, str(tmp_path), state, total_limit=2, before_remove=waited.append)
+        path = checkpoint.save(accelerator, str(tmp_path), state, total_limit=2, before_remove=waited.append,
+                               layout=PRIOR)
         assert path == str(tmp_path / f"checkpoint-{step}")
-        assert json.loads((tmp_path / f"checkpoint-{step}" / checkpoint.STATE_FILE).read_text())["global_step"] == step
+        assert checkpoint_folders.read_state(path)["global_step"] == step
     assert accelerator.saved == [str(tmp_path / f".tmp-checkpoint-{s}") for s in (1, 2, 3)]  # written aside first
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
     assert waited == [str(tmp_path / "checkpoint-1")]  # its upload finished before it was removed
+
+
+def test_rotation_removes_reference_checkpoints_but_never_an_incomplete_folder(tmp_path):
+    fake_reference_checkpoint(tmp_path / "checkpoint-1", "prior")  # resumed from: rotated like ours
+    fake_reference_checkpoint(tmp_path / "checkpoint-2", "prior", leave_out=["scheduler.bin"])
+    fake_reference_checkpoint(tmp_path / "checkpoint-3", "prior", leave_out=["prior/"])
+    state = checkpoint.TrainState(seed=0, steps_per_epoch=10, global_step=3)
+    checkpoint.save(FakeAccelerator(), str(tmp_path), state, total_limit=1, layout=PRIOR)
+    # The incomplete checkpoint-3 was in the way of the new one: set aside, not deleted; checkpoint-2 left alone.
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "incomplete-checkpoint-3"]
+    assert sorted(os.listdir(tmp_path / "incomplete-checkpoint-3")) == ["optimizer.bin", "random_states_0.pkl",
+                                                                         "scheduler.bin"]
+    assert sorted(os.listdir(tmp_path / "checkpoint-2")) == ["optimizer.bin", "prior", "random_states_0.pkl"]
 
 
 def test_model_hooks_write_diffusers_folders_and_load_them_back(tmp_path):
@@ -87,9 +137,38 @@ def test_model_hooks_write_diffusers_folders_and_load_them_back(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     ema.shadow_params[0].add_(5.0)
+    ema.optimization_step = 99
     models = [model]
-    hooks.load(models, str(tmp_path))
+    with warnings_seen() as seen:
+        hooks.load(models, str(tmp_path))
+    assert seen == []  # not EMAModel.from_pretrained's deprecated call, nor the config warning about the EMA's keys
     assert models == []  # handled here, not by accelerate
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, saved_params))
+    assert ema.optimization_step == 0 and ema.decay == 0.9999  # the EMA's own settings come back too
     assert PriorTransformer.from_pretrained(tmp_path / "prior").config.num_layers == 1
+
+
+def test_reference_prior_optimizer_state_loads_onto_the_trained_parameters():
+    """The reference prior script gives AdamW every parameter of the prior (clip_mean / clip_std, which get no
+    gradient, included); ours only the trained ones: the saved state lands on the same parameters."""
+    from diffusers import PriorTransformer
+
+    torch.manual_seed(0)
+    model = PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=1, embedding_dim=8,
+                             num_embeddings=4, additional_embeddings=4)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = model(torch.randn(2, 8), timestep=torch.tensor([1, 2]), proj_embedding=torch.randn(2, 8),
+                encoder_hidden_states=torch.randn(2, 4, 8)).predicted_image_embedding
+    out.pow(2).mean().backward()
+    theirs.step()
+    model.clip_mean.requires_grad_(False)
+    model.clip_std.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.optim.AdamW(trained, lr=1e-3)
+    checkpoint.accept_whole_model_optimizer_states(ours, model)
+    ours.load_state_dict(theirs.state_dict())
+    assert len(ours.state) == len(trained) == len(list(model.parameters())) - 2
+    for p in trained:
+        assert all(torch.equal(ours.state[p][k], theirs.state[p][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    ours.load_state_dict(ours.state_dict())  # our own state still loads as it is

@@ -25,11 +25,12 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     output = tmp_path / "out"
     # A slow Hub: checkpoint-1 is still uploading when rotation wants it gone, and must arrive all the same.
     with FakeHub(preupload_delay=1.0) as hub:
-        launch(script, base_args(tiny, output, steps=2, **{
+        proc = launch(script, base_args(tiny, output, steps=2, **{
             "--checkpointing_steps": 1, "--checkpoints_total_limit": 1, "--push_to_hub": True,
             "--hub_model_id": "tester/kandi-test", "--hub_push_checkpoints": True, "--report_to": "tensorboard",
             "--validation_prompts": ["a red circle"]}), env=hub_env(hub, tmp_path))
         files = hub.repos["tester/kandi-test"]["files"]
+    assert "HTTP Request" not in proc.stdout + proc.stderr  # Hub requests are not logged one by one
     assert checkpoints(output) == ["checkpoint-2"]
     local = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
     expected = {k: v for k, v in local.items()
@@ -52,6 +53,8 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     assert not card.data.datasets  # trained from a local folder: no `datasets: [None]`
     assert "val_imgs_grid.png" in card.text and "from_pretrained" in card.text
     assert "wandb" not in card.text.lower()
+    assert 'from_pretrained("tester/kandi-test"' in card.text  # the pushed repository, not the local folder
+    assert str(tiny["prior"].parent) not in card.content and str(tmp_path) not in card.content  # no local paths
 
 
 def test_push_to_hub_without_a_login_fails_before_training(tiny, tmp_path):
@@ -160,10 +163,18 @@ def test_model_card_fields_for_hub_models_and_datasets(tmp_path):
     args = prior.parse_args(["--dataset_name", "lambdalabs/naruto-blip-captions", "--output_dir", str(tmp_path)])
     card_path = tmp_path / "README.md"
     from kandinsky_train.model_card import write_model_card
+    from kandinsky_train.tracking import RunSummary
 
+    summary = RunSummary(steps=1500, epochs=12.5, samples=6000, seconds=3725, counted_from_step=0, final_loss=0.0712,
+                         loss_steps=10, processes=2, device="NVIDIA H100 80GB HBM3", precision="bf16")
     write_model_card(args, "Kandinsky 2.2 prior", "kandinsky-community/kandinsky-2-2-prior",
-                                  "print('hi')", images=None, wandb_url="https://wandb.ai/me/run/1")
+                     "print('hi')", images=None, summary=summary, wandb_url="https://wandb.ai/me/run/1")
     card = ModelCard.load(card_path)
     assert card.data.base_model == "kandinsky-community/kandinsky-2-2-prior"
     assert card.data.datasets == ["lambdalabs/naruto-blip-captions"]
     assert "https://wandb.ai/me/run/1" in card.text and "print('hi')" in card.text
+    for row in ("| Optimizer steps | 1500 |", "| Epochs | 12.5 |", "| Samples seen | 6,000 |",
+                "| Final training loss | 0.0712 (mean of the last 10 steps) |", "| Training time | 1 h 02 min |",
+                "| Hardware | 2 x NVIDIA H100 80GB HBM3 |", "| Precision | bf16 |",
+                "| Batch size | 2 (1 per device x 2 process(es) x 1 accumulation) |"):
+        assert row in card.text, row

@@ -22,6 +22,7 @@ from kandinsky_train.errors import UserError, main_guard
 
 from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
                       read_state)
+from fakes import fake_reference_checkpoint
 
 
 def state_of(checkpoint, sub):
@@ -243,6 +244,65 @@ def test_sigterm_to_the_launcher_alone_stops_with_a_checkpoint(tiny, tmp_path):
     assert (output / "unet" / "config.json").is_file()
 
 
+def test_checkpoint_of_the_reference_prior_script_resumes_by_name(tiny, tmp_path):
+    """A checkpoint written as diffusers' reference prior script writes one (tests/reference_checkpoint.py: accelerate's
+    real save_state, the prior and its EMA saved with save_pretrained, AdamW over every parameter of the prior, no
+    training_state.json, no seed). Learning rate 0 keeps the weights where they were, so what was restored shows."""
+    from diffusers.training_utils import EMAModel
+
+    subprocess.run([sys.executable, str(REPO / "tests" / "reference_checkpoint.py"), "prior", str(tiny["prior"]),
+                    str(tmp_path), "2"], cwd=REPO, env=offline_env(), check=True, capture_output=True)
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=3, **{
+        "--use_ema": True, "--learning_rate": 0, "--checkpointing_steps": 3, "--seed": None,
+        "--resume_from_checkpoint": "checkpoint-2"}))
+    text = proc.stdout + proc.stderr
+    assert "checkpoint-2 has no training_state.json" in text and "run goes on at step 2" in text
+    assert "records no seed (diffusers' reference scripts do not)" in text
+    assert "deprecated" not in text and "are not expected" not in text  # the EMA loads quietly
+    before, after = tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"
+    weights = {name: {c: load_file(next((c / name).glob("*.safetensors"))) for c in (before, after)}
+               for name in ("prior", "prior_ema")}
+    assert all(torch.equal(weights["prior"][before][k], v) for k, v in weights["prior"][after].items())
+    decay = EMAModel([torch.zeros(1)]).get_decay(3)  # the EMA's third update, counted on from the reference's two
+    for k, ema in weights["prior_ema"][after].items():
+        previous, model = weights["prior_ema"][before][k], weights["prior"][after][k]
+        assert torch.allclose(ema, previous - (1 - decay) * (previous - model), atol=1e-7), k
+    optimizer = torch.load(after / "optimizer.bin", weights_only=False)
+    assert {s["step"].item() for s in optimizer["state"].values()} == {3.0}  # every trained weight's AdamW state
+    assert len(optimizer["state"]) == len(torch.load(before / "optimizer.bin", weights_only=False)["state"])
+    assert torch.load(after / "scheduler.bin", weights_only=False)["last_epoch"] == 3
+    assert read_state(after)["global_step"] == 3 and read_state(after)["counted_from_step"] == 2
+
+
+def test_disk_full_while_writing_a_checkpoint_stops_with_one_line(tiny, tmp_path):
+    """An OSError(ENOSPC) injected while checkpoint-2 is written (any filesystem; tests/test_storage.py fills a real
+    tmpfs)."""
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=3, **{"--checkpointing_steps": 1}), check=False,
+                  env=offline_env(KANDINSKY_TRAIN_FAULT="save:2:ENOSPC"))
+    assert proc.returncode != 0
+    error = re.search(r"error: (Not enough disk space[^\n]*)", proc.stderr)  # after the progress bar's \r
+    assert error and "Traceback" not in proc.stderr[:error.start()], proc.stderr[-3000:]
+    assert error.group(1).startswith(f"Not enough disk space to write checkpoint-2 in {tmp_path}: it needs about ")
+    assert "(the size of checkpoint-1)" in error.group(1) and "What it had written was removed." in error.group(1)
+    assert checkpoints(tmp_path) == ["checkpoint-1"] and not list(tmp_path.glob(".tmp-*"))
+    assert read_state(tmp_path / "checkpoint-1")["global_step"] == 1
+
+
+def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(tiny, tmpfs):
+    small_tmpfs = tmpfs("700k")  # room for one tiny prior checkpoint, not two
+    args = base_args(tiny, small_tmpfs, steps=3, **{"--checkpointing_steps": 1})
+    full = launch(PRIOR_SCRIPT, args, check=False)
+    assert full.returncode != 0
+    assert f"error: Not enough disk space to write checkpoint-2 in {small_tmpfs}: it needs about" in full.stderr
+    assert "Nothing was written. checkpoint-1 and the checkpoints before it are intact." in full.stderr
+    assert "Traceback" not in full.stderr.split("error: Not enough")[0], full.stderr[-3000:]
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["checkpoint-1"]
+    subprocess.run(["mount", "-o", "remount,size=32m", str(small_tmpfs)], check=True)  # room again
+    launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"])
+    assert checkpoints(small_tmpfs) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert (small_tmpfs / "prior" / "config.json").is_file()
+
+
 def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
     proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=4), check=False,
                   env=offline_env(KANDINSKY_TRAIN_FAULT="micro:2:INT"))
@@ -323,6 +383,9 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
     for step in (3, 12):
         (earlier_run / f"checkpoint-{step}").mkdir(parents=True)
         (earlier_run / f"checkpoint-{step}" / "training_state.json").write_text('{"global_step": %d}' % step)
+    reference_run = tmp_path / "reference_run"  # diffusers' reference script: no training_state.json
+    fake_reference_checkpoint(reference_run / "checkpoint-500", "unet")
+    fake_reference_checkpoint(reference_run / "checkpoint-1000", "unet", leave_out=["scheduler.bin", "unet/"])
     cases = [
         (PRIOR_SCRIPT, {"--train_data_dir": None}, "Need training data: give --dataset_name"),
         (PRIOR_SCRIPT, {"--dataset_name": tiny["parquet"]}, "Conflicting flags: give either --dataset_name"),
@@ -349,6 +412,15 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
         (DECODER_SCRIPT, {"--output_dir": earlier_run},
          r"already holds checkpoints of an earlier run \(checkpoint-3, checkpoint-12\). Add "
          "--resume_from_checkpoint latest"),
+        (DECODER_SCRIPT, {"--output_dir": reference_run},
+         r"already holds checkpoints of an earlier run \(checkpoint-500\)"),
+        (DECODER_SCRIPT, {"--output_dir": reference_run, "--resume_from_checkpoint": "latest"},
+         r"holds checkpoint-1000, which is not a complete checkpoint \(it lacks scheduler.bin, unet/; perhaps the "
+         r"half-written save of a run that was killed\), and this run would save its own checkpoint of that step "
+         "there. Move it out of --output_dir"),
+        (DECODER_SCRIPT, {"--output_dir": reference_run, "--resume_from_checkpoint": "checkpoint-500",
+                          "--use_ema": True},
+         r"Checkpoint 'checkpoint-500' does not exist or is incomplete .*; it lacks unet_ema/\."),
     ]
     import train_text_to_image_decoder
     import train_text_to_image_prior
@@ -370,6 +442,9 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
         assert re.search(message, lines[0]), f"{overrides}: expected {message!r} in\n{lines[0]}"
         assert not (tmp_path / "out").exists(), overrides
     assert sorted(p.name for p in earlier_run.iterdir()) == ["checkpoint-12", "checkpoint-3"]  # left alone
+    assert sorted(p.name for p in reference_run.iterdir()) == ["checkpoint-1000", "checkpoint-500"]
+    assert sorted(p.name for p in (reference_run / "checkpoint-1000").iterdir()) == [
+        "optimizer.bin", "random_states_0.pkl"]
 
 
 def _has(package):

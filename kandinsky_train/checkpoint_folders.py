@@ -1,0 +1,115 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""Which folders of OUTPUT_DIR are checkpoints, and which one a run resumes from. A folder named checkpoint-STEP
+is complete when it holds training_state.json (ours: written last), or, without it, every file a resume reads
+(diffusers' reference scripts write the same accelerate layout, with no training_state.json). Other folders named
+so are incomplete: never resumed, never overwritten or deleted."""
+
+import glob
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import fail
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"
+MODEL_FOLDERS = {"prior": "prior", "decoder": "unet"}  # the trained model's folder in a checkpoint, per stage
+RESUME_FILES = ("optimizer.bin", "scheduler.bin", "random_states_*.pkl")  # what accelerate's load_state reads
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a checkpoint of this run holds beside accelerate's files: the trained model in SUBFOLDER/ (its adapters
+    in SUBFOLDER_lora/ with --use_lora) and, with --use_ema, its EMA in SUBFOLDER_ema/."""
+
+    subfolder: str
+    ema: bool = False
+    lora: bool = False
+
+    @classmethod
+    def of(cls, args, stage_name):
+        return cls(MODEL_FOLDERS[stage_name], ema=args.use_ema, lora=args.use_lora)
+
+    def missing(self, path):
+        """What the folder lacks for this run to resume from it; [] when it is a complete checkpoint."""
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
+            return []  # ours: training_state.json is written last
+        missing = [name for name in RESUME_FILES if not glob.glob(os.path.join(glob.escape(path), name))]
+        sub = self.subfolder
+        models = {f"{sub}_lora": False} if self.lora else {sub: True, **({f"{sub}_ema": True} if self.ema else {})}
+        return missing + [f"{name}/" for name, config in models.items()
+                          if not _holds_model(os.path.join(path, name), config)]
+
+
+def _holds_model(folder, config):
+    """A model saved by save_pretrained (config and weights) or an adapter file."""
+    if config and not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    return bool(glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))
+                or glob.glob(os.path.join(glob.escape(folder), "*.bin")))
+
+
+def is_reference(path):
+    """Written by diffusers' reference scripts (or any accelerate run with their layout): no training_state.json."""
+    return not os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def step_of(path):
+    return int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path))).group(1))
+
+
+def read_state(path):
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def scan(output_dir, layout):
+    """The folders named checkpoint-STEP, oldest first: complete ones as (step, path), and the others as
+    (step, path, what they lack). Temporary and otherwise named folders are not looked at."""
+    complete, incomplete = [], []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = CHECKPOINT_RE.match(name)
+            path = os.path.join(output_dir, name)
+            if match and os.path.isdir(path):
+                missing = layout.missing(path)
+                if missing:
+                    incomplete.append((int(match.group(1)), path, missing))
+                else:
+                    complete.append((int(match.group(1)), path))
+    return sorted(complete), sorted(incomplete)
+
+
+def list_checkpoints(output_dir, layout):
+    """Complete checkpoints (ours and the reference scripts') as (step, path), oldest first."""
+    return scan(output_dir, layout)[0]
+
+
+def resolve_resume(args, layout):
+    """The checkpoint folder to resume from, or None for a new run."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir, layout)
+        if not checkpoints:
+            logger.warning(f"No complete checkpoint in {args.output_dir!r}; starting a new training run.")
+            return None
+        return checkpoints[-1][1]
+    return named_checkpoint(args, layout)
+
+
+def named_checkpoint(args, layout):
+    """The folder --resume_from_checkpoint names (a path, or a name in --output_dir), checked complete."""
+    path = args.resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
+    missing = layout.missing(path) if os.path.isdir(path) else None
+    if missing is None or missing:
+        available = ", ".join(os.path.basename(p) for _, p in list_checkpoints(args.output_dir, layout)) or "none"
+        fail(f"Checkpoint {args.resume_from_checkpoint!r} does not exist or is incomplete in {args.output_dir!r} "
+             f"(complete checkpoints: {available})" + (f"; it lacks {', '.join(missing)}." if missing else "."))
+    return path

@@ -1,0 +1,202 @@
+"""A full disk, in-process: checkpoints, the embedding cache, validation images and the final save stop with one
+line that names the folder, the bytes needed and free, leave nothing half-written, and keep earlier checkpoints.
+A real full filesystem where the test can mount a small tmpfs (as root on Linux), an injected OSError(ENOSPC)
+elsewhere and for the writes that a tiny tmpfs cannot reach in a unit test."""
+
+import errno
+import os
+import re
+
+import pytest
+import torch
+
+from fakes import FakeAccelerator
+from kandinsky_train import checkpoint, faults, storage
+from kandinsky_train.checkpoint_folders import Layout, read_state
+from kandinsky_train.errors import UserError
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture
+def small_disk(tmpfs):
+    return tmpfs("1m")
+
+
+class WritingAccelerator(FakeAccelerator):
+    """save_state writes `size` bytes with torch.save, as accelerate writes optimizer.bin."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def save_state(self, folder):
+        super().save_state(folder)
+        torch.save(torch.zeros(self.size // 4), os.path.join(folder, "optimizer.bin"))
+
+
+def save_at(accelerator, folder, step, expected_bytes=0):
+    state = checkpoint.TrainState(seed=0, steps_per_epoch=10, global_step=step)
+    return checkpoint.save(accelerator, str(folder), state, None, layout=Layout("prior"), expected_bytes=expected_bytes)
+
+
+def test_a_checkpoint_that_cannot_fit_is_not_started(small_disk):
+    accelerator = WritingAccelerator(600_000)
+    save_at(accelerator, small_disk, 1)
+    with pytest.raises(UserError) as raised:  # checkpoint-1 takes 600 kB; less is left
+        save_at(accelerator, small_disk, 2)
+    message = str(raised.value)
+    needed, free = re.match(f"Not enough disk space to write checkpoint-2 in {small_disk}: it needs about "
+                            r"(\d+\.\d) KiB \(the size of checkpoint-1\), (\d+\.\d) KiB free\. Nothing was written\. "
+                            "checkpoint-1 and the checkpoints before it are intact.", message).groups()
+    assert 585 < float(needed) < 600 and float(free) < float(needed)
+    assert "--resume_from_checkpoint latest" in message and "\n" not in message
+    assert sorted(os.listdir(small_disk)) == ["checkpoint-1"]
+    assert read_state(small_disk / "checkpoint-1")["global_step"] == 1
+    (small_disk / "other").mkdir()
+    with pytest.raises(UserError, match=r"checkpoint-1 in .* it needs about 2.0 MiB \(estimated from the model's "
+                                        r"weights\)"):  # the first checkpoint
+        save_at(accelerator, small_disk / "other", 1, expected_bytes=2 << 20)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_earlier_one(small_disk):
+    save_at(WritingAccelerator(100_000), small_disk, 1)
+    # The first checkpoint is small, so the check lets the second one start; it runs out of space in torch.save,
+    # which says "unexpected pos", not ENOSPC.
+    with pytest.raises(UserError, match=f"to write checkpoint-2 in {small_disk}: .* What it had written was removed. "
+                                        "checkpoint-1 and the checkpoints before it are intact."):
+        save_at(WritingAccelerator(2_000_000), small_disk, 2)
+    assert sorted(os.listdir(small_disk)) == ["checkpoint-1"]
+    assert storage.free_bytes(small_disk) > 800_000  # the partial write no longer takes the space
+
+
+def test_enospc_during_a_checkpoint_removes_the_partial_folder(tmp_path, monkeypatch):
+    save_at(FakeAccelerator(), tmp_path, 1)
+    monkeypatch.setattr(faults, "_FAULT", "save:2:ENOSPC")
+    with pytest.raises(UserError, match=r"Not enough disk space to write checkpoint-2 .* What it had written "
+                                        "was removed. checkpoint-1 and the checkpoints before it are intact."):
+        save_at(FakeAccelerator(), tmp_path, 2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+
+
+def test_enospc_while_caching_embeddings_removes_the_partial_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from kandinsky_train.cache import EmbeddingCache
+
+    def full_disk(tensors, path):
+        open(path, "wb").write(b"partial")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # safetensors'
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    samples = [{"index": i, "x": torch.ones(4)} for i in range(3)]
+    cache = EmbeddingCache(tmp_path / "cache", "f" * 64)
+    with pytest.raises(UserError, match=f"to write the embedding cache in {cache.folder}: it needs about 72 bytes "
+                                        r"\(the size of its tensors\), .* free. What it had written was removed. "
+                                        ".*--embedding_cache_dir"):
+        cache.build(FakeAccelerator(), samples, lambda batch: {"y": batch["x"] * 2}, batch_size=2)
+    assert os.listdir(cache.folder) == [] and not cache.complete()
+
+
+def test_enospc_while_saving_validation_images_names_them(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kandinsky_train.validation import save_images
+
+    def full_disk(image, path, *args, **kwargs):
+        open(path, "wb").write(b"partial")
+        raise ENOSPC
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(UserError, match="Not enough disk space to write the validation images in .*validation: it "
+                                        "needs about 24.0 KiB"):
+        save_images(str(tmp_path), [("a prompt", Image.new("RGB", (64, 64)))] * 2, step=3)
+    assert os.listdir(tmp_path / "validation") == []
+
+
+class Pipeline:
+    """A pipeline as storage.save_pipeline sees one: components (a 1.1 KiB model) and a save_pretrained that writes
+    model_index.json and unet/, its weights through `write_weights(path)`."""
+
+    def __init__(self, write_weights):
+        self.components = {"unet": torch.nn.Linear(16, 16), "scheduler": object()}
+        self.write_weights = write_weights
+
+    def save_pretrained(self, folder):
+        with open(os.path.join(folder, "model_index.json"), "w") as f:
+            f.write("{}")
+        os.makedirs(os.path.join(folder, "unet"), exist_ok=True)
+        self.write_weights(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def final_save_fails(folder, pipe):
+    """storage.save_pipeline into `folder` beside a checkpoint; the one line it stops with."""
+    os.makedirs(os.path.join(folder, "checkpoint-1"))
+    with pytest.raises(UserError) as raised:
+        storage.save_pipeline(pipe, str(folder))
+    assert sorted(os.listdir(folder)) == ["checkpoint-1"]  # what it wrote removed, the checkpoint kept
+    return str(raised.value)
+
+
+def test_a_full_disk_in_the_final_save_removes_what_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")  # once the whole pipeline is written
+    message = final_save_fails(tmp_path, Pipeline(lambda path: open(path, "wb").write(b"weights")))
+    assert re.fullmatch(f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it needs about "
+                        r"1.1 KiB \(the size of its weights\), .* free. What it had written was removed. Free some "
+                        r"space and run the same command with --resume_from_checkpoint latest: it resumes from the "
+                        r"newest checkpoint \(untouched\) and saves it again.", message), message
+    monkeypatch.setattr(faults, "_FAULT", None)
+    with pytest.raises(UserError, match="free. Nothing was written"):  # checked before writing
+        storage.save_output("the fine-tuned pipeline", pytest.fail, str(tmp_path), storage.free_bytes(tmp_path) + 2**30,
+                            written=[])
+
+
+def test_a_safetensors_error_saying_the_disk_is_full_is_a_full_disk(tmp_path):
+    """A real run's final save on a full disk ended in safetensors' own error, raised from save_pretrained:
+    "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)", which is no
+    OSError and has no errno. On a disk with room here, so that only the error itself can tell."""
+    from safetensors import SafetensorError
+
+    def full_disk(path):
+        open(path, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    message = final_save_fails(tmp_path, Pipeline(full_disk))
+    assert message.startswith(f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it needs about "
+                              "1.1 KiB (the size of its weights), ") and "\n" not in message
+    assert storage.ran_out_of_space(SafetensorError("I/O error: Disk quota exceeded (os error 122)"), str(tmp_path))
+    # Rust numbers the OS error whatever the language of its text
+    assert storage.ran_out_of_space(SafetensorError("I/O error: Kein Platz auf dem Gerät (os error 28)"), tmp_path)
+    denied = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    assert not storage.ran_out_of_space(denied, str(tmp_path))
+    with pytest.raises(SafetensorError, match="Permission denied"):  # not a full disk: passes through as it is
+        storage.save_pipeline(Pipeline(lambda path: (_ for _ in ()).throw(denied)), str(tmp_path))
+
+
+def test_the_final_save_on_a_real_full_disk(tmpfs):
+    """safetensors itself running out of room on a tmpfs (the weights passed the check before the write: another
+    writer filled the disk meanwhile, say). 4 MiB, so that the disk is not nearly full once safetensors has removed
+    its partial file: only the error can tell."""
+    from safetensors.torch import save_file
+
+    disk = tmpfs("4m")
+    message = final_save_fails(disk, Pipeline(lambda path: save_file({"w": torch.zeros(2_000_000)}, path)))
+    assert f"to write the fine-tuned pipeline in {disk}: it needs about 1.1 KiB" in message
+    assert storage.free_bytes(disk) > 4_000_000
+
+
+def test_a_full_disk_in_the_lora_adapter_save_removes_it(tmp_path, monkeypatch):
+    class Adapted(torch.nn.Linear):
+        def save_lora_adapter(self, folder, weight_name):
+            open(os.path.join(folder, weight_name), "wb").write(b"adapter")
+
+    monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
+    with pytest.raises(UserError, match=f"write the LoRA adapter in {tmp_path}: it needs about 288 bytes "):
+        storage.save_lora_adapter(Adapted(8, 8), str(tmp_path))  # its 72 weights: 288 bytes
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_errors_pass_through(tmp_path):
+    with pytest.raises(ValueError, match="not about space"):
+        with storage.writing("a file", str(tmp_path), 0):
+            raise ValueError("not about space")
