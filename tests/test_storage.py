@@ -82,19 +82,21 @@ def test_enospc_during_a_checkpoint_removes_the_partial_folder(tmp_path, monkeyp
 def test_enospc_while_caching_embeddings_removes_the_partial_file(tmp_path, monkeypatch):
     import safetensors.torch
 
-    from kandinsky_train.cache import EmbeddingCache
+    from kandinsky_train.cache import EmbeddingCache, build
+    from test_cache import VersionedSamples
 
     def full_disk(tensors, path):
         open(path, "wb").write(b"partial")
         raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # safetensors'
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    samples = [{"index": i, "x": torch.ones(4)} for i in range(3)]
+    samples = VersionedSamples([1, 1, 1], [(4,)] * 3)
     cache = EmbeddingCache(tmp_path / "cache", "f" * 64)
-    with pytest.raises(UserError, match=f"to write the embedding cache in {cache.folder}: it needs about 72 bytes "
+    # 3 rows of 4 float32s, and each row's sample index and version (int64)
+    with pytest.raises(UserError, match=f"to write the embedding cache in {cache.folder}: it needs about 96 bytes "
                                         r"\(the size of its tensors\), .* free. What it had written was removed. "
                                         ".*--embedding_cache_dir"):
-        cache.build(FakeAccelerator(), samples, lambda batch: {"y": batch["x"] * 2}, batch_size=2)
+        build(FakeAccelerator(), samples, [(cache, lambda batch: {"y": batch["x"] * 2})], batch_size=2)
     assert os.listdir(cache.folder) == [] and not cache.complete()
 
 

@@ -49,7 +49,7 @@ def test_prior_held_out_split_every_n_steps_and_adafactor_resumes_exactly(tiny, 
     resume_from_checkpoint_2(PRIOR_SCRIPT, tiny, whole, parts, 6, common)
     a, b = state_of(whole / "checkpoint-6", "prior"), state_of(parts / "checkpoint-6", "prior")
     assert any("exp_avg_sq_row" in slots for slots in a["optimizer"].values())  # Adafactor's factored moments
-    assert_same_state(a, b)
+    assert_same_state(a, b, ema=False)
     # the same weights give the same held-out figures, in another process
     resumed = tensorboard_events(parts)[0]
     assert dict(resumed["eval_loss"]) == {4: loss[4], 6: loss[6]}
@@ -76,7 +76,7 @@ def test_decoder_separate_held_out_set_cached_every_epoch_and_prodigy_resumes_ex
 
     text = resume_from_checkpoint_2(DECODER_SCRIPT, tiny, whole, parts, 6, common)
     assert text.count("Reusing cached CLIP image embeddings") == text.count("Reusing cached frozen outputs") == 2
-    assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"))
+    assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"), ema=False)
     groups = optimizer_groups(whole / "checkpoint-6")
     assert groups[0]["d"] > groups[0]["d0"]  # Prodigy has grown its step-size estimate...
     assert groups == optimizer_groups(parts / "checkpoint-6")  # ...and the resumed run has the same one
