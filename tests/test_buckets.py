@@ -244,7 +244,9 @@ def test_two_process_bucketed_run_resumed_mid_epoch_ends_with_the_uninterrupted_
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     launch(DECODER_SCRIPT, base_args(tiny, whole, steps=6, **common), launcher=DDP,
            env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
-    assert len(list((whole / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 6  # 3 shapes x 2
+    # two entries (CLIP image embeddings, MoVQ latents) x 3 shapes x 2 processes
+    entries = {path.parent for path in (whole / "embedding_cache").glob("*/part-*-of-00002.safetensors")}
+    assert len(entries) == 2 and len(list((whole / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 12
     resume_from(whole, "checkpoint-2", resumed, "embedding_cache")
     proc = launch(DECODER_SCRIPT, base_args(tiny, resumed, steps=6, **common, **{
         "--resume_from_checkpoint": "latest"}), launcher=DDP,
