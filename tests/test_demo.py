@@ -1,0 +1,64 @@
+"""The built-in demo as a newcomer runs it (`bash tools/demo.sh`): it must show that the training did something."""
+
+import json
+import re
+import subprocess
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import REPO, checkpoints, offline_env
+
+
+def test_hand_set_movq_encodes_each_cell_as_its_mean_colour_and_paints_it_back(tmp_path):
+    """The demo's premise: its MoVQ is an exact autoencoder of flat colours, so a fitted UNet shows as a picture."""
+    import demo_set
+    from diffusers import VQModel
+    from tiny_kandinsky import build_tiny_decoder
+
+    movq = demo_set.set_flat_colour_autoencoder(VQModel.from_pretrained(build_tiny_decoder(tmp_path / "decoder"),
+                                                                        subfolder="movq"))
+    picture = demo_set.draw("circle", "red", "blue", 64)
+    pixels = torch.from_numpy(np.asarray(picture, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        latents = movq.encode(pixels).latents
+        painted = movq.decode(latents, force_not_quantize=True).sample
+    cells = pixels.reshape(1, 3, 8, 8, 8, 8).mean(dim=(3, 5))  # (batch, rgb, row, column): each 8x8 cell's mean
+    assert latents.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(latents[:, :3], cells, atol=2e-3, rtol=0)
+    assert latents[:, 3].abs().max() == 0
+    torch.testing.assert_close(painted, cells.repeat_interleave(8, 2).repeat_interleave(8, 3), atol=2e-3, rtol=0)
+    assert demo_set.autoencoder_error(movq, Image.new("RGB", (64, 64), demo_set.COLOURS["purple"])) < 0.5
+
+
+def test_demo_fits_its_pictures_and_reports_it(tmp_path):
+    out = tmp_path / "demo-output"
+    proc = subprocess.run(["bash", "tools/demo.sh", str(out)], cwd=REPO, env=offline_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    # the console ends with where the report is and one line per stage
+    report_line, prior_line, decoder_line = proc.stdout.strip().splitlines()[-3:]
+    assert report_line.startswith(f"Report: {out}/report.png (numbers in {out}/report.json)")
+    number = r"[0-9.e+-]+"
+    assert re.fullmatch(rf"prior: 300 steps, {number} samples/s, loss {number} -> {number}", prior_line)
+    assert re.fullmatch(rf"decoder: 800 steps, {number} samples/s, loss {number} -> {number}", decoder_line)
+
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["pictures"]) == 6
+    for i, picture in enumerate(report["pictures"]):
+        # rendered from the picture's CLIP image embedding, the fine-tuned decoder draws that picture (within a
+        # quarter of the untrained decoder's distance) and no other one
+        assert picture["fine_tuned_distance"] < picture["untrained_distance"] / 4, picture
+        assert picture["fine_tuned_nearest_picture"] == i, picture
+    for stage in report["stages"].values():
+        assert stage["last_loss"] < stage["first_loss"] / 5, stage
+
+    with Image.open(out / "report.png") as image:
+        assert image.width > 800 and image.height > 800
+    assert (out / "sample.png").is_file()
+    assert checkpoints(out / "prior") == ["checkpoint-200", "checkpoint-300"]
+    assert checkpoints(out / "decoder") == ["checkpoint-600", "checkpoint-800"]
+    assert sorted(p.name for p in (out / "decoder" / "validation").iterdir()) == [
+        "step-000400-00.png", "step-000400-01.png", "step-000800-00.png", "step-000800-01.png"]
