@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kandinsky_train import (buckets, checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime,
-                             storage, validation)
+                             storage, streaming, validation)
 from kandinsky_train.model_card import hub_id, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
@@ -59,7 +59,7 @@ def main(args):
                         f"{render_multiple} (MoVQ's factor squared); choose such sides.")
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
-    dataset, report = data.load_training_data(args, accelerator)
+    dataset, report = streaming.training_data(args, accelerator)
     dataset, held_out = data.held_out_data(args, accelerator, dataset)
 
     weight_dtype = runtime.weight_dtype_of(accelerator)

@@ -9,7 +9,8 @@ import argparse
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky_train import checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, storage, validation
+from kandinsky_train import (checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, storage, streaming,
+                             validation)
 from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.model_card import pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
@@ -53,7 +54,7 @@ def main(args):
         checks.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
-    dataset, report = data.load_training_data(args, accelerator, caption_column=args.caption_column)
+    dataset, report = streaming.training_data(args, accelerator, caption_column=args.caption_column)
     dataset, held_out = data.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
 
     weight_dtype = runtime.weight_dtype_of(accelerator)

@@ -15,7 +15,21 @@ def make_batches(args, accelerator, samples):
     return ShuffledBatches(args, accelerator, samples)
 
 
-class ShuffledBatches:
+class _Batches:
+    """What the loop asks of every batching besides its epochs: where an epoch starts in the run's micro-batches
+    (for the test hooks) and a position for the checkpoint (none: the step says where a data set of fixed length is)."""
+
+    def first_micro(self, epoch):
+        return epoch * len(self)
+
+    def position(self):
+        return None
+
+    def restore(self, position):
+        pass
+
+
+class ShuffledBatches(_Batches):
     """A map-style data set in a fresh random order each epoch: accelerate's seedable sampler (seeded with the run's
     seed and the epoch) and its per-process shards; a resumed epoch skips the micro-batches already consumed."""
 
@@ -39,7 +53,7 @@ class ShuffledBatches:
         return enumerate(loader, start=start)
 
 
-class BucketBatches:
+class BucketBatches(_Batches):
     """--enable_bucket: every micro-batch holds samples of one training shape (`samples.shapes`). Each process
     builds its own share of the epoch's order (`buckets.epoch_order`, a pure function of seed and epoch) and hands
     it to an accelerate DataLoaderShard as its batch sampler: the loader places batches on the device and tells

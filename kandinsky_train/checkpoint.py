@@ -3,13 +3,12 @@
 trained model in diffusers format (SUBFOLDER/, SUBFOLDER_ema/ or SUBFOLDER_lora/, the reference scripts' layout),
 and training_state.json: where the run is, written last, so that its presence marks the checkpoint complete.
 A checkpoint of diffusers' reference scripts (the same, without training_state.json) resumes at the step its name
-gives (checkpoint_folders.py says which folders are complete).
+gives (checkpoint_folders.py says which folders are complete; model_state.py writes and reads the model folders).
 
 A checkpoint is written into .tmp-checkpoint-STEP, after a check that the disk has room for it, and renamed when
 complete; old ones are rotated away only after. A folder named checkpoint-STEP that is not complete is never
 overwritten or deleted."""
 
-import contextlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ class TrainState:
     """Where a run is, beside what accelerate saves: one object, saved and restored whole."""
 
     seed: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # None with --streaming: a stream has no length
     global_step: int = 0
     epoch: int = 0
     skipped_images: list = field(default_factory=list)
@@ -37,6 +36,7 @@ class TrainState:
     samples_seen: int = 0
     train_seconds: float = 0.0
     counted_from_step: int = 0
+    stream: dict = None  # --streaming: where each process and worker is in the epoch (streaming.StreamBatches)
 
     def state_dict(self):
         return asdict(self)
@@ -51,7 +51,11 @@ class TrainState:
             logger.warning("The data or batch settings changed since the checkpoint; the resumed data order "
                            "will not match an uninterrupted run.")
         self.global_step = recorded["global_step"]
-        self.epoch = self.global_step // self.steps_per_epoch  # the epoch the next step belongs to
+        if self.steps_per_epoch is None:  # a stream: its recorded position says which epoch
+            self.stream = recorded.get("stream")
+            self.epoch = self.stream["epoch"] if self.stream else 0
+        else:
+            self.epoch = self.global_step // self.steps_per_epoch  # the epoch the next step belongs to
         self.samples_seen = recorded.get("samples_seen", 0)
         self.train_seconds = recorded.get("train_seconds", 0.0)
         # A checkpoint that did not record them (a reference script's): the figures count from its step on.
@@ -104,6 +108,11 @@ def restore(accelerator, path, state):
         state.load_state_dict(read_state(path))
         return
     state.load_state_dict({"global_step": step_of(path)})
+    if state.steps_per_epoch is None:
+        logger.warning(f"{os.path.basename(path)} has no {STATE_FILE} (diffusers' reference scripts write none): "
+                       f"the run goes on at step {state.global_step}, taken from the folder's name, and reads the "
+                       "stream from its start.")
+        return
     done = state.global_step - state.epoch * state.steps_per_epoch
     logger.warning(
         f"{os.path.basename(path)} has no {STATE_FILE} (diffusers' reference scripts write none): what it holds "
@@ -185,104 +194,3 @@ def _clear_the_way(final, layout):
         aside = os.path.join(os.path.dirname(final), f"incomplete-{os.path.basename(final)}-{number}")
     os.replace(final, aside)
     logger.warning(f"{final} is not a complete checkpoint; it was set aside as {aside} before writing a new one.")
-
-
-class ModelStateHooks:
-    """accelerate's save_state / load_state hooks: the trained model (and its EMA) go into a checkpoint in diffusers
-    format instead of accelerate's anonymous model.safetensors, so a checkpoint loads with `from_pretrained`."""
-
-    def __init__(self, accelerator, stage, ema=None, lora=False, ema_device="cpu"):
-        self.accelerator, self.stage, self.ema, self.lora, self.ema_device = accelerator, stage, ema, lora, ema_device
-
-    def register(self):
-        self.accelerator.register_save_state_pre_hook(self.save)
-        self.accelerator.register_load_state_pre_hook(self.load)
-
-    def _ours(self, model):
-        return isinstance(self.accelerator.unwrap_model(model), self.stage.model_cls)
-
-    def save(self, models, weights, output_dir):
-        # Every rank pops the weights it handles (DeepSpeed-safe); only the main process writes.
-        sub = self.stage.subfolder
-        for i, model in enumerate(models):
-            if not self._ours(model):
-                continue
-            if self.accelerator.is_main_process:
-                unwrapped = self.accelerator.unwrap_model(model)
-                if self.lora:
-                    unwrapped.save_lora_adapter(os.path.join(output_dir, f"{sub}_lora"))
-                else:
-                    unwrapped.save_pretrained(os.path.join(output_dir, sub))
-                if self.ema is not None:
-                    self.ema.save_pretrained(os.path.join(output_dir, f"{sub}_ema"))
-            if weights:
-                weights.pop(i)
-
-    def load(self, models, input_dir):
-        sub, model_cls = self.stage.subfolder, self.stage.model_cls
-        for i in reversed(range(len(models))):
-            if not self._ours(models[i]):
-                continue
-            unwrapped = self.accelerator.unwrap_model(models[i])
-            if self.lora:
-                from peft.utils import set_peft_model_state_dict
-                from safetensors.torch import load_file
-
-                adapter = os.path.join(input_dir, f"{sub}_lora", "pytorch_lora_weights.safetensors")
-                result = set_peft_model_state_dict(unwrapped, load_file(adapter))
-                # peft reports what did not fit instead of raising: a silently restarted adapter is worse.
-                missing = [k for k in result.missing_keys if "lora_" in k]
-                if result.unexpected_keys or missing:
-                    fail(f"The LoRA adapter {adapter} does not fit the model ({len(result.unexpected_keys)} "
-                         f"unexpected, {len(missing)} missing weights): resume with the --rank and --lora_alpha "
-                         "of the run that wrote it.")
-            else:
-                unwrapped.load_state_dict(model_cls.from_pretrained(os.path.join(input_dir, sub)).state_dict())
-            if self.ema is not None:
-                self._load_ema(os.path.join(input_dir, f"{sub}_ema"))
-            models.pop(i)
-
-    def _load_ema(self, folder):
-        """The EMA as diffusers saves it: the averaged weights as a model whose config also holds the EMA's own
-        settings (decay, step count...). Loaded here without EMAModel.from_pretrained, which goes through a
-        deprecated call, and without the model class's warning about those settings, which are expected."""
-        model_cls = self.stage.model_cls
-        config = model_cls.load_config(folder)
-        with _quiet("diffusers.configuration_utils"):
-            averaged = model_cls.from_pretrained(folder)
-        settings = {k: config[k] for k in self.ema.state_dict() if k in config and k != "shadow_params"}
-        self.ema.load_state_dict({**settings, "shadow_params": [p.detach() for p in averaged.parameters()]})
-        self.ema.to(self.ema_device)
-
-
-@contextlib.contextmanager
-def _quiet(logger_name):
-    """Errors only from one library logger for a while."""
-    quieted = logging.getLogger(logger_name)
-    level = quieted.level
-    quieted.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        quieted.setLevel(level)
-
-
-def accept_whole_model_optimizer_states(optimizer, model):
-    """Diffusers' reference prior script gives AdamW every parameter of the prior, the frozen clip_mean / clip_std
-    too (they never get a gradient, so they hold no state); ours gives it the trained ones only. An optimizer state
-    of the first kind is mapped onto ours by the trained parameters' places in model.parameters(); our own
-    optimizer's implementation flags (fused, foreach) stay."""
-    everything = list(model.parameters())
-    trained = [i for i, p in enumerate(everything) if p.requires_grad]
-
-    def adopt(optimizer, saved):
-        groups = saved["param_groups"]
-        if len(groups) != 1 or len(groups[0]["params"]) != len(everything) or len(trained) == len(everything):
-            return None  # ours, or something else: torch's own checks decide
-        ids = groups[0]["params"]
-        ours = optimizer.param_groups[0]
-        flags = {k: ours[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in ours}
-        state = {new: saved["state"][ids[old]] for new, old in enumerate(trained) if ids[old] in saved["state"]}
-        return {"state": state, "param_groups": [{**groups[0], **flags, "params": list(range(len(trained)))}]}
-
-    optimizer.register_load_state_dict_pre_hook(adopt)

@@ -11,7 +11,8 @@ from .errors import fail
 from .images import IMAGE_EXTENSIONS
 
 AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs",
-                "num_train_epochs", "validation_inference_steps", "num_validation_images", "rank")
+                "num_train_epochs", "validation_inference_steps", "num_validation_images", "rank",
+                "shuffle_buffer_size")
 OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "validation_steps")
 
 
@@ -54,6 +55,22 @@ def _check_data(args):
     if args.train_data_dir is not None:
         _check_image_folder("--train_data_dir", args.train_data_dir)
     _check_held_out(args)
+    _check_streaming(args)
+
+
+def _check_streaming(args):
+    if not args.streaming:
+        return
+    if args.max_train_steps is None:
+        fail("--streaming needs --max_train_steps: a stream has no length to count the training steps from.")
+    why = {"cache_embeddings": "the cache is built by a pass over the whole data set before training, which a stream "
+                               "is there to avoid; drop one of them.",
+           "enable_bucket": "the buckets are planned from the size of every image before training; drop one of them.",
+           "validation_split": "a stream has no rows to split; hold out a separate set with --validation_data_dir "
+                               "or --validation_dataset_name."}
+    for name, reason in why.items():
+        if getattr(args, name, None):
+            fail(f"Conflicting flags: --{name} with --streaming is not supported: {reason}")
 
 
 def _check_image_folder(flag, folder):

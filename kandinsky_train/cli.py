@@ -42,6 +42,13 @@ def _models_and_data(add, stage, model):
     add("--skip_image_check", action="store_true",
         help="Do not decode every image once before training (faster start on huge, trusted data; an unreadable "
         "image then stops the run).")
+    add("--streaming", action="store_true",
+        help="Read the data as a stream of shards (parquet, WebDataset .tar, an image folder) instead of loading and "
+        "checking it whole: for data sets larger than the disk. Each process reads its own shards; needs "
+        "--max_train_steps, and --num_train_epochs counts passes over the shards. Bad samples are skipped as they "
+        "come.")
+    add("--shuffle_buffer_size", type=int, default=1000,
+        help="With --streaming: samples in the shuffle buffer, drawn from with --seed and the epoch.")
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     add("--output_dir", type=str, default="kandi_2_2-model-finetuned",
         help="Where checkpoints, logs, validation images and the final pipeline are written.")

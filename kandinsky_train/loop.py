@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, checkpoint_folders, faults, tracking
+from . import checkpoint, checkpoint_folders, faults, model_state, tracking
 from .cache import frozen_outputs
 from .batches import make_batches
 from .data import TrainingSamples, training_samples
@@ -22,6 +22,7 @@ from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
 from .preemption import StopRequest, finishing
 from .runtime import count_parameters, make_lr_scheduler, make_optimizer, set_schedule_position
+from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
 
 
@@ -57,20 +58,24 @@ class Trainer:
         self.evaluation = None
         if held_out is not None:
             self.evaluation = HeldOutEvaluation(args, accelerator, stage, held_out_samples, self.encode)
-        self.batches = make_batches(args, accelerator, self.samples)
-        steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)
-        self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-        self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
+        if args.streaming:  # no length: --max_train_steps is required, --num_train_epochs counts passes
+            self.batches = StreamBatches(args, accelerator, self.samples)
+            steps_per_epoch, self.max_steps, self.num_epochs = None, args.max_train_steps, args.num_train_epochs
+        else:
+            self.batches = make_batches(args, accelerator, self.samples)
+            steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)
+            self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+            self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
         self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, skipped_images=report.skipped,
                                            held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(args, self.params, device)
-        checkpoint.accept_whole_model_optimizer_states(optimizer, stage.model)
+        model_state.accept_whole_model_optimizer_states(optimizer, stage.model)
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
         self.ema = make_ema(args, stage.model, device)
         self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora)
-        checkpoint.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
+        model_state.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
         if args.torch_compile:
@@ -84,7 +89,10 @@ class Trainer:
         """The training samples and the held-out ones (or None) as the loop reads them, and the encoder to run on
         each batch (None when --cache_embeddings has computed its outputs). Held-out samples come in their first
         version, at --resolution: the same figures at every evaluation."""
-        sets = [(training_samples(dataset, self.args.image_column, self.stage, seed), dataset._fingerprint)]
+        if self.args.streaming:  # nothing to cache (checks.py refuses --cache_embeddings)
+            sets = [(StreamSamples(dataset, self.args, self.stage, seed), None)]
+        else:
+            sets = [(training_samples(dataset, self.args.image_column, self.stage, seed), dataset._fingerprint)]
         if held_out is not None:
             sets.append((TrainingSamples(held_out.dataset, self.args.image_column, self.stage.make_sample,
                                          self.stage.columns), held_out.dataset._fingerprint))
@@ -124,6 +132,7 @@ class Trainer:
         step = checkpoint_folders.step_of(self.resume_path)
         checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step, self.layout)
         checkpoint.restore(self.accelerator, self.resume_path, self.state)
+        self.batches.restore(self.state.stream)
         set_schedule_position(self.lr_scheduler, self.state.global_step, self.accelerator.num_processes)
 
     @property
@@ -135,10 +144,10 @@ class Trainer:
         self.state.epoch = epoch
         self.model.train()
         start = 0
-        if epoch == self.state.global_step // self.state.steps_per_epoch:
+        if self.state.steps_per_epoch and epoch == self.state.global_step // self.state.steps_per_epoch:
             start = (self.state.global_step % self.state.steps_per_epoch) * self.args.gradient_accumulation_steps
-        return faults.observed(self.batches.epoch(epoch, start), self.accelerator.process_index, epoch,
-                               epoch * len(self.batches))
+        batches = self.batches.epoch(epoch, start)
+        return faults.observed(batches, self.accelerator.process_index, epoch, self.batches.first_micro(epoch))
 
     def train_step(self, batch, epoch, batch_index):
         """Forward and backward one micro-batch; the optimizer steps at the last one of each accumulation. Returns
@@ -178,6 +187,7 @@ class Trainer:
 
     def save_checkpoint(self):
         self.count_time()
+        self.state.stream = self.batches.position()
         path = checkpoint.save(self.accelerator, self.args.output_dir, self.state, self.args.checkpoints_total_limit,
                                before_remove=self.uploads.wait, layout=self.layout,
                                expected_bytes=self.checkpoint_estimate)
@@ -232,12 +242,20 @@ class Trainer:
         faults.at("finish")
         final_images = self.validate()
         self.evaluate()
-        if self.report.skipped:
-            self.accelerator.print(f"Data: {self.report.summary()}")
+        self.report_skipped()
         finishing("the checkpoint uploads")
         self.uploads.wait()
         self.count_time()
         return TrainResult(self.accelerator.unwrap_model(self.model), self.ema, final_images, self.summary())
+
+    def report_skipped(self):
+        if self.args.streaming:
+            skipped = self.batches.skipped_total()  # a collective: every process counts its own
+            if skipped:
+                self.accelerator.print(f"Data: {skipped} sample(s) skipped (unreadable image or missing caption), "
+                                       "each named in the log")
+        elif self.report.skipped:
+            self.accelerator.print(f"Data: {self.report.summary()}")
 
     def count_time(self):
         """Add the time since the last count to the run's training time (recorded with each checkpoint)."""
@@ -249,7 +267,8 @@ class Trainer:
         state, accelerator = self.state, self.accelerator
         final_loss, loss_steps = self.logger.recent_loss()
         return tracking.RunSummary(
-            steps=state.global_step, epochs=state.global_step / state.steps_per_epoch, samples=state.samples_seen,
+            steps=state.global_step, samples=state.samples_seen,
+            epochs=state.global_step / state.steps_per_epoch if state.steps_per_epoch else state.epoch + 1,
             seconds=state.train_seconds, counted_from_step=state.counted_from_step, final_loss=final_loss,
             loss_steps=loss_steps, processes=accelerator.num_processes,
             device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision)
@@ -257,9 +276,12 @@ class Trainer:
     def print_plan(self):
         args, accelerator = self.args, self.accelerator
         total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        data = (f"a stream of examples (buffer {args.shuffle_buffer_size}, bad ones skipped as they come), up to "
+                f"{self.num_epochs} passes" if args.streaming else
+                f"{len(self.samples)} examples ({self.report.summary()}), {self.num_epochs} epochs")
         accelerator.print(
-            f"***** Training the {self.stage.name}: {len(self.samples)} examples ({self.report.summary()}), "
-            f"{self.num_epochs} epochs, {self.max_steps} optimizer steps, batch {args.train_batch_size} per device x "
+            f"***** Training the {self.stage.name}: {data}, "
+            f"{self.max_steps} optimizer steps, batch {args.train_batch_size} per device x "
             f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = "
             f"{total_batch}, {count_parameters(accelerator.unwrap_model(self.model)):,} trainable parameters, "
             f"precision {accelerator.mixed_precision}, frozen outputs "

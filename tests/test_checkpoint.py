@@ -11,7 +11,7 @@ import torch
 
 from conftest import warnings_seen
 from fakes import FakeAccelerator, fake_reference_checkpoint
-from kandinsky_train import checkpoint, checkpoint_folders
+from kandinsky_train import checkpoint, checkpoint_folders, model_state
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.errors import UserError
 
@@ -76,10 +76,15 @@ def test_train_state_round_trips_and_derives_the_epoch():
     assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (36, 5.5, 0)
     assert state.state_dict() == {"seed": 7, "steps_per_epoch": 4, "global_step": 9, "epoch": 2,
                                   "skipped_images": ["a.png"], "samples_seen": 36, "train_seconds": 5.5,
-                                  "counted_from_step": 0, "held_out": None}
+                                  "counted_from_step": 0, "held_out": None, "stream": None}
     # A checkpoint that recorded no figures (a reference script's): they count from its step on.
     restored.load_state_dict({"global_step": 6})
     assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (0, 0.0, 6)
+    # --streaming: no length, so the epoch is the one the stream's recorded position names
+    position = {"epoch": 3, "micro": 1, "total_micro": 13, "workers": 0, "consumed": [{"0": 2}]}
+    streamed = checkpoint.TrainState(seed=7, steps_per_epoch=None)
+    streamed.load_state_dict({"global_step": 13, "stream": position})
+    assert (streamed.epoch, streamed.stream) == (3, position)
 
 
 def test_save_is_atomic_rotates_after_and_waits_for_uploads(tmp_path):
@@ -124,7 +129,7 @@ def test_model_hooks_write_diffusers_folders_and_load_them_back(tmp_path):
     stage = Stage(name="prior", subfolder="prior", model=model, model_cls=PriorTransformer, make_sample=None,
                   encode=None, loss=None, validate=None, frozen_models=())
     accelerator = FakeAccelerator()
-    hooks = checkpoint.ModelStateHooks(accelerator, stage, ema)
+    hooks = model_state.ModelStateHooks(accelerator, stage, ema)
     hooks.register()
     assert accelerator.save_hooks == [hooks.save] and accelerator.load_hooks == [hooks.load]
     weights = [model.state_dict()]
@@ -166,7 +171,7 @@ def test_reference_prior_optimizer_state_loads_onto_the_trained_parameters():
     model.clip_std.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
     ours = torch.optim.AdamW(trained, lr=1e-3)
-    checkpoint.accept_whole_model_optimizer_states(ours, model)
+    model_state.accept_whole_model_optimizer_states(ours, model)
     ours.load_state_dict(theirs.state_dict())
     assert len(ours.state) == len(trained) == len(list(model.parameters())) - 2
     for p in trained:

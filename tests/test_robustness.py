@@ -421,6 +421,14 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
         (DECODER_SCRIPT, {"--output_dir": reference_run, "--resume_from_checkpoint": "checkpoint-500",
                           "--use_ema": True},
          r"Checkpoint 'checkpoint-500' does not exist or is incomplete .*; it lacks unet_ema/\."),
+        (PRIOR_SCRIPT, {"--streaming": True, "--max_train_steps": None},
+         "--streaming needs --max_train_steps: a stream has no length to count the training steps from"),
+        (DECODER_SCRIPT, {"--streaming": True, "--cache_embeddings": True},
+         "Conflicting flags: --cache_embeddings with --streaming is not supported: the cache is built by a pass"),
+        (PRIOR_SCRIPT, {"--streaming": True, "--validation_split": 0.25},
+         "Conflicting flags: --validation_split with --streaming is not supported: a stream has no rows to split"),
+        (PRIOR_SCRIPT, {"--streaming": True, "--caption_column": "caption"},
+         "--caption_column 'caption' is not a column of .*; its columns are: image, text"),
     ]
     import train_text_to_image_decoder
     import train_text_to_image_prior

@@ -182,6 +182,51 @@ def build_parquet_dataset(path, num_images=8, size=64, seed=0, image_column="img
     return str(path)
 
 
+def _encoded(image, fmt):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def build_parquet_shards(path, num_shards=4, per_shard=4, size=64, seed=0):
+    """A local dataset folder of several parquet shards (data/train-0000K-of-0000N.parquet), columns image and text:
+    the Hub's layout of a large data set, for --streaming."""
+    import datasets
+
+    rng = np.random.default_rng(seed + 200)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    (Path(path) / "data").mkdir(parents=True, exist_ok=True)
+    for shard in range(num_shards):
+        drawn = [_draw(shard * per_shard + i, size, rng) for i in range(per_shard)]
+        rows = {"image": [{"bytes": _encoded(image, "PNG"), "path": None} for image, _ in drawn],
+                "text": [caption for _, caption in drawn]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(Path(path) / "data" / f"train-{shard:05d}-of-{num_shards:05d}.parquet"))
+    return str(path)
+
+
+def build_webdataset_shards(path, num_shards=4, per_shard=4, size=64, seed=0):
+    """A folder of WebDataset shards (shard-K.tar, each sample a KEY.jpg and its caption KEY.txt), for --streaming
+    with --image_column jpg --caption_column txt."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(seed + 300)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for shard in range(num_shards):
+        with tarfile.open(Path(path) / f"shard-{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                image, caption = _draw(shard * per_shard + i, size, rng)
+                for name, payload in ((f"{shard:02d}{i:03d}.jpg", _encoded(image, "JPEG")),
+                                      (f"{shard:02d}{i:03d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
 def build_all(root, num_images=8):
     root = Path(root)
     return {"prior": build_tiny_prior(root / "prior"), "decoder": build_tiny_decoder(root / "decoder"),

@@ -1,0 +1,114 @@
+"""--streaming: parquet and WebDataset shards read as a stream, each process its own shards, bad samples skipped
+as they come, and a stopped run resumed at the next sample of the stream."""
+
+import io
+import json
+import re
+import shutil
+import tarfile
+
+import pytest
+
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env, read_state
+from test_robustness import DDP, assert_same_state, state_of, trace
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Four shards of four pictures each, as parquet files and as WebDataset .tar files."""
+    import tiny_kandinsky
+
+    root = tmp_path_factory.mktemp("shards")
+    return {"parquet": tiny_kandinsky.build_parquet_shards(root / "parquet"),
+            "webdataset": tiny_kandinsky.build_webdataset_shards(root / "webdataset")}
+
+
+def by_rank_and_epoch(records):
+    seen = {}
+    for record in records:
+        seen.setdefault((record["rank"], record["epoch"]), []).extend(record["index"])
+    return seen
+
+
+def test_two_processes_stream_their_own_parquet_shards_and_a_stopped_run_resumes_at_the_next_sample(
+        tiny, shards, tmp_path):
+    # 16 pictures in 4 shards: each of the 2 processes reads 2 shards, one per data-loader worker, through a shuffle
+    # buffer; batches of 2 make 4 steps an epoch, and 8 steps two epochs.
+    common = {"--train_data_dir": None, "--dataset_name": shards["parquet"], "--streaming": True,
+              "--shuffle_buffer_size": 3, "--dataloader_num_workers": 2, "--checkpointing_steps": 4,
+              "--lr_scheduler": "cosine"}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=8, **common), launcher=DDP,
+           env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
+    # SIGTERM to rank 0 before the run's 6th micro-batch (the 2nd of epoch 1): both stop at the next agreed step
+    stopped = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=8, **common), launcher=DDP, env=offline_env(
+        ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_FAULT="micro:5:TERM", KANDINSKY_TRAIN_FAULT_RANK="0",
+        KANDINSKY_TRAIN_TRACE=str(tmp_path / "p1.jsonl")))
+    step = int(re.search(r"Received SIGTERM: saved checkpoint-(\d+)", stopped.stdout + stopped.stderr)[1])
+    assert 4 < step < 8  # in the middle of epoch 1
+    position = read_state(parts / f"checkpoint-{step}")["stream"]
+    assert position["epoch"] == 1 and position["micro"] == step - 4 and len(position["consumed"]) == 2
+    resumed = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=8, **common, **{"--resume_from_checkpoint": "latest"}),
+                     launcher=DDP, env=offline_env(ACCELERATE_USE_CPU="true",
+                                                   KANDINSKY_TRAIN_TRACE=str(tmp_path / "p2.jsonl")))
+    assert "identical on all 2 processes" in resumed.stdout + resumed.stderr
+    assert checkpoints(parts) == ["checkpoint-4", f"checkpoint-{step}", "checkpoint-8"]
+    assert_same_state(state_of(whole / "checkpoint-8", "prior"), state_of(parts / "checkpoint-8", "prior"), ema=False)
+
+    whole_seen = by_rank_and_epoch(trace(tmp_path / "whole.jsonl"))
+    parts_seen = by_rank_and_epoch(trace(tmp_path / "p1.jsonl") + trace(tmp_path / "p2.jsonl"))
+    assert parts_seen == whole_seen  # the resumed run saw exactly the samples the stopped one had not
+    for epoch in (0, 1):
+        rank0, rank1 = whole_seen[(0, epoch)], whole_seen[(1, epoch)]
+        assert len(rank0) == len(rank1) == 8 and len(set(rank0) | set(rank1)) == 16  # disjoint, all read once
+    assert whole_seen[(0, 0)] != whole_seen[(0, 1)] and sorted(whole_seen[(0, 0)]) == sorted(whole_seen[(0, 1)])
+
+
+def test_webdataset_shards_skip_a_corrupt_sample_and_name_it(tiny, shards, tmp_path):
+    corrupt = tmp_path / "webdataset"
+    shutil.copytree(shards["webdataset"], corrupt)
+    shard = corrupt / "shard-00001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            if member.name == "01002.jpg":
+                payload = b"not a jpeg"
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    out = tmp_path / "out"
+    proc = launch(DECODER_SCRIPT, base_args(tiny, out, steps=4, **{
+        "--train_data_dir": None, "--dataset_name": corrupt, "--streaming": True, "--image_column": "jpg",
+        "--num_train_epochs": 1}), launcher=DDP,
+        env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl")))
+    text = proc.stdout + proc.stderr
+    assert re.search(r"Skipping unreadable image 01002: UnidentifiedImageError", text)
+    assert "Data: 1 sample(s) skipped (unreadable image or missing caption), each named in the log" in text
+    seen = by_rank_and_epoch(trace(tmp_path / "trace.jsonl"))
+    # one pass (--num_train_epochs 1): each rank reads two of the four shards, one rank less the corrupt sample
+    assert sorted([len(seen[(0, 0)]), len(seen[(1, 0)])]) == [7, 8] and not set(seen[(0, 0)]) & set(seen[(1, 0)])
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "KandinskyV22Pipeline"
+
+
+def test_one_process_streams_an_image_folder_and_resumes_exactly(tiny, tmp_path):
+    # 8 pictures in one folder (one shard), batches of 2: 4 steps an epoch; stopped in epoch 1, resumed
+    held_out = tmp_path / "held_out"  # a separate held-out set works with a stream (a split would not)
+    shutil.copytree(tiny["images"], held_out)
+    common = {"--streaming": True, "--shuffle_buffer_size": 4, "--checkpointing_steps": 3, "--random_flip": True,
+              "--validation_data_dir": held_out, "--validation_steps": 3}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    first = launch(DECODER_SCRIPT, base_args(tiny, whole, steps=6, **common))
+    assert "Evaluating a held-out set of 8 samples" in first.stdout + first.stderr
+    stopped = launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common),
+                     env=offline_env(KANDINSKY_TRAIN_FAULT="micro:4:TERM"))
+    assert "Received SIGTERM: saved checkpoint-5" in stopped.stdout + stopped.stderr
+    assert read_state(parts / "checkpoint-5")["stream"]["consumed"] == [{"0": 2}]  # one batch into epoch 1
+
+    refused = launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{
+        "--resume_from_checkpoint": "latest", "--dataloader_num_workers": 1}), check=False)
+    assert refused.returncode != 0  # the launcher's code for the script's 2
+    assert ("The checkpoint's stream position was recorded with 1 process(es) and 0 data-loader worker(s); resume "
+            "--streaming with the same numbers") in refused.stderr
+    launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}))
+    assert checkpoints(parts) == ["checkpoint-3", "checkpoint-5", "checkpoint-6"]
+    assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"), ema=False)
