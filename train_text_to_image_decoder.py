@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from kandinsky_train import (buckets, checks, cli, data, diffusion, errors, hub, images, loop, preemption, runtime,
+from kandinsky_train import (buckets, checks, cli, diffusion, errors, holdout, hub, images, loop, preemption, runtime,
                              storage, streaming, validation)
 from kandinsky_train.model_card import hub_id, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
@@ -60,7 +60,7 @@ def main(args):
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     dataset, report = streaming.training_data(args, accelerator)
-    dataset, held_out = data.held_out_data(args, accelerator, dataset)
+    dataset, held_out = holdout.held_out_data(args, accelerator, dataset)
 
     weight_dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device

@@ -9,8 +9,8 @@ import argparse
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky_train import (checks, cli, data, diffusion, errors, hub, loop, preemption, runtime, storage, streaming,
-                             validation)
+from kandinsky_train import (checks, cli, data, diffusion, errors, holdout, hub, loop, preemption, runtime, storage,
+                             streaming, validation)
 from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.model_card import pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
@@ -55,7 +55,7 @@ def main(args):
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     dataset, report = streaming.training_data(args, accelerator, caption_column=args.caption_column)
-    dataset, held_out = data.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
+    dataset, held_out = holdout.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
 
     weight_dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device

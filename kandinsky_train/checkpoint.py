@@ -31,7 +31,7 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     skipped_images: list = field(default_factory=list)
-    held_out: str = None  # the rows --validation_split took out of training (data.split_rows)
+    held_out: str = None  # the rows --validation_split took out of training (holdout.split_rows)
     # The run's own figures for its model card, summed over resumed sessions from step counted_from_step on.
     samples_seen: int = 0
     train_seconds: float = 0.0

@@ -21,7 +21,7 @@ from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
 from .preemption import StopRequest, finishing
-from .runtime import count_parameters, make_lr_scheduler, make_optimizer, set_schedule_position
+from .runtime import check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position
 from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
 
@@ -38,7 +38,7 @@ class TrainResult:
 
 
 def train(args, accelerator, stage, dataset, report, hub_repo_id=None, held_out=None):
-    """Train the stage's model on the dataset (evaluating it on held_out, a data.HeldOut, if given); a TrainResult
+    """Train the stage's model on the dataset (evaluating it on held_out, a holdout.HeldOut, if given); a TrainResult
     for the script's final save."""
     return Trainer(args, accelerator, stage, dataset, report, hub_repo_id, held_out).train()
 
@@ -274,30 +274,9 @@ class Trainer:
             device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision)
 
     def print_plan(self):
-        args, accelerator = self.args, self.accelerator
-        total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        args = self.args
         data = (f"a stream of examples (buffer {args.shuffle_buffer_size}, bad ones skipped as they come), up to "
                 f"{self.num_epochs} passes" if args.streaming else
                 f"{len(self.samples)} examples ({self.report.summary()}), {self.num_epochs} epochs")
-        accelerator.print(
-            f"***** Training the {self.stage.name}: {data}, "
-            f"{self.max_steps} optimizer steps, batch {args.train_batch_size} per device x "
-            f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = "
-            f"{total_batch}, {count_parameters(accelerator.unwrap_model(self.model)):,} trainable parameters, "
-            f"precision {accelerator.mixed_precision}, frozen outputs "
-            f"{'cached' if self.encode is None else 'computed every step'}, seed {self.state.seed} *****")
-        if self.evaluation is not None:
-            accelerator.print(f"Evaluating a {self.evaluation.summary()}, every "
-                              + (f"{args.validation_steps} steps" if args.validation_steps else "epoch"))
-
-
-def check_ranks_agree(accelerator, model):
-    """Data parallelism must leave every process with the same weights: compare a checksum across ranks."""
-    if accelerator.num_processes == 1:
-        return
-    with torch.no_grad():
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        checksums = accelerator.gather(checksum.to(accelerator.device)).cpu()
-    if not torch.all(checksums == checksums[0]):
-        raise RuntimeError(f"The processes ended with different weights (checksums {checksums.tolist()}).")
-    accelerator.print(f"Trained weights are identical on all {accelerator.num_processes} processes.")
+        tracking.print_plan(self.accelerator, args, self.stage.name, data, self.max_steps, self.model,
+                            cached=self.encode is None, seed=self.state.seed, evaluation=self.evaluation)

@@ -138,3 +138,15 @@ def on_device(device, *models):
     finally:
         for m, home in zip(models, homes):
             m.to(home)
+
+
+def check_ranks_agree(accelerator, model):
+    """Data parallelism must leave every process with the same weights: compare a checksum across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        checksums = accelerator.gather(checksum.to(accelerator.device)).cpu()
+    if not torch.all(checksums == checksums[0]):
+        raise RuntimeError(f"The processes ended with different weights (checksums {checksums.tolist()}).")
+    accelerator.print(f"Trained weights are identical on all {accelerator.num_processes} processes.")

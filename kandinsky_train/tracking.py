@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .runtime import count_parameters
+
 
 def start(accelerator, args):
     """Open the trackers with every argument as the run's configuration (never the Hub token)."""
@@ -110,6 +112,20 @@ def log_images(accelerator, images, step):
 
             tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {prompt}")
                                         for i, (prompt, image) in enumerate(images)]}, step=step)
+
+
+def print_plan(accelerator, args, stage_name, data, max_steps, model, cached, seed, evaluation=None):
+    """The run's first line: what it trains, on what, for how long, in which batches and precision."""
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    accelerator.print(
+        f"***** Training the {stage_name}: {data}, {max_steps} optimizer steps, batch {args.train_batch_size} per "
+        f"device x {accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = "
+        f"{total_batch}, {count_parameters(accelerator.unwrap_model(model)):,} trainable parameters, precision "
+        f"{accelerator.mixed_precision}, frozen outputs {'cached' if cached else 'computed every step'}, seed {seed} "
+        "*****")
+    if evaluation is not None:
+        accelerator.print(f"Evaluating a {evaluation.summary()}, every "
+                          + (f"{args.validation_steps} steps" if args.validation_steps else "epoch"))
 
 
 def read_scalars(log_dir):

@@ -15,7 +15,7 @@ from PIL import Image
 from fakes import FakeAccelerator
 from kandinsky_train import checks
 from kandinsky_train.checkpoint import TrainState
-from kandinsky_train.data import held_out_data
+from kandinsky_train.holdout import held_out_data
 from kandinsky_train.errors import UserError
 from kandinsky_train.evaluation import HeldOutEvaluation, fixed_noise, fixed_timesteps
 from kandinsky_train.runtime import make_optimizer
