@@ -36,7 +36,7 @@ def load_training_data(args, accelerator, caption_column=None, splits=("train",)
     unreadable images (reported by name). The main process goes first, so that the other processes find its downloads
     and checks in the datasets cache."""
     with accelerator.main_process_first():
-        dataset = _load_split(args, splits)
+        dataset = load_split(args, splits)
         dataset = _check_columns(dataset, args, caption_column)
         report = ImageReport()
         if not args.skip_image_check:
@@ -44,17 +44,20 @@ def load_training_data(args, accelerator, caption_column=None, splits=("train",)
         return dataset, report
 
 
-def _load_split(args, splits):
+def load_split(args, splits, streaming=False):
+    """The first of `splits` that --dataset_name or --train_data_dir has (an IterableDataset with `streaming`)."""
     import datasets
 
     if args.dataset_name is not None:
         try:
-            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                                           streaming=streaming)
         except Exception as error:  # datasets raises many types for "not found / offline / bad format"
             fail(f"Could not load --dataset_name {args.dataset_name!r}: {first_line(error)}")
     else:
         try:
-            loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+            loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
+                                           streaming=streaming)
         except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv: its last line says why
             fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
                  f"{str(error).strip().splitlines()[-1]}")
@@ -64,14 +67,26 @@ def _load_split(args, splits):
     fail(f"The dataset has no {' or '.join(map(repr, splits))} split (splits: {', '.join(loaded)}).")
 
 
-def _check_columns(dataset, args, caption_column):
-    import datasets
-
-    columns = dataset.column_names
+def check_column_names(columns, args, caption_column):
     source = args.dataset_name or args.train_data_dir
     for flag, column in (("--image_column", args.image_column), ("--caption_column", caption_column)):
         if column is not None and column not in columns:
             fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
+
+
+def undecoded(dataset, image_column):
+    """The data set with its images left undecoded: the samples decode them through our own loader, so that a bad
+    file is reported (or skipped) instead of crashing a worker."""
+    import datasets
+
+    if dataset.features is not None and isinstance(dataset.features.get(image_column), datasets.Image):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def _check_columns(dataset, args, caption_column):
+    source = args.dataset_name or args.train_data_dir
+    check_column_names(dataset.column_names, args, caption_column)
     # Every column stays (each stage reads only its own, see TrainingSamples): both stages then select the same rows
     # the same way, and their data sets share a fingerprint, the key of the shared CLIP image-embedding cache.
     if args.max_train_samples is not None:
@@ -83,10 +98,7 @@ def _check_columns(dataset, args, caption_column):
         if bad:
             fail(f"{len(bad)} sample(s) have a missing or non-string caption in column {caption_column!r} "
                  f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}); fix or drop them.")
-    # Decode lazily through our own loader, so that a bad file is reported instead of crashing a worker.
-    if isinstance(dataset.features[args.image_column], datasets.Image):
-        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    return dataset
+    return undecoded(dataset, args.image_column)
 
 
 def captions(value):
@@ -192,11 +204,15 @@ class Variants:
         return 1 if self.counts is None else self.counts[index]
 
     def pick(self, index):
-        count = self.count(index)
-        if count == 1:
-            return 0
-        mixed = hashlib.sha256(f"variant/{self.seed}/{int(self._epoch)}/{index}".encode()).digest()
-        return int.from_bytes(mixed[:8], "little") % count
+        return draw_variant(self.seed, int(self._epoch), index, self.count(index))
+
+
+def draw_variant(seed, epoch, key, count):
+    """Which of a sample's `count` versions an epoch trains on: a pure function of (seed, epoch, the sample's key)."""
+    if count == 1:
+        return 0
+    mixed = hashlib.sha256(f"variant/{seed}/{epoch}/{key}".encode()).digest()
+    return int.from_bytes(mixed[:8], "little") % count
 
 
 class TrainingSamples(torch.utils.data.Dataset):

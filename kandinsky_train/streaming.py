@@ -14,8 +14,9 @@ import logging
 
 import torch
 
-from .data import ImageReport, captions, collate, load_training_data
-from .errors import fail, first_line
+from .data import (ImageReport, captions, check_column_names, collate, draw_variant, load_split, load_training_data,
+                   undecoded)
+from .errors import fail
 from .images import image_name, open_rgb
 
 logger = logging.getLogger(__name__)
@@ -33,27 +34,12 @@ def load_stream(args, accelerator, caption_column=None):
     """The train split of --dataset_name (a Hub id or a local folder of shards) or --train_data_dir as an
     IterableDataset, its columns checked, images left undecoded (the samples decode them, so that a bad one is
     skipped instead of stopping the stream), cut to --max_train_samples, and split between the processes."""
-    import datasets
     from datasets.distributed import split_dataset_by_node
 
     source = args.dataset_name or args.train_data_dir
-    try:
-        if args.dataset_name is not None:
-            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
-                                           streaming=True)
-        else:
-            loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, streaming=True)
-    except Exception as error:  # datasets raises many types for "not found / offline / bad format"
-        fail(f"Could not stream {source!r}: {first_line(error)}")
-    if "train" not in loaded:
-        fail(f"The dataset has no 'train' split (splits: {', '.join(loaded)}).")
-    stream = loaded["train"]
-    columns = stream.column_names or list(next(iter(stream)))
-    for flag, column in (("--image_column", args.image_column), ("--caption_column", caption_column)):
-        if column is not None and column not in columns:
-            fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
-    if stream.features is not None and isinstance(stream.features.get(args.image_column), datasets.Image):
-        stream = stream.cast_column(args.image_column, datasets.Image(decode=False))
+    stream = load_split(args, ("train",), streaming=True)
+    check_column_names(stream.column_names or list(next(iter(stream))), args, caption_column)
+    stream = undecoded(stream, args.image_column)
     if args.max_train_samples is not None:
         stream = stream.take(args.max_train_samples)
     if stream.num_shards % accelerator.num_processes:
@@ -128,11 +114,8 @@ class StreamSamples(torch.utils.data.IterableDataset):
             logger.warning(f"Skipping unreadable image {name}: {type(error).__name__}: {error}")
             return None
         index = sample_id(value)
-        count = self.stage.variants(_OneRow(row)) if self.stage.variants else None
-        variant = 0
-        if count and count[0] > 1:  # one of its versions, a pure function of (seed, epoch, sample)
-            mixed = hashlib.sha256(f"variant/{self.seed}/{self.epoch}/{index}".encode()).digest()
-            variant = int.from_bytes(mixed[:8], "little") % count[0]
+        counts = self.stage.variants(_OneRow(row)) if self.stage.variants else None
+        variant = draw_variant(self.seed, self.epoch, index, counts[0] if counts else 1)
         sample = self.stage.make_sample(image, row, variant, None)
         sample["index"] = index
         return sample

@@ -4,7 +4,6 @@ import json
 import re
 import subprocess
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -20,7 +19,7 @@ def test_hand_set_movq_encodes_each_cell_as_its_mean_colour_and_paints_it_back(t
     movq = demo_set.set_flat_colour_autoencoder(VQModel.from_pretrained(build_tiny_decoder(tmp_path / "decoder"),
                                                                         subfolder="movq"))
     picture = demo_set.draw("circle", "red", "blue", 64)
-    pixels = torch.from_numpy(np.asarray(picture, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    pixels = demo_set.pixels_of(picture)
     with torch.no_grad():
         latents = movq.encode(pixels).latents
         painted = movq.decode(latents, force_not_quantize=True).sample

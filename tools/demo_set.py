@@ -117,9 +117,14 @@ def build_demo_set(root, size=128):
     return {"prior": prior, "decoder": decoder, "images": build_pictures(root / "images", size)}
 
 
+def pixels_of(image):
+    """A PIL picture as the (1, 3, H, W) tensor in [-1, 1] that MoVQ encodes."""
+    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
 def autoencoder_error(movq, image):
     """Largest per-pixel difference (0-255) between a flat picture and its MoVQ round trip."""
-    pixels = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    pixels = pixels_of(image)
     with torch.no_grad():
         back = movq.decode(movq.encode(pixels).latents, force_not_quantize=True).sample
     return float((back - pixels).abs().max() * 127.5)

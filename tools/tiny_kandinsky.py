@@ -161,27 +161,6 @@ def build_image_folder(path, num_images=8, size=64, seed=0):
     return str(path)
 
 
-def build_parquet_dataset(path, num_images=8, size=64, seed=0, image_column="img", caption_column="caption"):
-    """A local dataset folder in the Hub's layout (data/train-*.parquet), for --dataset_name."""
-    import io
-
-    import datasets
-
-    rng = np.random.default_rng(seed + 100)
-    images, captions = [], []
-    for i in range(num_images):
-        image, caption = _draw(i + 3, size, rng)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        images.append({"bytes": buffer.getvalue(), "path": None})
-        captions.append(caption)
-    features = datasets.Features({image_column: datasets.Image(), caption_column: datasets.Value("string")})
-    dataset = datasets.Dataset.from_dict({image_column: images, caption_column: captions}, features=features)
-    (Path(path) / "data").mkdir(parents=True, exist_ok=True)
-    dataset.to_parquet(str(Path(path) / "data" / "train-00000-of-00001.parquet"))
-    return str(path)
-
-
 def _encoded(image, fmt):
     import io
 
@@ -190,20 +169,32 @@ def _encoded(image, fmt):
     return buffer.getvalue()
 
 
+def _write_parquet(file, drawn, image_column="image", caption_column="text"):
+    """(picture, caption) pairs as one parquet file: an Image column (PNG bytes) and a string column."""
+    import datasets
+
+    features = datasets.Features({image_column: datasets.Image(), caption_column: datasets.Value("string")})
+    rows = {image_column: [{"bytes": _encoded(image, "PNG"), "path": None} for image, _ in drawn],
+            caption_column: [caption for _, caption in drawn]}
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(file))
+
+
+def build_parquet_dataset(path, num_images=8, size=64, seed=0, image_column="img", caption_column="caption"):
+    """A local dataset folder in the Hub's layout (data/train-*.parquet), for --dataset_name."""
+    rng = np.random.default_rng(seed + 100)
+    _write_parquet(Path(path) / "data" / "train-00000-of-00001.parquet",
+                   [_draw(i + 3, size, rng) for i in range(num_images)], image_column, caption_column)
+    return str(path)
+
+
 def build_parquet_shards(path, num_shards=4, per_shard=4, size=64, seed=0):
     """A local dataset folder of several parquet shards (data/train-0000K-of-0000N.parquet), columns image and text:
     the Hub's layout of a large data set, for --streaming."""
-    import datasets
-
     rng = np.random.default_rng(seed + 200)
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    (Path(path) / "data").mkdir(parents=True, exist_ok=True)
     for shard in range(num_shards):
-        drawn = [_draw(shard * per_shard + i, size, rng) for i in range(per_shard)]
-        rows = {"image": [{"bytes": _encoded(image, "PNG"), "path": None} for image, _ in drawn],
-                "text": [caption for _, caption in drawn]}
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(
-            str(Path(path) / "data" / f"train-{shard:05d}-of-{num_shards:05d}.parquet"))
+        _write_parquet(Path(path) / "data" / f"train-{shard:05d}-of-{num_shards:05d}.parquet",
+                       [_draw(shard * per_shard + i, size, rng) for i in range(per_shard)])
     return str(path)
 
 
