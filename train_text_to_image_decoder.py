@@ -214,17 +214,16 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id):
     from diffusers import KandinskyV22Pipeline, VQModel
 
     decoder_path, prior_path = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
-    unet, output = trained.model, hub_repo_id or args.hub_model_id or args.output_dir
-    pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0])
-    if args.use_lora:
-        storage.save_lora_adapter(unet, args.output_dir)
-        snippet = pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair)
-    else:
-        if trained.ema is not None:
-            trained.ema.copy_to(unet.parameters())
+    output = hub_repo_id or args.hub_model_id or args.output_dir
+
+    def pipeline(unet):
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored
-        storage.save_pipeline(KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq), args.output_dir)
-        snippet = pair_snippet(decoder=output, **pair)
+        return KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
+
+    storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
+    pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0])
+    snippet = (pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair) if args.use_lora
+               else pair_snippet(decoder=output, **pair))
     notes = [] if hub_id(prior_path) else [
         f"Generate with the Kandinsky 2.2 prior it was trained with, a local model folder "
         f"`{os.path.basename(os.path.normpath(prior_path))}` (or one fine-tuned from it): the code below expects it "

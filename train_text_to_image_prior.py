@@ -200,25 +200,23 @@ def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler
     from diffusers import KandinskyV22PriorPipeline
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    prior_path, prior = args.pretrained_prior_model_name_or_path, trained.model
+    prior_path = args.pretrained_prior_model_name_or_path
     output = hub_repo_id or args.hub_model_id or args.output_dir
-    pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
-                prompt=(args.validation_prompts or ["a photo"])[0])
-    if args.use_lora:
-        storage.save_lora_adapter(prior, args.output_dir)
-        snippet = pair_snippet(prior=snippet_name(prior_path), prior_lora=output, **pair)
-    else:
-        if trained.ema is not None:
-            trained.ema.copy_to(prior.parameters())
+
+    def pipeline(prior):
         # The frozen encoders are saved as they were stored, not in the training's half precision.
         text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_path, subfolder="text_encoder",
                                                                    cache_dir=args.cache_dir)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder",
                                                                       cache_dir=args.cache_dir)
-        pipe = KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
+        return KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
                                          tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
-        storage.save_pipeline(pipe, args.output_dir)
-        snippet = pair_snippet(prior=output, **pair)
+
+    storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
+    pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
+                prompt=(args.validation_prompts or ["a photo"])[0])
+    snippet = (pair_snippet(prior=snippet_name(prior_path), prior_lora=output, **pair) if args.use_lora
+               else pair_snippet(prior=output, **pair))
     hub.publish(args, accelerator, STAGE, prior_path, snippet, trained.images, hub_repo_id, trained.summary)
 
 

@@ -146,3 +146,14 @@ def save_lora_adapter(model, folder):
     """The trained LoRA adapter of a diffusers model, as one file."""
     save_output("the LoRA adapter", lambda to: model.save_lora_adapter(to, weight_name=LORA_WEIGHTS), folder,
                 tensor_bytes(p for p in model.parameters() if p.requires_grad), written=[LORA_WEIGHTS])
+
+
+def save_trained(trained, folder, lora, make_pipeline):
+    """A run's final save: the LoRA adapter file with --use_lora; else the pipeline that make_pipeline(model) builds
+    around the trained model, holding the EMA's weights when the run kept an EMA."""
+    if lora:
+        save_lora_adapter(trained.model, folder)
+        return
+    if trained.ema is not None:
+        trained.ema.copy_to(trained.model.parameters())
+    save_pipeline(make_pipeline(trained.model), folder)
