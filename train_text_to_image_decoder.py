@@ -47,11 +47,9 @@ def main(args):
     with errors.loading("MoVQ and UNet configurations", "--pretrained_decoder_model_name_or_path", decoder_path):
         movq_config = VQModel.load_config(decoder_path, subfolder="movq", **load)
         unet_config = UNet2DConditionModel.load_config(decoder_path, subfolder="unet", **load)
-    scale = buckets.movq_factor(movq_config)
-    if args.resolution % scale:
-        errors.fail(f"--resolution must be a multiple of the MoVQ scale factor {scale}, got {args.resolution}.")
-    bucketing = buckets.Buckets.from_args(args, buckets.size_multiple(movq_config, unet_config)) \
-        if args.enable_bucket else None
+    multiple = buckets.size_multiple(movq_config, unet_config)
+    buckets.check_resolution(args.resolution, multiple)
+    bucketing = buckets.Buckets.from_args(args, multiple) if args.enable_bucket else None
     render_multiple = buckets.render_multiple(movq_config)
     for width, height in extra_sizes:
         if width % render_multiple or height % render_multiple:

@@ -6,6 +6,7 @@ order a run meets them:
 
     cli         the command line (the reference scripts' flags, then ours)
     checks      errors that need nothing loaded: flags, model folders, output folder
+      output_dir  --output_dir: writable, none of the run's inputs, one stage's, no checkpoint overwritten
     runtime     the Accelerator, dtypes, optimizer (AdamW, Adafactor, Prodigy) and schedule, LoRA, models that wait
                 on the CPU
     hub         the Hub repository, background checkpoint uploads, the final upload

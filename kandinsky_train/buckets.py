@@ -23,6 +23,16 @@ def size_multiple(movq_config, unet_config):
     return movq_factor(movq_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
+def check_resolution(resolution, multiple):
+    """--resolution as the decoder's training (and held-out) side: a multiple of `size_multiple`, or the first step's
+    forward pass fails after every model has loaded."""
+    if resolution % multiple:
+        lower = resolution // multiple * multiple
+        nearest = " or ".join(str(side) for side in (lower, lower + multiple) if side > 0)
+        fail(f"--resolution {resolution} does not fit the decoder: MoVQ and the UNet together divide each side by "
+             f"{multiple}, so the side must be a multiple of {multiple}; the nearest are {nearest}.")
+
+
 def render_multiple(movq_config):
     """KandinskyV22Pipeline rounds the height and width it renders up to multiples of MoVQ's factor squared."""
     return movq_factor(movq_config) ** 2

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 MODEL_FOLDERS = {"prior": "prior", "decoder": "unet"}  # the trained model's folder in a checkpoint, per stage
+# The pipelines each stage's final save writes as OUTPUT_DIR/model_index.json.
+STAGE_PIPELINES = {"prior": ("KandinskyV22PriorPipeline",), "decoder": ("KandinskyV22Pipeline",)}
 RESUME_FILES = ("optimizer.bin", "scheduler.bin", "random_states_*.pkl")  # what accelerate's load_state reads
 
 
@@ -56,6 +58,23 @@ def _holds_model(folder, config):
 def is_reference(path):
     """Written by diffusers' reference scripts (or any accelerate run with their layout): no training_state.json."""
     return not os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def stage_of(path):
+    """Which stage wrote a checkpoint folder: the one its training_state.json records, else the one whose model
+    folder (plain, _ema or _lora) it holds (older checkpoints of ours and the reference scripts' record none);
+    None when neither tells."""
+    if not is_reference(path):
+        try:
+            recorded = read_state(path).get("stage")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded:
+            return recorded
+    for stage, sub in MODEL_FOLDERS.items():
+        if any(os.path.isdir(os.path.join(path, sub + suffix)) for suffix in ("", "_ema", "_lora")):
+            return stage
+    return None
 
 
 def step_of(path):

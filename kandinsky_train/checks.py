@@ -2,12 +2,14 @@
 """Errors that need nothing loaded: the command line and the model folders are checked before any model, data set
 or GPU time, and each problem is one line that names the flag to fix."""
 
+import logging
+import math
 import os
 from pathlib import Path
 
-from .checkpoint_folders import CHECKPOINT_RE, Layout, named_checkpoint, scan, step_of
-from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets
+from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets, tracker_names
 from .errors import fail
+from .output_dir import check_output_dir
 from .images import IMAGE_EXTENSIONS
 
 AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs",
@@ -16,13 +18,18 @@ AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointin
 OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "validation_steps")
 
 
+logger = logging.getLogger(__name__)
+
+
 def check_args(args, stage):
     _check_image_options(args, stage)
     _check_data(args)
     _check_numbers(args)
+    _check_optimization(args)
     _check_conflicts(args)
     _check_packages(args)
-    _check_output_dir(args, stage)
+    _check_precision(args)
+    check_output_dir(args, stage)
 
 
 def _check_image_options(args, stage):
@@ -107,6 +114,31 @@ def _check_numbers(args):
         fail(f"Unknown --lr_scheduler {args.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}.")
     if not 0.0 <= args.conditioning_dropout_prob < 1.0:
         fail(f"--conditioning_dropout_prob must be in [0, 1), got {args.conditioning_dropout_prob}.")
+    if args.dataloader_num_workers < 0:
+        fail(f"--dataloader_num_workers must be at least 0 (0 loads in the main process), got "
+             f"{args.dataloader_num_workers}.")
+
+
+def _check_optimization(args):
+    """The optimizer's and the loss's numbers: what torch would refuse with a traceback at the first step, and what
+    it would accept but train wrongly (a negative Min-SNR gamma turns the loss's sign)."""
+    for name in ("learning_rate", "adam_epsilon", "adam_weight_decay", "max_grad_norm", "ema_decay"):
+        if not math.isfinite(getattr(args, name)):
+            fail(f"--{name} must be a finite number, got {getattr(args, name)}.")
+    for name in ("learning_rate", "adam_epsilon", "adam_weight_decay"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be at least 0, got {getattr(args, name)}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:  # also refuses nan
+            fail(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        fail(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
+        fail(f"--snr_gamma must be a positive number (5.0 is recommended), got {args.snr_gamma}: the Min-SNR "
+             "weight min(SNR, gamma) / SNR would be zero or negative, which trains nothing or in reverse.")
+    if args.learning_rate == 0:
+        logger.warning("--learning_rate 0: the weights will not change (Prodigy excepted, which takes it as a "
+                       "factor and then also trains nothing).")
 
 
 def _check_conflicts(args):
@@ -124,9 +156,11 @@ def _check_conflicts(args):
 
 
 def _check_packages(args):
+    if args.report_to not in (*tracker_names(), "all", "none", ""):
+        fail(f"Unknown --report_to {args.report_to!r}; choose one of {', '.join(tracker_names())}, all or none.")
     trackers = report_targets(args.report_to)
-    for tracker in ("wandb", "tensorboard", "comet_ml"):
-        if tracker in trackers and args.report_to != "all" and not installed(tracker):
+    for tracker in trackers:
+        if args.report_to != "all" and not installed(tracker):
             fail(f"--report_to {tracker} needs the `{tracker}` package: pip install {tracker}")
     if args.use_8bit_adam and not installed("bitsandbytes"):
         fail("--use_8bit_adam needs bitsandbytes (CUDA only): pip install bitsandbytes")
@@ -139,28 +173,17 @@ def _check_packages(args):
         fail("--use_lora needs peft: pip install peft")
 
 
-def _check_output_dir(args, stage):
-    layout = Layout.of(args, stage)
-    complete, incomplete = scan(args.output_dir, layout)
-    if args.resume_from_checkpoint is None:
-        earlier = [os.path.basename(path) for _, path in complete]
-        if earlier:  # a new run would overwrite them step by step, and rotation would delete its own first
-            fail(f"--output_dir {args.output_dir!r} already holds checkpoints of an earlier run "
-                 f"({', '.join(earlier[-3:])}). Add --resume_from_checkpoint latest to continue it, or choose "
-                 "another --output_dir to start a new run.")
-    start = complete[-1][0] if args.resume_from_checkpoint == "latest" and complete else 0
-    if args.resume_from_checkpoint not in (None, "latest"):
-        name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
-        if not CHECKPOINT_RE.match(name):
-            fail(f'--resume_from_checkpoint takes "latest" or a folder named checkpoint-<step>, got '
-                 f"{args.resume_from_checkpoint!r}.")
-        start = step_of(named_checkpoint(args, layout))
-    for step, path, missing in incomplete:
-        if step > start:  # this run would save its own checkpoint of that step over it
-            fail(f"--output_dir {args.output_dir!r} holds {os.path.basename(path)}, which is not a complete checkpoint "
-                 f"(it lacks {', '.join(missing)}; perhaps the half-written save of a run that was killed), and this "
-                 "run would save its own checkpoint of that step there. Move it out of --output_dir (or delete it), "
-                 "then run again.")
+def _check_precision(args):
+    """fp16 autocast needs a GPU: on the CPU the first step fails with a dtype mismatch (bf16 works there)."""
+    import torch
+
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not (
+        torch.cuda.is_available() or torch.backends.mps.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    if precision == "fp16" and on_cpu:
+        fail("--mixed_precision fp16 needs a GPU and this run is on the CPU: use --mixed_precision bf16 or no "
+             "(or `accelerate config`'s mixed precision, which sets it when the flag is not given).")
 
 
 def check_model_repo(path, subfolders, flag):

@@ -151,7 +151,8 @@ def _validation(add, stage, model):
 
 def _tracking_and_hub(add, stage, model):
     add("--report_to", type=str, default="tensorboard",
-        help='Where to log: "tensorboard", "wandb", "comet_ml", "all" or "none".')
+        help='Where to log: "tensorboard", "wandb", "comet_ml" (or another tracker accelerate knows, such as '
+        '"mlflow"), "all" or "none".')
     add("--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir.")
     add("--tracker_project_name", type=str, default="text2image-fine-tune",
         help="Project name of the tracker (W&B project, TensorBoard run folder).")
@@ -251,6 +252,13 @@ def report_targets(report_to):
     if report_to in (None, "none", ""):
         return []
     return [report_to]
+
+
+def tracker_names():
+    """Every tracker accelerate can log to, by --report_to name (each is also its package's import name)."""
+    from accelerate.utils import LoggerType
+
+    return [tracker.value for tracker in LoggerType if tracker.value != "all"]
 
 
 def installed(package):

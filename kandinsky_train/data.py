@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import ImageFile
 
-from .errors import fail, first_line
+from .errors import fail, reason
 from .images import image_name, image_size, open_rgb
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,14 @@ def load_split(args, splits, streaming=False):
             loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                            streaming=streaming)
         except Exception as error:  # datasets raises many types for "not found / offline / bad format"
-            fail(f"Could not load --dataset_name {args.dataset_name!r}: {first_line(error)}")
+            fail(f"Could not load --dataset_name {args.dataset_name!r}: {reason(error)}")
     else:
         try:
             loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
                                            streaming=streaming)
-        except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv: its last line says why
+        except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv
             fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
-                 f"{str(error).strip().splitlines()[-1]}")
+                 f"{reason(error)}")
     for split in splits:
         if split in loaded:
             return loaded[split]
@@ -74,14 +74,34 @@ def check_column_names(columns, args, caption_column):
             fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
 
 
-def undecoded(dataset, image_column):
+def undecoded(dataset, image_column, folder=None):
     """The data set with its images left undecoded: the samples decode them through our own loader, so that a bad
-    file is reported (or skipped) instead of crashing a worker."""
+    file is reported (or skipped) instead of crashing a worker. A column of file paths (CSV, parquet) is resolved
+    against `folder`, the data set's own (see `data_folder`), as datasets resolves an image folder's file names:
+    never against the working directory, where a file of the same name would be trained on silently."""
     import datasets
 
-    if dataset.features is not None and isinstance(dataset.features.get(image_column), datasets.Image):
+    feature = dataset.features.get(image_column) if dataset.features is not None else None
+    if isinstance(feature, datasets.Image):
         return dataset.cast_column(image_column, datasets.Image(decode=False))
+    if folder is not None and getattr(feature, "dtype", None) in ("string", "large_string"):
+        return dataset.map(lambda path: {image_column: _resolve(folder, path)}, input_columns=image_column,
+                           **({} if isinstance(dataset, datasets.IterableDataset) else {"desc": "Resolving paths"}))
     return dataset
+
+
+def data_folder(args):
+    """The local folder of --dataset_name (the folder given, or a data file's folder); None for a Hub data set."""
+    name = args.dataset_name
+    if name is None or not os.path.exists(name):
+        return None
+    return os.path.abspath(name if os.path.isdir(name) else os.path.dirname(name))
+
+
+def _resolve(folder, path):
+    if isinstance(path, str) and path and not os.path.isabs(path):
+        return os.path.normpath(os.path.join(folder, path))
+    return path
 
 
 def _check_columns(dataset, args, caption_column):
@@ -94,11 +114,18 @@ def _check_columns(dataset, args, caption_column):
     if len(dataset) == 0:
         fail(f"The dataset {source!r} is empty.")
     if caption_column is not None:
-        bad = [i for i, c in enumerate(dataset[caption_column]) if captions(c) is None]
-        if bad:
-            fail(f"{len(bad)} sample(s) have a missing or non-string caption in column {caption_column!r} "
-                 f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}); fix or drop them.")
-    return undecoded(dataset, args.image_column)
+        _check_captions(dataset[caption_column], caption_column)
+    return undecoded(dataset, args.image_column, data_folder(args))
+
+
+def _check_captions(values, caption_column):
+    bad = [i for i, value in enumerate(values) if captions(value) is None]
+    if bad:
+        fail(f"{len(bad)} sample(s) have a missing or non-string caption in column {caption_column!r} "
+             f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}); fix or drop them.")
+    if all(not text.strip() for value in values for text in captions(value)):
+        logger.warning(f"Every caption in column {caption_column!r} is empty: the prior will learn one image "
+                       "embedding for no words at all. Check --caption_column and the data.")
 
 
 def captions(value):

@@ -28,6 +28,19 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def reason(error):
+    """Why a library call failed: the innermost exception it wraps (datasets says only "An error occurred while
+    generating the dataset" and chains the UnicodeDecodeError or ValueError that says why), named with its type;
+    for an exception that wraps none, the last line of its message (where pyarrow and datasets put the reason)."""
+    cause = error
+    while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
+        cause = cause.__cause__ or cause.__context__
+    if cause is error:
+        text = str(error).strip()
+        return text.splitlines()[-1] if text else type(error).__name__
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
 @contextlib.contextmanager
 def loading(what, flag, path):
     """Turn the loaders' deep tracebacks into one line that names the flag to fix."""

@@ -22,6 +22,8 @@ def image_name(value):
         return value.get("path") or "<bytes>"
     if isinstance(value, str):  # a column of file paths
         return value
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a column of encoded files
+        return "<bytes>"
     return getattr(value, "filename", None) or f"<{type(value).__name__}>"
 
 
@@ -31,6 +33,8 @@ def _open(value):
         return value
     if isinstance(value, dict):
         return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a binary column (not a datasets.Image) of files
+        return Image.open(io.BytesIO(value))
     return Image.open(value)
 
 

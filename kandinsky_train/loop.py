@@ -17,6 +17,7 @@ from .cache import frozen_outputs
 from .batches import make_batches
 from .data import TrainingSamples, training_samples
 from .diffusion import step_seed
+from .errors import fail
 from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
@@ -66,8 +67,8 @@ class Trainer:
             steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)
             self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
             self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
-        self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, skipped_images=report.skipped,
-                                           held_out=held_out and held_out.split)
+        self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, stage=stage.name,
+                                           skipped_images=report.skipped, held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(args, self.params, device)
@@ -177,6 +178,7 @@ class Trainer:
             ema_step(self.ema, self.accelerator.unwrap_model(self.model), self.args, self.device)
         self.logger.push(self.state.global_step, self.meter.figures(self.lr_scheduler.get_last_lr()[0],
                                                                     self.grad_norm))
+        self.stop_if_diverged()
         self.grad_norm = None
         self.progress.update(1)
         stopping = self.stop.requested(self.accelerator)
@@ -186,6 +188,8 @@ class Trainer:
             self.exit_on_signal()
 
     def save_checkpoint(self):
+        self.logger.flush()  # this step's loss, read now: a diverged step is never saved
+        self.stop_if_diverged(weights=True)
         self.count_time()
         self.state.stream = self.batches.position()
         path = checkpoint.save(self.accelerator, self.args.output_dir, self.state, self.args.checkpoints_total_limit,
@@ -201,6 +205,25 @@ class Trainer:
         self.uploads.wait()
         self.accelerator.end_training()
         sys.exit(self.stop.exit_code())
+
+    def stop_if_diverged(self, weights=False):
+        """Stop, with the checkpoints saved so far, at the first non-finite training loss (read one step late, as
+        it is logged) or, before a save (`weights`), at a non-finite trained weight: a diverged model is never saved
+        as a checkpoint or as the fine-tuned model. Every process sees the same loss and weights, and stops alike."""
+        found = self.logger.diverged
+        if found is None and weights and not torch.stack([p.isfinite().all() for p in self.params]).all():
+            found = (self.state.global_step, "finite but a trained weight was not")
+        if found is None:
+            return
+        saved = checkpoint_folders.list_checkpoints(self.args.output_dir, self.layout)
+        last = os.path.basename(saved[-1][1]) if saved else None
+        self.progress.close()
+        self.uploads.wait()
+        self.accelerator.end_training()
+        fail(f"Training diverged: the training loss was {found[1]} at step {found[0]}. Nothing from that step on was "
+             "saved. " + (f"The last good checkpoint is {last}: resume from it (--resume_from_checkpoint {last}) "
+                          if last else "No checkpoint was saved before it: start again ")
+             + "with a lower --learning_rate (with --mixed_precision fp16, bf16 or a lower --max_grad_norm can help).")
 
     def validate_when_due(self, end_of_epoch=None):
         """Validation images and the held-out evaluation, when due: every --validation_steps optimizer steps; without
@@ -237,6 +260,7 @@ class Trainer:
                                  f"{os.path.basename(saved[-1][1]) if saved else 'none'}.")
         self.logger.flush()
         self.progress.close()
+        self.stop_if_diverged(weights=True)
         check_ranks_agree(self.accelerator, self.model)
         finishing("the final validation")
         faults.at("finish")

@@ -2,6 +2,7 @@
 """What goes to TensorBoard / Weights & Biases: the run's configuration, each optimizer step's figures (read one
 step late, so that logging never makes the host wait for the GPU), and validation images."""
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class LaggedLogger:
     def __init__(self, accelerator, progress):
         self.accelerator, self.progress, self.pending = accelerator, progress, None
         self.losses = deque(maxlen=10)  # the last steps' losses, for the model card
+        self.diverged = None  # (step, loss) of the first step whose loss was not finite (the same on every process)
 
     def recent_loss(self):
         """The mean training loss of the last (up to 10) logged steps (None when none were), and how many."""
@@ -73,6 +75,8 @@ class LaggedLogger:
         self.pending = None
         logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()}
         self.losses.append(logs["train_loss"])
+        if self.diverged is None and not math.isfinite(logs["train_loss"]):
+            self.diverged = (step, logs["train_loss"])
         self.progress.set_postfix(loss=f"{logs['train_loss']:.4g}", lr=f"{logs['lr']:.3g}", refresh=False)
         self.accelerator.log(logs, step=step)
 
