@@ -7,6 +7,7 @@ examples/kandinsky2_2/text_to_image/train_text_to_image_decoder.py, plus the fla
 import argparse
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,11 +32,35 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    from diffusers import DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline, UNet2DConditionModel
-    from diffusers import VQModel
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
     checks.check_args(args, STAGE)
+    shapes = check_models_and_shapes(args)
+    accelerator = runtime.make_accelerator(args)
+    hub_repo_id = hub.create_repo(args, accelerator)
+    dataset, report = streaming.training_data(args, accelerator)
+    dataset, held_out = holdout.held_out_data(args, accelerator, dataset)
+    models = load_models(args, accelerator)
+    decoder = DecoderStage(args, accelerator, models, shapes)
+    trained = loop.train(args, accelerator, decoder.stage(), dataset, report, hub_repo_id, held_out)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        preemption.finishing("the final save")
+        save_final(args, accelerator, trained, models.noise_scheduler, hub_repo_id)
+    accelerator.end_training()
+
+
+@dataclass
+class Shapes:
+    """The decoder's training and rendering shapes, checked against the models' configurations before any weight
+    loads: the aspect-ratio buckets (or None) and the extra --validation_resolutions."""
+
+    bucketing: object
+    extra_sizes: list
+
+
+def check_models_and_shapes(args):
+    from diffusers import UNet2DConditionModel, VQModel
+
     extra_sizes = buckets.parse_shapes(args.validation_resolutions, "--validation_resolutions") \
         if args.validation_resolutions else []
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
@@ -43,25 +68,41 @@ def main(args):
     needed = PRIOR_SUBFOLDERS_NEEDED + (["prior", "text_encoder", "tokenizer", "scheduler"]
                                         if args.validation_prompts else [])
     checks.check_model_repo(prior_path, needed, "--pretrained_prior_model_name_or_path")
-    load = dict(cache_dir=args.cache_dir)
     with errors.loading("MoVQ and UNet configurations", "--pretrained_decoder_model_name_or_path", decoder_path):
-        movq_config = VQModel.load_config(decoder_path, subfolder="movq", **load)
-        unet_config = UNet2DConditionModel.load_config(decoder_path, subfolder="unet", **load)
+        movq_config = VQModel.load_config(decoder_path, subfolder="movq", cache_dir=args.cache_dir)
+        unet_config = UNet2DConditionModel.load_config(decoder_path, subfolder="unet", cache_dir=args.cache_dir)
     multiple = buckets.size_multiple(movq_config, unet_config)
     buckets.check_resolution(args.resolution, multiple)
-    bucketing = buckets.Buckets.from_args(args, multiple) if args.enable_bucket else None
     render_multiple = buckets.render_multiple(movq_config)
     for width, height in extra_sizes:
         if width % render_multiple or height % render_multiple:
             errors.fail(f"--validation_resolutions {width}x{height}: the pipeline renders sides in multiples of "
                         f"{render_multiple} (MoVQ's factor squared); choose such sides.")
-    accelerator = runtime.make_accelerator(args)
-    hub_repo_id = hub.create_repo(args, accelerator)
-    dataset, report = streaming.training_data(args, accelerator)
-    dataset, held_out = holdout.held_out_data(args, accelerator, dataset)
+    return Shapes(buckets.Buckets.from_args(args, multiple) if args.enable_bucket else None, extra_sizes)
 
-    weight_dtype = runtime.weight_dtype_of(accelerator)
-    device = accelerator.device
+
+@dataclass
+class DecoderModels:
+    """What the decoder stage runs: the trained UNet, the frozen MoVQ and CLIP image encoder on the device, the
+    noise scheduler (with --prediction_type), and the validation prompts' image embeddings (main process only)."""
+
+    unet: torch.nn.Module
+    movq: torch.nn.Module
+    noise_scheduler: object
+    image_processor: object
+    image_encoder: torch.nn.Module
+    validation_embeds: list  # (prompt, image_embeds, negative_image_embeds)
+    device: torch.device
+    weight_dtype: torch.dtype
+
+
+def load_models(args, accelerator):
+    from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    weight_dtype, device = runtime.weight_dtype_of(accelerator), accelerator.device
+    load = dict(cache_dir=args.cache_dir)
     with errors.loading("decoder model", "--pretrained_decoder_model_name_or_path", decoder_path):
         noise_scheduler = DDPMScheduler.from_pretrained(decoder_path, subfolder="scheduler", **load)
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", torch_dtype=weight_dtype, **load)
@@ -74,27 +115,7 @@ def main(args):
             prior_path, subfolder="image_encoder", torch_dtype=weight_dtype, **load)
     movq.eval().requires_grad_(False).to(device)
     image_encoder.eval().requires_grad_(False).to(device)
-
-    validation_embeds = []
-    if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
-        # The prior is frozen here, so the prompts' image embeddings are computed once and the prior freed.
-        with errors.loading("prior (used for validation prompts)", "--pretrained_prior_model_name_or_path",
-                            prior_path):
-            prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
-                prior_path, image_encoder=image_encoder, image_processor=image_processor, torch_dtype=weight_dtype,
-                **load)
-        prior_pipe.set_progress_bar_config(disable=True)
-        prior_pipe.prior.to(device)
-        prior_pipe.text_encoder.to(device)
-        generator = torch.Generator(device=device).manual_seed(args.seed or 0)
-        with torch.no_grad(), accelerator.autocast():
-            for prompt in args.validation_prompts:
-                for _ in range(args.num_validation_images):
-                    out = prior_pipe(prompt, num_inference_steps=args.validation_inference_steps,
-                                     guidance_scale=args.validation_guidance_scale, generator=generator)
-                    validation_embeds.append((prompt, out.image_embeds, out.negative_image_embeds))
-        del prior_pipe
-
+    validation_embeds = prompt_embeddings(args, accelerator, image_encoder, image_processor)
     if args.use_lora:
         runtime.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
     if args.gradient_checkpointing:
@@ -104,51 +125,90 @@ def main(args):
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     unet.train()
+    return DecoderModels(unet, movq, noise_scheduler, image_processor, image_encoder, validation_embeds, device,
+                         weight_dtype)
 
-    resample = images.RESAMPLING[args.image_interpolation_mode]
 
-    def make_sample(image, row, variant, shape):  # version 1: mirrored (--random_flip); shape: the bucket's
-        return decoder_sample(image, shape or args.resolution, resample, image_processor, flip=variant == 1)
+def prompt_embeddings(args, accelerator, image_encoder, image_processor):
+    """The validation prompts' image embeddings from the base prior, on the main process (the only one that
+    renders): the prior is frozen here, so they are computed once and the prior freed."""
+    from diffusers import KandinskyV22PriorPipeline
 
-    def encode(batch):  # the condition, the CLIP image embedding, is `image_embedding`'s (shared with the prior's)
-        return {"latents": movq.encode(batch["pixel_values"].to(device, weight_dtype)).latents}
+    if not (args.validation_prompts and accelerator.is_main_process):
+        return []
+    prior_path, device = args.pretrained_prior_model_name_or_path, accelerator.device
+    with errors.loading("prior (used for validation prompts)", "--pretrained_prior_model_name_or_path", prior_path):
+        prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
+            prior_path, image_encoder=image_encoder, image_processor=image_processor,
+            torch_dtype=runtime.weight_dtype_of(accelerator), cache_dir=args.cache_dir)
+    prior_pipe.set_progress_bar_config(disable=True)
+    prior_pipe.prior.to(device)
+    prior_pipe.text_encoder.to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+    embeds = []
+    with torch.no_grad(), accelerator.autocast():
+        for prompt in args.validation_prompts:
+            for _ in range(args.num_validation_images):
+                out = prior_pipe(prompt, num_inference_steps=args.validation_inference_steps,
+                                 guidance_scale=args.validation_guidance_scale, generator=generator)
+                embeds.append((prompt, out.image_embeds, out.negative_image_embeds))
+    return embeds
 
-    # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
-    with torch.no_grad():
-        crop = image_processor.crop_size
-        zero_embed = image_encoder(torch.zeros(1, 3, crop["height"], crop["width"], device=device,
-                                               dtype=weight_dtype)).image_embeds
 
-    sizes = [(args.resolution, args.resolution)] + extra_sizes
+class DecoderStage:
+    """The decoder's part of training: a sample is the picture's pixels at its training shape and CLIP's view of it;
+    MoVQ's latents are what the UNet learns to denoise, conditioned on the CLIP image embedding (the zero image's for
+    dropped conditions); validation renders the prompts' embeddings at --resolution and --validation_resolutions."""
 
-    def validate(model):
-        pipe = KandinskyV22Pipeline(unet=model, scheduler=noise_scheduler, movq=movq)
+    def __init__(self, args, accelerator, models, shapes):
+        self.args, self.accelerator, self.m, self.shapes = args, accelerator, models, shapes
+        self.resample = images.RESAMPLING[args.image_interpolation_mode]
+        # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
+        with torch.no_grad():
+            crop = models.image_processor.crop_size
+            self.zero_embed = models.image_encoder(torch.zeros(1, 3, crop["height"], crop["width"],
+                                                               device=models.device,
+                                                               dtype=models.weight_dtype)).image_embeds
+
+    def stage(self):
+        from diffusers import UNet2DConditionModel
+
+        args, m, bucketing = self.args, self.m, self.shapes.bucketing
+        return Stage(
+            name=STAGE, subfolder="unet", model=m.unet, model_cls=UNet2DConditionModel, encode=self.encode,
+            loss=functools.partial(compute_loss, args=args, noise_scheduler=m.noise_scheduler,
+                                   zero_embed=self.zero_embed),
+            validate=self.validate, make_sample=self.make_sample, frozen_models=(m.movq,),
+            cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
+                       "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
+            image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, m.device, m.weight_dtype,
+                                                 "the picture, its mirror" if args.random_flip else "the picture"),
+            variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
+            shapes=(lambda dataset: bucketing.assign(self.accelerator, dataset, args.image_column))
+            if bucketing else None,
+            held_out=HeldOutHooks(predict=functools.partial(predict, noise_scheduler=m.noise_scheduler),
+                                  noised="latents", num_train_timesteps=m.noise_scheduler.config.num_train_timesteps))
+
+    def make_sample(self, image, row, variant, shape):  # version 1: mirrored (--random_flip); shape: the bucket's
+        return decoder_sample(image, shape or self.args.resolution, self.resample, self.m.image_processor,
+                              flip=variant == 1)
+
+    def encode(self, batch):  # the condition, the CLIP image embedding, is `image_embedding`'s (shared with the prior)
+        return {"latents": self.m.movq.encode(batch["pixel_values"].to(self.m.device, self.m.weight_dtype)).latents}
+
+    def validate(self, model):
+        """The validation prompts' embeddings rendered by the UNet being trained, at each validation size."""
+        from diffusers import KandinskyV22Pipeline
+
+        args, m = self.args, self.m
+        sizes = [(args.resolution, args.resolution)] + self.shapes.extra_sizes
+        pipe = KandinskyV22Pipeline(unet=model, scheduler=m.noise_scheduler, movq=m.movq)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device=device).manual_seed(args.seed or 0)
-        with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, movq):
+        generator = torch.Generator(device=m.device).manual_seed(args.seed or 0)
+        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(m.device, m.movq):
             return [(prompt if i == 0 else f"{prompt} ({width}x{height})",
                      validation.render(pipe, args, embeds, negative, generator, (width, height)))
-                    for prompt, embeds, negative in validation_embeds for i, (width, height) in enumerate(sizes)]
-
-    stage = Stage(
-        name=STAGE, subfolder="unet", model=unet, model_cls=UNet2DConditionModel, encode=encode,
-        loss=functools.partial(compute_loss, args=args, noise_scheduler=noise_scheduler, zero_embed=zero_embed),
-        validate=validate, make_sample=make_sample, frozen_models=(movq,),
-        cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
-                   "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
-        image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype,
-                                             "the picture, its mirror" if args.random_flip else "the picture"),
-        variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
-        shapes=(lambda dataset: bucketing.assign(accelerator, dataset, args.image_column)) if bucketing else None,
-        held_out=HeldOutHooks(predict=functools.partial(predict, noise_scheduler=noise_scheduler), noised="latents",
-                              num_train_timesteps=noise_scheduler.config.num_train_timesteps))
-    trained = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        preemption.finishing("the final save")
-        save_final(args, accelerator, trained, noise_scheduler, hub_repo_id)
-    accelerator.end_training()
+                    for prompt, embeds, negative in m.validation_embeds for i, (width, height) in enumerate(sizes)]
 
 
 def decoder_sample(image, size, resample, image_processor, flip=False):

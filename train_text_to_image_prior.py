@@ -5,6 +5,7 @@ its caption. The CLIP text and image encoders stay frozen. Same command line as 
 examples/kandinsky2_2/text_to_image/train_text_to_image_prior.py, plus the flags listed in README.md."""
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -42,23 +43,55 @@ def enable_prior_gradient_checkpointing(prior):
 
 
 def main(args):
-    from diffusers import DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline, PriorTransformer
-    from diffusers import UnCLIPScheduler
-    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
-    from transformers import CLIPVisionModelWithProjection
-
     checks.check_args(args, STAGE)
-    prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    checks.check_model_repo(prior_path, PRIOR_SUBFOLDERS, "--pretrained_prior_model_name_or_path")
-    if args.validation_prompts:
-        checks.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
+    check_model_folders(args)
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     dataset, report = streaming.training_data(args, accelerator, caption_column=args.caption_column)
     dataset, held_out = holdout.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
+    models = load_models(args, accelerator)
+    prior = PriorStage(args, accelerator, models)
+    trained = loop.train(args, accelerator, prior.stage(), dataset, report, hub_repo_id, held_out)
 
-    weight_dtype = runtime.weight_dtype_of(accelerator)
-    device = accelerator.device
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        preemption.finishing("the final save")
+        save_final(args, accelerator, trained, models, hub_repo_id)
+    accelerator.end_training()
+
+
+def check_model_folders(args):
+    checks.check_model_repo(args.pretrained_prior_model_name_or_path, PRIOR_SUBFOLDERS,
+                            "--pretrained_prior_model_name_or_path")
+    if args.validation_prompts:
+        checks.check_model_repo(args.pretrained_decoder_model_name_or_path, DECODER_SUBFOLDERS,
+                                "--pretrained_decoder_model_name_or_path")
+
+
+@dataclass
+class PriorModels:
+    """What the prior stage runs: the trained prior, the frozen CLIP encoders on the device, the schedulers, and the
+    decoder that renders validation images (main process only; it waits on the CPU)."""
+
+    prior: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    text_encoder: torch.nn.Module
+    image_encoder: torch.nn.Module
+    inference_scheduler: object  # UnCLIPScheduler: validation, eval_cosine and the saved pipeline
+    noise_scheduler: object  # DDPMScheduler: training
+    decoder_pipe: object
+    device: torch.device
+    weight_dtype: torch.dtype
+
+
+def load_models(args, accelerator):
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline, PriorTransformer, UnCLIPScheduler
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPVisionModelWithProjection
+
+    prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    weight_dtype, device = runtime.weight_dtype_of(accelerator), accelerator.device
     load = dict(cache_dir=args.cache_dir)
     with errors.loading("prior model", "--pretrained_prior_model_name_or_path", prior_path):
         tokenizer = CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer", **load)
@@ -71,13 +104,10 @@ def main(args):
         inference_scheduler = UnCLIPScheduler.from_pretrained(prior_path, subfolder="scheduler", **load)
     decoder_pipe = None
     if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
-        # The decoder renders the prior's embeddings at validation: loaded once, it waits on the CPU.
         with errors.loading("decoder (used to render validation images)", "--pretrained_decoder_model_name_or_path",
                             decoder_path):
             decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_path, torch_dtype=weight_dtype, **load)
         decoder_pipe.set_progress_bar_config(disable=True)
-    noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
-
     # clip_mean / clip_std are the image-embedding statistics, not weights to learn: frozen, which also keeps
     # DistributedDataParallel from waiting for gradients they never get.
     prior.clip_mean.requires_grad_(False)
@@ -85,117 +115,131 @@ def main(args):
     if not torch.all(prior.clip_std != 0):
         errors.fail(f"The prior in {prior_path!r} has zeros in clip_std (an untrained PriorTransformer?); training "
                     "divides the image embeddings by it. Start from a trained Kandinsky 2.2 prior.")
-    clip_mean, clip_std = prior.clip_mean.detach().to(device), prior.clip_std.detach().to(device)
     if args.use_lora:
         runtime.add_lora(args, prior, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     if args.gradient_checkpointing:
         enable_prior_gradient_checkpointing(prior)
     prior.train()
-    text_encoder.to(device)
-    image_encoder.to(device)
+    return PriorModels(prior, tokenizer, image_processor, text_encoder.to(device), image_encoder.to(device),
+                       inference_scheduler, DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
+                       decoder_pipe, device, weight_dtype)
 
-    def tokenize(captions):
+
+class PriorStage:
+    """The prior's part of training: a sample is a caption's tokens and CLIP's view of the picture; the frozen text
+    encoder's outputs condition the prior, which learns to denoise the picture's (normalised) CLIP image embedding;
+    held out, the loss and the cosine of a short denoising; validation renders through the base decoder."""
+
+    def __init__(self, args, accelerator, models):
+        from diffusers import UnCLIPScheduler
+
+        self.args, self.accelerator, self.m = args, accelerator, models
+        self.clip_mean = models.prior.clip_mean.detach().to(models.device)
+        self.clip_std = models.prior.clip_std.detach().to(models.device)
+        # The unconditional input that classifier-free guidance uses at inference: the empty caption.
+        with torch.no_grad():
+            self.uncond = self.encode(self.tokens([""]))
+        self.eval_scheduler = UnCLIPScheduler.from_config(models.inference_scheduler.config)  # set_timesteps: own
+
+    def stage(self):
+        from diffusers import PriorTransformer
+
+        args, m = self.args, self.m
+        return Stage(
+            name=STAGE, subfolder="prior", model=m.prior, model_cls=PriorTransformer, encode=self.encode,
+            loss=self.loss, validate=self.validate, make_sample=self.make_sample, frozen_models=(m.text_encoder,),
+            cache_key={"caption_column": args.caption_column, "tokenizer_len": len(m.tokenizer)},
+            image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, m.device, m.weight_dtype),
+            columns=(args.caption_column,),
+            variants=lambda dataset: data.caption_counts(dataset, args.caption_column),
+            held_out=HeldOutHooks(predict=self.predict, noised="image_embeds", cosine=self.eval_cosine,
+                                  num_train_timesteps=m.noise_scheduler.config.num_train_timesteps))
+
+    def tokens(self, captions):
+        tokenizer = self.m.tokenizer
         tokens = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                            return_tensors="pt")
-        return tokens.input_ids, tokens.attention_mask.bool()
+        return {"text_input_ids": tokens.input_ids, "text_mask": tokens.attention_mask.bool()}
 
-    def make_sample(image, row, variant, shape):  # the variant-th caption of a list; no shape: CLIP crops
-        input_ids, mask = tokenize([data.caption_text(row[args.caption_column], variant)])
-        return {"clip_pixel_values": clip_pixels(image_processor, image), "text_input_ids": input_ids[0],
-                "text_mask": mask[0]}
+    def make_sample(self, image, row, variant, shape):  # the variant-th caption of a list; no shape: CLIP crops
+        tokens = self.tokens([data.caption_text(row[self.args.caption_column], variant)])
+        return {"clip_pixel_values": clip_pixels(self.m.image_processor, image),
+                **{key: value[0] for key, value in tokens.items()}}
 
-    def encode(batch):  # the image embedding, the target, is `image_embedding`'s (shared with the decoder's cache)
-        text = text_encoder(batch["text_input_ids"].to(device))
+    def encode(self, batch):  # the image embedding, the target, is `image_embedding`'s (shared with the decoder's)
+        text = self.m.text_encoder(batch["text_input_ids"].to(self.m.device))
         return {"prompt_embeds": text.text_embeds, "text_hidden_states": text.last_hidden_state,
-                "text_mask": batch["text_mask"].to(device)}
+                "text_mask": batch["text_mask"].to(self.m.device)}
 
-    # The unconditional input that classifier-free guidance uses at inference: the empty caption.
-    with torch.no_grad():
-        empty_ids, empty_mask = tokenize([""])
-        empty = text_encoder(empty_ids.to(device))
-        uncond = {"prompt_embeds": empty.text_embeds, "text_hidden_states": empty.last_hidden_state,
-                  "text_mask": empty_mask.to(device)}
-
-    def compute_loss(model, features, generator):
+    def loss(self, model, features, generator):
+        device, scheduler = self.m.device, self.m.noise_scheduler
         features = {k: v.to(device, non_blocking=True) for k, v in features.items()}
         image_embeds = features["image_embeds"]
         bsz = image_embeds.shape[0]
-        if args.conditioning_dropout_prob > 0:
-            drop = torch.rand(bsz, device=device, generator=generator) < args.conditioning_dropout_prob
-            for key, value in uncond.items():
+        if self.args.conditioning_dropout_prob > 0:
+            drop = torch.rand(bsz, device=device, generator=generator) < self.args.conditioning_dropout_prob
+            for key, value in self.uncond.items():
                 features[key] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), value.expand_as(features[key]),
                                             features[key])
         noise = torch.randn(image_embeds.shape, device=device, generator=generator, dtype=image_embeds.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=device,
                                   generator=generator)
-        pred, target = predict(model, features, noise, timesteps)
-        return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
+        pred, target = self.predict(model, features, noise, timesteps)
+        return diffusion.diffusion_loss(pred, target, scheduler, timesteps, self.args.snr_gamma)
 
+    @staticmethod
     def denoise(model, sample, timesteps, features):
         """The prior's image embedding (normalised) from a noised one and the caption's text features."""
         return model(sample, timestep=timesteps, proj_embedding=features["prompt_embeds"],
                      encoder_hidden_states=features["text_hidden_states"],
                      attention_mask=features["text_mask"]).predicted_image_embedding
 
-    def predict(model, features, noise, timesteps):
+    def predict(self, model, features, noise, timesteps):
         """The prior's prediction from noised image embeddings, and its target (training and held-out loss)."""
-        target = (features["image_embeds"] - clip_mean) / clip_std  # the prior works on normalised embeddings
-        return denoise(model, noise_scheduler.add_noise(target, noise, timesteps), timesteps, features), target
+        target = (features["image_embeds"] - self.clip_mean) / self.clip_std  # the prior works on normalised ones
+        noisy = self.m.noise_scheduler.add_noise(target, noise, timesteps)
+        return self.denoise(model, noisy, timesteps, features), target
 
-    eval_scheduler = UnCLIPScheduler.from_config(inference_scheduler.config)  # its own: set_timesteps changes it
-
-    def eval_cosine(model, features, generators):
+    def eval_cosine(self, model, features, generators):
         """What the prior is for, without rendering: the caption's image embedding after a short denoising from
         fixed noise (each sample's generator, no guidance), against the true one."""
-        eval_scheduler.set_timesteps(EVAL_DENOISING_STEPS, device=device)
-        timesteps = eval_scheduler.timesteps
+        scheduler = self.eval_scheduler
+        scheduler.set_timesteps(EVAL_DENOISING_STEPS, device=self.m.device)
+        timesteps = scheduler.timesteps
         true = features["image_embeds"]
-        latents = eval_scheduler.init_noise_sigma * fixed_noise(generators, true.shape[1:]).to(device, true.dtype)
+        latents = scheduler.init_noise_sigma * fixed_noise(generators, true.shape[1:]).to(self.m.device, true.dtype)
         for i, t in enumerate(timesteps):
             following = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            latents = eval_scheduler.step(denoise(model, latents, t, features), timestep=t, sample=latents,
-                                          generator=generators, prev_timestep=following).prev_sample
-        predicted = latents * clip_std + clip_mean
+            latents = scheduler.step(self.denoise(model, latents, t, features), timestep=t, sample=latents,
+                                     generator=generators, prev_timestep=following).prev_sample
+        predicted = latents * self.clip_std + self.clip_mean
         return torch.nn.functional.cosine_similarity(predicted.float(), true.float(), dim=-1)
 
-    def prior_pipeline(model):
-        return KandinskyV22PriorPipeline(prior=model, image_encoder=image_encoder, text_encoder=text_encoder,
-                                         tokenizer=tokenizer, scheduler=inference_scheduler,
-                                         image_processor=image_processor)
+    def validate(self, model):
+        """The validation prompts through the prior being trained, rendered by the base decoder."""
+        from diffusers import KandinskyV22PriorPipeline
 
-    def validate(model):
-        pipe = prior_pipeline(model)
+        args, m = self.args, self.m
+        pipe = KandinskyV22PriorPipeline(prior=model, image_encoder=m.image_encoder, text_encoder=m.text_encoder,
+                                         tokenizer=m.tokenizer, scheduler=m.inference_scheduler,
+                                         image_processor=m.image_processor)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+        generator = torch.Generator(device=m.device).manual_seed(args.seed or 0)
         images = []
-        with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, text_encoder, image_encoder,
-                                                                       decoder_pipe.unet, decoder_pipe.movq):
+        decoder = m.decoder_pipe
+        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(m.device, m.text_encoder,
+                                                                            m.image_encoder, decoder.unet,
+                                                                            decoder.movq):
             for prompt in args.validation_prompts:
                 for _ in range(args.num_validation_images):
                     embeds = pipe(prompt, num_inference_steps=args.validation_inference_steps,
                                   guidance_scale=args.validation_guidance_scale, generator=generator)
-                    images.append((prompt, validation.render(decoder_pipe, args, embeds.image_embeds,
-                                                         embeds.negative_image_embeds, generator)))
+                    images.append((prompt, validation.render(decoder, args, embeds.image_embeds,
+                                                             embeds.negative_image_embeds, generator)))
         return images
 
-    stage = Stage(
-        name=STAGE, subfolder="prior", model=prior, model_cls=PriorTransformer, encode=encode, loss=compute_loss,
-        validate=validate, make_sample=make_sample, frozen_models=(text_encoder,),
-        cache_key={"caption_column": args.caption_column, "tokenizer_len": len(tokenizer)},
-        image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype),
-        columns=(args.caption_column,), variants=lambda dataset: data.caption_counts(dataset, args.caption_column),
-        held_out=HeldOutHooks(predict=predict, noised="image_embeds",
-                              num_train_timesteps=noise_scheduler.config.num_train_timesteps, cosine=eval_cosine))
-    trained = loop.train(args, accelerator, stage, dataset, report, hub_repo_id, held_out)
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        preemption.finishing("the final save")
-        save_final(args, accelerator, trained, tokenizer, image_processor, inference_scheduler, hub_repo_id)
-    accelerator.end_training()
-
-
-def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler, hub_repo_id):
+def save_final(args, accelerator, trained, models, hub_repo_id):
     """OUTPUT_DIR becomes a KandinskyV22PriorPipeline folder (or a LoRA adapter file with --use_lora)."""
     from diffusers import KandinskyV22PriorPipeline
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -210,7 +254,8 @@ def save_final(args, accelerator, trained, tokenizer, image_processor, scheduler
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder",
                                                                       cache_dir=args.cache_dir)
         return KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
-                                         tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
+                                         tokenizer=models.tokenizer, scheduler=models.inference_scheduler,
+                                         image_processor=models.image_processor)
 
     storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
     pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
