@@ -171,17 +171,16 @@ def test_hub_ids_load_offline_from_the_cache(tiny, tmp_path):
     """The default --pretrained_*_model_name_or_path (Hub ids) work offline from --cache_dir; a missing one gets a
     one-line error that names the flag."""
     cache = hub_cache(tiny, tmp_path / "cache")
-    args = base_args(tiny, tmp_path / "out", steps=1, **{
-        "--pretrained_prior_model_name_or_path": None, "--pretrained_decoder_model_name_or_path": None,
-        "--cache_dir": cache, "--validation_prompts": ["a red circle"]})
-    launch(DECODER_SCRIPT, args)
+    hub_ids = {"--pretrained_prior_model_name_or_path": None, "--pretrained_decoder_model_name_or_path": None,
+               "--cache_dir": cache, "--validation_prompts": ["a red circle"]}
+    launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "out", steps=1, **hub_ids))
     assert (tmp_path / "out" / "unet" / "config.json").is_file()
     from huggingface_hub import ModelCard
 
     # A prior on the Hub is named on the decoder's card, so AutoPipelineForText2Image can load the pair from it.
     assert ModelCard.load(tmp_path / "out" / "README.md").data.prior == ["kandinsky-community/kandinsky-2-2-prior"]
-    missing = launch(PRIOR_SCRIPT, args + ["--pretrained_prior_model_name_or_path", "nobody/no-such-prior"],
-                     check=False)
+    missing = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "prior-out", steps=1, **hub_ids)
+                     + ["--pretrained_prior_model_name_or_path", "nobody/no-such-prior"], check=False)
     assert missing.returncode != 0
     assert "Could not load the prior model from --pretrained_prior_model_name_or_path 'nobody/no-such-prior'" \
         in missing.stderr
