@@ -139,7 +139,7 @@ def main(args):
         cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
                    "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
         image_embedding=clip_image_embedding(image_encoder, image_processor, device, weight_dtype,
-                                             "the picture, its mirror" if args.random_flip else "the picture"),
+                                             mirrored=args.random_flip),
         variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
         shapes=(lambda dataset: bucketing.assign(accelerator, dataset, args.image_column)) if bucketing else None,
         held_out=HeldOutHooks(predict=functools.partial(predict, noise_scheduler=noise_scheduler), noised="latents",
