@@ -25,17 +25,22 @@ def snippet_name(path):
     return hub_id(path) or f"path/to/{os.path.basename(os.path.normpath(path))}"
 
 
-def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None):
+def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, decoder_scheduler=None):
     """Code that generates with a prior and a decoder (Hub ids or folders; a LoRA adapter on either): two
     pipelines, the prior's image embeddings handed to the decoder. Loading them together through
-    AutoPipelineForText2Image with `prior_*` components prints a warning with the whole model in it."""
-    lines = ["import torch", "from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline", "",
+    AutoPipelineForText2Image with `prior_*` components prints a warning with the whole model in it.
+    decoder_scheduler: where the decoder's scheduler is saved (`scheduler/` beside an adapter trained with another
+    --prediction_type than the stock decoder's), to replace the stock one."""
+    imports = "DDPMScheduler, KandinskyV22Pipeline" if decoder_scheduler else "KandinskyV22Pipeline"
+    lines = ["import torch", f"from diffusers import {imports}, KandinskyV22PriorPipeline", "",
              f'prior = KandinskyV22PriorPipeline.from_pretrained("{prior}", dtype=torch.float16).to("cuda")',
              f'decoder = KandinskyV22Pipeline.from_pretrained("{decoder}", dtype=torch.float16).to("cuda")']
     for model, adapter in (("prior.prior", prior_lora), ("decoder.unet", decoder_lora)):
         if adapter:
             lines.append(f'{model}.load_lora_adapter("{adapter}", prefix=None, '
                          'weight_name="pytorch_lora_weights.safetensors")')
+    if decoder_scheduler:  # the objective the adapter was trained with (v-prediction)
+        lines.append(f'decoder.scheduler = DDPMScheduler.from_pretrained("{decoder_scheduler}", subfolder="scheduler")')
     return "\n".join(lines + [
         f'embeds = prior("{prompt}")',
         "image = decoder(image_embeds=embeds.image_embeds,",
