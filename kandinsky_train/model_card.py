@@ -86,9 +86,11 @@ def run_figures(summary):
              if summary.counted_from_step else "")
     loss = ("no step in the last session" if summary.final_loss is None
             else f"{summary.final_loss:.4g} (mean of the last {summary.loss_steps} steps)")
+    epochs = ("1 or less (no pass reached the end of the stream)" if summary.epochs is None
+              else f"{summary.epochs:.3g}")
     return {
         "Optimizer steps": summary.steps,
-        "Epochs": f"{summary.epochs:.3g}",
+        "Epochs": epochs,
         "Samples seen": f"{summary.samples:,}{since}",
         "Final training loss": loss,
         "Training time": f"{duration(summary.seconds)}{since}",
@@ -102,7 +104,9 @@ def settings(args, summary):
     total = args.train_batch_size * summary.processes * args.gradient_accumulation_steps
     return {
         "Learning rate": args.learning_rate,
-        "LR schedule": f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
+        # diffusers' "constant" schedule has no warm-up, whatever --lr_warmup_steps says
+        "LR schedule": args.lr_scheduler if args.lr_scheduler == "constant" else
+        f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
         "Batch size": f"{total} ({args.train_batch_size} per device x {summary.processes} process(es) x "
                       f"{args.gradient_accumulation_steps} accumulation)",
         "Resolution": args.resolution,
