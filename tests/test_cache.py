@@ -17,20 +17,21 @@ def final_weights(output, sub):
 
 def test_cached_training_is_bit_identical_and_the_second_stage_reuses_the_image_embeddings(tiny, tmp_path):
     """Each stage trains alike with and without the cache, on an odd number of pictures (the last batch of an epoch
-    is smaller) with several captions each; the prior, trained second on the same data with the same cache folder,
-    takes the CLIP image embeddings the decoder's run computed (the decoder's condition is the prior's target:
-    one per picture, whichever caption an epoch draws) and still trains exactly as without any cache."""
+    is smaller; the decoder's buckets have short last batches too) with several captions each; the prior, trained
+    second on the same data with the same cache folder, takes the CLIP image embeddings the decoder's run computed
+    (the decoder's condition is the prior's target: one per picture, whichever caption an epoch draws) and still
+    trains exactly as without any cache."""
     from test_data import caption_lists
 
     cache = tmp_path / "cache"
     data = caption_lists(tiny, tmp_path / "data", [[f"caption {i}", f"another {i}", "a third"][:1 + i % 3]
                                                    for i in range(8)])
     common = {"--conditioning_dropout_prob": 0.3, "--train_data_dir": data, "--max_train_samples": 7}
-    for script, sub in [(DECODER_SCRIPT, "unet"), (PRIOR_SCRIPT, "prior")]:
+    for script, sub, own in [(DECODER_SCRIPT, "unet", {"--enable_bucket": True}), (PRIOR_SCRIPT, "prior", {})]:
         plain, cached = tmp_path / f"{sub}-plain", tmp_path / f"{sub}-cached"
-        launch(script, base_args(tiny, plain, steps=5, **common))  # 5 steps of 4: the second epoch draws anew
-        proc = launch(script, base_args(tiny, cached, steps=5, **common, **{"--cache_embeddings": True,
-                                                                            "--embedding_cache_dir": cache}))
+        launch(script, base_args(tiny, plain, steps=5, **common, **own))  # the prior's second epoch draws anew
+        proc = launch(script, base_args(tiny, cached, steps=5, **common, **own, **{"--cache_embeddings": True,
+                                                                                   "--embedding_cache_dir": cache}))
         text = proc.stdout + proc.stderr
         assert "frozen outputs cached" in text
         a, b = final_weights(plain, sub), final_weights(cached, sub)
