@@ -182,7 +182,7 @@ class DecoderStage:
             cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
                        "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
             image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, m.device, m.weight_dtype,
-                                                 "the picture, its mirror" if args.random_flip else "the picture"),
+                                                 mirrored=args.random_flip),
             variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
             shapes=(lambda dataset: bucketing.assign(self.accelerator, dataset, args.image_column))
             if bucketing else None,
@@ -266,9 +266,10 @@ def predict(model, features, noise, timesteps, *, noise_scheduler, input_noise=N
 
 
 def save_final(args, accelerator, trained, scheduler, hub_repo_id):
-    """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora). When the prior
-    is a Hub model, the card names it, so that AutoPipelineForText2Image loads the pair from OUTPUT_DIR alone; a
-    local prior folder is only described (a path would leak and load nowhere else)."""
+    """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora, and the scheduler
+    it was trained with when --prediction_type is given). When the prior is a Hub model, the card names it, so that
+    AutoPipelineForText2Image loads the pair from OUTPUT_DIR alone; a local prior folder is only described (a path
+    would leak and load nowhere else)."""
     from diffusers import KandinskyV22Pipeline, VQModel
 
     decoder_path, prior_path = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
@@ -279,8 +280,14 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id):
         return KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
 
     storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
+    # An adapter loads into the stock decoder, whose scheduler predicts what the base model was trained to: the
+    # one trained with, saved beside the adapter, is what sampling it needs.
+    own_scheduler = args.use_lora and args.prediction_type is not None
+    if own_scheduler:
+        scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
     pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0])
-    snippet = (pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair) if args.use_lora
+    snippet = (pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair,
+                            decoder_scheduler=output if own_scheduler else None) if args.use_lora
                else pair_snippet(decoder=output, **pair))
     notes = [] if hub_id(prior_path) else [
         f"Generate with the Kandinsky 2.2 prior it was trained with, a local model folder "

@@ -14,6 +14,7 @@ order a run meets them:
     stage       what a script plugs into the loop; the CLIP image embedding both stages compute alike
     loop        the training loop: restore, step, log, checkpoint, validate and evaluate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
+      fingerprints  what a cache entry is keyed on: the frozen weights, the picture files as they are now
       batches     the order of micro-batches per epoch and process, and where a resumed epoch starts
       buckets     --enable_bucket: aspect-ratio bucket shapes, each picture's bucket, a bucketed epoch's order
       checkpoint  save, rotate and restore checkpoints; the run's position (TrainState)

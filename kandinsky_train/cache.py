@@ -5,7 +5,6 @@ safetensors under a fingerprint of everything they depend on, one file per proce
 of one aspect-ratio bucket share a shape), and read back row by row through memory maps. The CLIP image embeddings
 are an entry of their own, which both stages share."""
 
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import torch
 
 from . import storage
 from .data import collate
+from .fingerprints import model_fingerprint, picture_files_fingerprint
 from .runtime import weight_dtype_of
 from .stage import FrozenPart
 
@@ -28,7 +28,7 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
     parts = [part for part in (stage.image_embedding, FrozenPart("frozen outputs", stage.encode, stage.frozen_models,
                                                                  {"stage": stage.name, **stage.cache_key})) if part]
     if not args.cache_embeddings:
-        return [samples for samples, _ in sample_sets], encode_all(parts)
+        return [samples for samples, _ in sample_sets], at_batch_size(encode_all(parts), args.train_batch_size)
     from datasets.fingerprint import Hasher
 
     root = args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache")
@@ -40,24 +40,48 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
             for part in parts]
     loaded = []
     for samples, data_fingerprint in sample_sets:
-        versions = [samples.variants.count(i) for i in range(len(samples))]
-        caches = [EmbeddingCache(root, Hasher.hash({"data": data_fingerprint, "versions": versions, **key}))
-                  for key in keys]
-        missing = []
-        for part, cache in zip(parts, caches):
-            if cache.complete():
-                logger.info(f"Reusing cached {part.name} from {cache.folder}")
+        pictures = picture_files_fingerprint(samples.dataset, samples.image_column)
+        caches, missing = [], {}  # missing: rows per sample -> the (cache, encode) pairs one pass builds
+        for part, key in zip(parts, keys):
+            rows = rows_per_sample(samples, part)
+            caches.append(EmbeddingCache(root, Hasher.hash({"data": data_fingerprint, "pictures": pictures,
+                                                            "rows per sample": rows, **key})))
+            if caches[-1].complete():
+                logger.info(f"Reusing cached {part.name} from {caches[-1].folder}")
             else:
-                missing.append((cache, part.encode))
-        if missing:
-            build(accelerator, samples, missing, args.train_batch_size)
-        loaded.append(JoinedSamples([cache.load(samples) for cache in caches]))
+                missing.setdefault(tuple(rows), []).append((caches[-1], part.encode))
+        for rows, pending in missing.items():
+            build(accelerator, samples, pending, args.train_batch_size, rows)
+        loaded.append(JoinedSamples([cache.load(samples, part.per_version) for part, cache in zip(parts, caches)]))
     for part in parts:  # not needed until validation, which brings back what it uses
         for frozen in part.models:
             frozen.to("cpu")
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
     return loaded, None
+
+
+def rows_per_sample(samples, part):
+    """A part's cached versions of each sample: every version, or one where they share its outputs (the CLIP image
+    embedding of a picture with several captions: the decoder's entry then serves the prior, and the other way)."""
+    return [samples.variants.count(i) if part.per_version else 1 for i in range(len(samples))]
+
+
+def at_batch_size(encode, batch_size):
+    """`encode` run on batches of `batch_size` samples, a smaller batch padded with copies of its last sample
+    (their outputs dropped). On the CPU the frozen models give a sample the same bits at one batch size whatever
+    else is in the batch, but not at two; so the cache, built in batches of its own, holds exactly what training
+    and evaluation compute from their batches, the short last ones (odd counts, buckets) included."""
+
+    def encode_padded(batch):
+        size = len(next(iter(batch.values())))
+        if size >= batch_size:
+            return encode(batch)
+        padded = {key: torch.cat([value, value[-1:].expand(batch_size - size, *value.shape[1:])])
+                  for key, value in batch.items()}
+        return {key: value[:size] for key, value in encode(padded).items()}
+
+    return encode_padded
 
 
 def encode_all(parts):
@@ -72,17 +96,19 @@ def encode_all(parts):
     return encode
 
 
-def build(accelerator, samples, caches, batch_size):
-    """Encode this process's share of every version of the samples, one training shape at a time (each image
-    decoded once per version), with the encoder of every (EmbeddingCache, encode) pair, in the training dtype (so
-    the cached values are exactly what the uncached path computes); then each cache writes its parts."""
+def build(accelerator, samples, caches, batch_size, rows=None):
+    """Encode this process's share of the samples' versions (the first rows[i] of sample i; default: all), one
+    training shape at a time (each image decoded once per version), with the encoder of every (EmbeddingCache,
+    encode) pair, in the training dtype and batch size (so the cached values are exactly what the uncached path
+    computes); then each cache writes its parts."""
     from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes
     groups = {}  # training shape -> every (sample, version) of that shape
     for index in range(len(samples)):
         shape = samples.shapes[index] if samples.shapes else None
-        groups.setdefault(shape, []).extend((index, v) for v in range(samples.variants.count(index)))
+        versions = samples.variants.count(index) if rows is None else rows[index]
+        groups.setdefault(shape, []).extend((index, v) for v in range(versions))
     progress = tqdm(total=sum(len(keys[rank::world]) for keys in groups.values()), disable=not
                     accelerator.is_local_main_process, desc=f"Caching frozen outputs ({rank + 1}/{world})")
     for number, keys in enumerate(groups.values()):
@@ -95,7 +121,7 @@ def build(accelerator, samples, caches, batch_size):
             rows = {"index": batch.pop("index"), "variant": batch.pop("variant")}
             for (_, encode), tensors in zip(caches, outputs):
                 with torch.no_grad():
-                    out = encode(batch)
+                    out = at_batch_size(encode, batch_size)(batch)
                 for key, value in {**out, **rows}.items():
                     tensors.setdefault(key, []).append(value.detach().cpu())
             progress.update(len(rows["index"]))
@@ -105,21 +131,6 @@ def build(accelerator, samples, caches, batch_size):
     progress.close()
     for cache, _ in caches:
         cache.finish(accelerator, len(samples))
-
-
-def model_fingerprint(*models):
-    """Config plus a strided sample of every weight: cheap, and any fine-tune changes it."""
-    digest = hashlib.sha256()
-    for model in models:
-        config = getattr(model, "config", None)
-        config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // 1024)
-            digest.update(name.encode() + str(tuple(tensor.shape)).encode())
-            digest.update(flat[::step].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class EmbeddingCache:
@@ -153,9 +164,10 @@ class EmbeddingCache:
                 "fingerprint": self.fingerprint, "parts": accelerator.num_processes, "samples": num_samples}))
         accelerator.wait_for_everyone()
 
-    def load(self, samples):
+    def load(self, samples, per_version=True):
         meta = json.loads((self.folder / "meta.json").read_text())
-        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")), samples)
+        return CachedSamples(sorted(self.folder.glob(f"part-*-of-{meta['parts']:05d}.safetensors")), samples,
+                             per_version)
 
 
 class _Versions(torch.utils.data.Dataset):
@@ -175,13 +187,14 @@ class _Versions(torch.utils.data.Dataset):
 class CachedSamples(torch.utils.data.Dataset):
     """The cached outputs of each sample, in this epoch's version (as `samples` draws them), read row by row from the
     memory-mapped safetensors files: a cache larger than RAM works, and the processes of a multi-GPU run share the
-    page cache instead of holding a copy each."""
+    page cache instead of holding a copy each. Without `per_version`, one row serves every version of a sample."""
 
-    def __init__(self, files, samples):
+    def __init__(self, files, samples, per_version=True):
         from safetensors import safe_open
 
         self.files = [str(f) for f in files]
         self.variants, self.shapes, self.size = samples.variants, samples.shapes, len(samples)
+        self.per_version = per_version
         self.location = {}  # (sample index, version) -> (file, row)
         for number, path in enumerate(self.files):
             with safe_open(path, "pt") as part:
@@ -205,7 +218,7 @@ class CachedSamples(torch.utils.data.Dataset):
 
         if self._pid != os.getpid():  # open the files once in each process (data-loader workers are forked)
             self._handles, self._pid = [safe_open(path, "pt") for path in self.files], os.getpid()
-        number, row = self.location[(index, self.variants.pick(index))]
+        number, row = self.location[(index, self.variants.pick(index) if self.per_version else 0)]
         part = self._handles[number]
         return {"index": index, **{key: part.get_slice(key)[row] for key in self.keys}}
 

@@ -10,6 +10,9 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The white of greyscale modes that are not 8-bit: 16-bit integers (Pillow reads 16-bit PNG and TIFF as "I;16*",
+# older versions PNG as "I") and floats in [0, 1] ("F", as numpy and torchvision write them).
+GREY_RANGE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
 # --image_interpolation_mode: torchvision's InterpolationMode names (diffusers' SD script) as the PIL filters that
 # torchvision itself uses for PIL images (nearest_exact is PIL's nearest, which samples pixel centres).
 RESAMPLING = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
@@ -47,22 +50,29 @@ def open_rgb(value):
 
 def image_size(value):
     """(width, height) of a dataset image cell as `open_rgb` returns it, read from the header (no pixel decoding):
-    EXIF orientations 5 to 8 turn the picture a quarter, which swaps its sides."""
+    EXIF orientations 5 to 8 turn the picture a quarter, which swaps its sides, unless the reader has turned it."""
     image = _open(value)
     width, height = image.size
-    if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+    if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) and not _turned_by_reader(image):
         return height, width
     return width, height
+
+
+def _turned_by_reader(image):
+    """Whether Pillow's reader already reports the picture in its EXIF orientation: its TIFF reader does (recent
+    versions: the header's size is then not the stored one) and turns the pixels itself when it decodes them."""
+    tags = getattr(image, "tag_v2", None)
+    return tags is not None and (tags.get(256), tags.get(257)) != image.size  # ImageWidth, ImageLength
 
 
 def to_rgb(image):
     """Convert any PIL mode to RGB the way a person would expect it to look."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: `convert("RGB")` would clip everything above 255 to white.
+    if image.mode in GREY_RANGE:
+        # `convert("RGB")` would clip 16-bit greyscale above 255 to white and floats below 1 to black. The range
+        # comes from the mode, never from the pixels: a dark 16-bit picture stays dark.
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        image = Image.fromarray(np.clip(array / GREY_RANGE[image.mode] * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA"):

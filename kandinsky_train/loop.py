@@ -292,7 +292,7 @@ class Trainer:
         final_loss, loss_steps = self.logger.recent_loss()
         return tracking.RunSummary(
             steps=state.global_step, samples=state.samples_seen,
-            epochs=state.global_step / state.steps_per_epoch if state.steps_per_epoch else state.epoch + 1,
+            epochs=state.global_step / state.steps_per_epoch if state.steps_per_epoch else self.batches.passes(),
             seconds=state.train_seconds, counted_from_step=state.counted_from_step, final_loss=final_loss,
             loss_steps=loss_steps, processes=accelerator.num_processes,
             device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision)

@@ -25,17 +25,22 @@ def snippet_name(path):
     return hub_id(path) or f"path/to/{os.path.basename(os.path.normpath(path))}"
 
 
-def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None):
+def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, decoder_scheduler=None):
     """Code that generates with a prior and a decoder (Hub ids or folders; a LoRA adapter on either): two
     pipelines, the prior's image embeddings handed to the decoder. Loading them together through
-    AutoPipelineForText2Image with `prior_*` components prints a warning with the whole model in it."""
-    lines = ["import torch", "from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline", "",
+    AutoPipelineForText2Image with `prior_*` components prints a warning with the whole model in it.
+    decoder_scheduler: where the decoder's scheduler is saved (`scheduler/` beside an adapter trained with another
+    --prediction_type than the stock decoder's), to replace the stock one."""
+    imports = "DDPMScheduler, KandinskyV22Pipeline" if decoder_scheduler else "KandinskyV22Pipeline"
+    lines = ["import torch", f"from diffusers import {imports}, KandinskyV22PriorPipeline", "",
              f'prior = KandinskyV22PriorPipeline.from_pretrained("{prior}", dtype=torch.float16).to("cuda")',
              f'decoder = KandinskyV22Pipeline.from_pretrained("{decoder}", dtype=torch.float16).to("cuda")']
     for model, adapter in (("prior.prior", prior_lora), ("decoder.unet", decoder_lora)):
         if adapter:
             lines.append(f'{model}.load_lora_adapter("{adapter}", prefix=None, '
                          'weight_name="pytorch_lora_weights.safetensors")')
+    if decoder_scheduler:  # the objective the adapter was trained with (v-prediction)
+        lines.append(f'decoder.scheduler = DDPMScheduler.from_pretrained("{decoder_scheduler}", subfolder="scheduler")')
     return "\n".join(lines + [
         f'embeds = prior("{prompt}")',
         "image = decoder(image_embeds=embeds.image_embeds,",
@@ -81,9 +86,11 @@ def run_figures(summary):
              if summary.counted_from_step else "")
     loss = ("no step in the last session" if summary.final_loss is None
             else f"{summary.final_loss:.4g} (mean of the last {summary.loss_steps} steps)")
+    epochs = ("1 or less (no pass reached the end of the stream)" if summary.epochs is None
+              else f"{summary.epochs:.3g}")
     return {
         "Optimizer steps": summary.steps,
-        "Epochs": f"{summary.epochs:.3g}",
+        "Epochs": epochs,
         "Samples seen": f"{summary.samples:,}{since}",
         "Final training loss": loss,
         "Training time": f"{duration(summary.seconds)}{since}",
@@ -97,7 +104,9 @@ def settings(args, summary):
     total = args.train_batch_size * summary.processes * args.gradient_accumulation_steps
     return {
         "Learning rate": args.learning_rate,
-        "LR schedule": f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
+        # diffusers' "constant" schedule has no warm-up, whatever --lr_warmup_steps says
+        "LR schedule": args.lr_scheduler if args.lr_scheduler == "constant" else
+        f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
         "Batch size": f"{total} ({args.train_batch_size} per device x {summary.processes} process(es) x "
                       f"{args.gradient_accumulation_steps} accumulation)",
         "Resolution": args.resolution,

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -31,6 +31,10 @@ def make_accelerator(args):
     )
     configure_logging(accelerator)
     configure_backends(args)
+    if args.seed is not None:
+        # As diffusers' scripts do: what draws from the global generators (peft's LoRA initialisation) repeats with
+        # --seed. Training's noise and data order have generators of their own, seeded per step (exact resume).
+        set_seed(args.seed)
     return accelerator
 
 

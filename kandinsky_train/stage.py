@@ -18,6 +18,7 @@ class FrozenPart:
     encode: Callable  # batch of samples -> dict of outputs (no grad)
     models: tuple  # the frozen models it runs: fingerprinted, freed after caching
     key: dict = field(default_factory=dict)  # what, beside data and frozen weights, the outputs depend on
+    per_version: bool = True  # whether a sample's versions differ in these outputs (False: cached once per sample)
 
 
 @dataclass
@@ -58,13 +59,15 @@ def clip_pixels(image_processor, image):
     return image_processor(image, return_tensors="pt").pixel_values[0]
 
 
-def clip_image_embedding(image_encoder, image_processor, device, dtype, versions="the picture"):
+def clip_image_embedding(image_encoder, image_processor, device, dtype, mirrored=False):
     """The CLIP image embedding of a batch's `clip_pixel_values`: one definition for both stages, so that the cache
-    entry one writes is the other's. `versions`: what a sample's versions show ("the picture" for all, or "the
-    picture, its mirror" with --random_flip): entries of different meaning are never shared."""
+    entry one writes is the other's. `mirrored`: a sample's second version is the picture's mirror (--random_flip);
+    else every version (the prior's captions) shows the same picture, and the entry holds one embedding a sample.
+    Entries of different meaning are never shared."""
 
     def encode(batch):
         return {"image_embeds": image_encoder(batch["clip_pixel_values"].to(device, dtype)).image_embeds}
 
+    versions = "the picture, its mirror" if mirrored else "the picture"
     return FrozenPart("CLIP image embeddings", encode, (image_encoder,),
-                      {"image_processor": image_processor.to_dict(), "versions": versions})
+                      {"image_processor": image_processor.to_dict(), "versions": versions}, per_version=mirrored)

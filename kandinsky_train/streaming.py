@@ -131,6 +131,7 @@ class StreamBatches:
         self.workers = args.dataloader_num_workers
         self.consumed, self.micro, self.total_micro, self.epoch_now, self.skipped = {}, 0, 0, 0, 0
         self.resume = None
+        self.pass_micro = None  # micro-batches of a whole pass, once one has ended
         # The "has every process a batch?" vote runs at each micro-batch on a CPU (gloo) group: on the GPUs' NCCL
         # group it would make the host wait for the GPU every time.
         self.vote_group = None
@@ -163,6 +164,7 @@ class StreamBatches:
         while True:
             batch = next(batches, None)
             if not self._all_have(batch is not None):
+                self.pass_micro = self.micro
                 return
             self.consumed[int(batch.pop("worker")[0])] = int(batch.pop("position").max())
             self.skipped += int(batch.pop("skipped").sum())
@@ -185,7 +187,7 @@ class StreamBatches:
 
         consumed = gather_object([{str(k): v for k, v in self.consumed.items()}])
         return {"epoch": self.epoch_now, "micro": self.micro, "total_micro": self.total_micro,
-                "workers": self.workers, "consumed": consumed}
+                "workers": self.workers, "consumed": consumed, "pass_micro": self.pass_micro}
 
     def restore(self, position):
         if position is None:
@@ -195,6 +197,12 @@ class StreamBatches:
                  f"{position['workers']} data-loader worker(s); resume --streaming with the same numbers (each "
                  "process and worker reads its own shards), or start a new run in another --output_dir.")
         self.resume, self.total_micro = position, position["total_micro"]
+        self.pass_micro = position.get("pass_micro")  # older checkpoints lack it
+
+    def passes(self):
+        """Passes over the stream so far, the last one in part; None while no pass has reached the stream's end
+        (its length is not known before)."""
+        return self.epoch_now + self.micro / self.pass_micro if self.pass_micro else None
 
     def skipped_total(self):
         """Samples skipped (unreadable image, missing caption) on all processes so far."""

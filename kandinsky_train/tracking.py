@@ -86,7 +86,7 @@ class RunSummary:
     """What the run did, for its model card: its own figures, not the command line's."""
 
     steps: int  # optimizer steps, resumed sessions included
-    epochs: float  # passes over the data those steps make
+    epochs: float | None  # passes over the data those steps make (None: a stream whose length is not known yet)
     samples: int  # samples trained on (all processes), from step counted_from_step on
     seconds: float  # time in the training loop, from step counted_from_step on
     counted_from_step: int  # 0, or the step of a checkpoint that did not record them (a reference script's)

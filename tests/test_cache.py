@@ -2,6 +2,7 @@
 second stage reuses the first one's CLIP image embeddings, and each cache entry is rebuilt when what it depends on
 (frozen model, data, resolution) changes."""
 
+import os
 import shutil
 
 import torch
@@ -15,25 +16,31 @@ def final_weights(output, sub):
 
 
 def test_cached_training_is_bit_identical_and_the_second_stage_reuses_the_image_embeddings(tiny, tmp_path):
-    """Each stage trains alike with and without the cache; the decoder, trained second on the same data with the
-    same cache folder, takes the CLIP image embeddings the prior's run computed (its condition is the prior's
-    target) and still trains exactly as without any cache."""
+    """Each stage trains alike with and without the cache, on an odd number of pictures (the last batch of an epoch
+    is smaller; the decoder's buckets have short last batches too) with several captions each; the prior, trained
+    second on the same data with the same cache folder, takes the CLIP image embeddings the decoder's run computed
+    (the decoder's condition is the prior's target: one per picture, whichever caption an epoch draws) and still
+    trains exactly as without any cache."""
+    from test_data import caption_lists
+
     cache = tmp_path / "cache"
-    for script, sub in [(PRIOR_SCRIPT, "prior"), (DECODER_SCRIPT, "unet")]:
+    data = caption_lists(tiny, tmp_path / "data", [[f"caption {i}", f"another {i}", "a third"][:1 + i % 3]
+                                                   for i in range(8)])
+    common = {"--conditioning_dropout_prob": 0.3, "--train_data_dir": data, "--max_train_samples": 7}
+    for script, sub, own in [(DECODER_SCRIPT, "unet", {"--enable_bucket": True}), (PRIOR_SCRIPT, "prior", {})]:
         plain, cached = tmp_path / f"{sub}-plain", tmp_path / f"{sub}-cached"
-        launch(script, base_args(tiny, plain, steps=5, **{"--conditioning_dropout_prob": 0.3}))
-        proc = launch(script, base_args(tiny, cached, steps=5, **{"--conditioning_dropout_prob": 0.3,
-                                                                   "--cache_embeddings": True,
-                                                                   "--embedding_cache_dir": cache}))
+        launch(script, base_args(tiny, plain, steps=5, **common, **own))  # the prior's second epoch draws anew
+        proc = launch(script, base_args(tiny, cached, steps=5, **common, **own, **{"--cache_embeddings": True,
+                                                                                   "--embedding_cache_dir": cache}))
         text = proc.stdout + proc.stderr
         assert "frozen outputs cached" in text
         a, b = final_weights(plain, sub), final_weights(cached, sub)
         assert all(torch.equal(a[k], b[k]) for k in a)
-        if script == PRIOR_SCRIPT:
-            assert "Reusing cached" not in text and len(list(cache.iterdir())) == 2  # image embeddings, text
+        if script == DECODER_SCRIPT:
+            assert "Reusing cached" not in text and len(list(cache.iterdir())) == 2  # image embeddings, latents
         else:
             assert f"Reusing cached CLIP image embeddings from {cache}" in text
-            assert "Reusing cached frozen outputs" not in text  # the MoVQ latents are the decoder's own
+            assert "Reusing cached frozen outputs" not in text  # the text encoder's outputs are the prior's own
             assert len(list(cache.iterdir())) == 3  # no second entry of image embeddings
 
 
@@ -64,15 +71,44 @@ def test_cache_is_reused_and_invalidated(tiny, tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "000.jpg")  # same name, new content
     reused, folders = run("d", **{"--train_data_dir": data})
     assert reused == (False, False) and len(folders) == 5  # data changed
+    replaced = data / "001.png"  # another picture under the same name, with the old modification time
+    times = os.stat(replaced)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(replaced)
+    os.utime(replaced, ns=(times.st_atime_ns, times.st_mtime_ns))
+    reused, folders = run("f", **{"--train_data_dir": data})
+    assert reused == (False, False) and len(folders) == 7
     other_prior = tiny_kandinsky.build_tiny_prior(tmp_path / "other_prior", seed=7)
     reused, folders = run("e", **{"--pretrained_prior_model_name_or_path": other_prior})
-    assert reused == (False, True) and len(folders) == 6  # frozen CLIP image encoder changed, MoVQ did not
+    assert reused == (False, True) and len(folders) == 8  # frozen CLIP image encoder changed, MoVQ did not
 
 
 # In-process checks of the cache's pieces (the tests above run the scripts end to end).
 
+def test_picture_files_key_the_cache_where_the_data_sets_fingerprint_stays(tmp_path):
+    """A CSV column of file paths: an edited picture leaves the data set's fingerprint as it was, not the key."""
+    import datasets
+    from PIL import Image
+
+    from kandinsky_train.fingerprints import picture_files_fingerprint
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    rows = "".join(f"{tmp_path / f'{i}.png'},a picture\n" for i in range(3))
+    (tmp_path / "data.csv").write_text("image,text\n" + rows)
+
+    def load():
+        dataset = datasets.load_dataset("csv", data_files=str(tmp_path / "data.csv"), cache_dir=tmp_path / "hf")
+        return dataset["train"]
+
+    before = load()
+    key = picture_files_fingerprint(before, "image")
+    assert picture_files_fingerprint(load(), "image") == key
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "1.png")
+    after = load()
+    assert after._fingerprint == before._fingerprint and picture_files_fingerprint(after, "image") != key
+
 def test_fingerprint_changes_with_any_weight_and_the_config():
-    from kandinsky_train.cache import model_fingerprint
+    from kandinsky_train.fingerprints import model_fingerprint
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -16,6 +16,16 @@ def test_16_bit_greyscale_keeps_its_tones():
     assert 120 <= rgb[32, 0, 0] <= 135  # mid-grey stays mid-grey, not clipped to white
 
 
+def test_dark_16_bit_greyscale_stays_dark_and_float_pictures_span_0_to_1(tmp_path):
+    """The range comes from the mode: a 16-bit PNG whose brightest pixel is 200/65535 is nearly black (not read as
+    8-bit), and a float ("F") picture at 0.5 is mid-grey (not clipped to black)."""
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dark16.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "half.tif")
+    assert Image.open(tmp_path / "dark16.png").mode.startswith("I;16") and Image.open(tmp_path / "half.tif").mode == "F"
+    assert np.asarray(open_rgb(str(tmp_path / "dark16.png"))).max() <= 1
+    assert np.asarray(open_rgb(str(tmp_path / "half.tif"))).tolist()[0][0] == [128, 128, 128]
+
+
 def test_transparent_pixels_become_white_and_cmyk_palette_convert():
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]
@@ -50,12 +60,17 @@ def test_grid_has_four_columns_at_most():
 
 
 def test_header_size_is_the_size_training_opens_exif_rotation_included(tmp_path):
-    """Buckets are chosen from the files' headers: a phone photo stored 80x48 with EXIF "rotate 90" opens 48x80."""
+    """Buckets are chosen from the files' headers: a phone photo stored 80x48 with EXIF "rotate 90" opens 48x80,
+    a JPEG and a TIFF alike (turned once, not twice)."""
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.new("RGB", (80, 48)).save(tmp_path / "phone.jpg", exif=exif)
     Image.new("RGB", (80, 48)).save(tmp_path / "plain.png")
-    for name, size in (("phone.jpg", (48, 80)), ("plain.png", (80, 48))):
+    for orientation in (5, 6, 7, 8):  # Pillow's TIFF reader reports (and decodes) these turned itself
+        exif[0x0112] = orientation
+        Image.new("RGB", (80, 48)).save(tmp_path / f"turned{orientation}.tif", exif=exif)
+    for name, size in (("phone.jpg", (48, 80)), ("plain.png", (80, 48)), *((f"turned{o}.tif", (48, 80))
+                                                                          for o in (5, 6, 7, 8))):
         for cell in (str(tmp_path / name), {"path": None, "bytes": (tmp_path / name).read_bytes()}):
             assert image_size(cell) == open_rgb(cell).size == size
 

@@ -28,6 +28,10 @@ def test_lora_trains_resumes_and_loads_into_the_stock_pipeline(stage, tiny, tmp_
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     adapter_state = [state_of(run / "checkpoint-4", f"{sub}_lora") for run in (whole, out)]
     assert_same_state(*adapter_state, ema=False)
+    # --seed repeats the adapter's random initialisation: a new 2-step run is where the 4-step one was at step 2
+    again = tmp_path / "again"
+    launch(script, base_args(tiny, again, steps=2, **lora))
+    assert_same_state(*(state_of(run / "checkpoint-2", f"{sub}_lora") for run in (whole, again)), ema=False)
     adapter = load_file(out / "pytorch_lora_weights.safetensors")
     assert adapter and all("lora" in k for k in adapter)
     assert not (out / sub).exists()  # the output is the small adapter, not a full model
@@ -48,3 +52,24 @@ def test_lora_trains_resumes_and_loads_into_the_stock_pipeline(stage, tiny, tmp_
         pipe.unet.load_lora_adapter(str(out), prefix=None, weight_name="pytorch_lora_weights.safetensors")
         after = pipe(**call, generator=generator()).images
     assert (before - after).abs().max() > 1e-6, "the adapter did not change the output"
+
+
+def test_a_v_prediction_adapter_is_saved_with_its_scheduler_and_the_card_sets_it(tiny, tmp_path):
+    """The stock decoder's scheduler predicts epsilon: the card's code must sample the adapter with the scheduler
+    it was trained with, saved beside it."""
+    import re
+
+    from diffusers import DDPMScheduler
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    launch(DECODER_SCRIPT, base_args(tiny, out, steps=1, **{"--use_lora": True, "--prediction_type": "v_prediction"}))
+    assert DDPMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type == "v_prediction"
+    code = re.search(r"```python\n(.*?)```", ModelCard.load(out / "README.md").text, re.S).group(1)
+    code = code[:code.index("embeds = prior(")]  # the pipelines as the card builds them
+    for placeholder, path in (("path/to/prior", tiny["prior"]), ("path/to/decoder", tiny["decoder"])):
+        code = code.replace(f'"{placeholder}"', f'"{path}"')
+    scope = {}
+    exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
+    assert scope["decoder"].scheduler.config.prediction_type == "v_prediction"
+    assert any("lora" in name for name in scope["decoder"].unet.state_dict())

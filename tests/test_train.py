@@ -111,6 +111,21 @@ def test_model_card_gives_the_runs_own_figures_and_no_local_path(trained, tiny):
     assert str(tiny["prior"].parent) not in card.content  # no local path anywhere in what would be pushed
 
 
+def test_a_streamed_card_counts_the_passes_made_and_a_constant_schedule_has_no_warm_up(tiny, tmp_path):
+    """8 pictures in 2 parquet shards at batch 2: 4 steps a pass, so 10 steps are 2.5 passes (not the 3 begun);
+    diffusers' "constant" schedule ignores --lr_warmup_steps, and so does the card."""
+    import tiny_kandinsky
+    from huggingface_hub import ModelCard
+
+    shards = tiny_kandinsky.build_parquet_shards(tmp_path / "shards", num_shards=2, per_shard=4)
+    out = tmp_path / "out"
+    launch(PRIOR_SCRIPT, base_args(tiny, out, steps=10, **{"--train_data_dir": None, "--dataset_name": shards,
+                                                          "--streaming": True, "--lr_warmup_steps": 500}))
+    rows = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", ModelCard.load(out / "README.md").text, re.M))
+    assert rows["Optimizer steps"] == "10" and rows["Samples seen"] == "20"
+    assert rows["Epochs"] == "2.5" and rows["LR schedule"] == "constant"
+
+
 def test_a_checkpoint_of_the_reference_script_resumes_exactly_and_is_rotated(trained, tiny, tmp_path):
     """diffusers' reference decoder script writes what ours writes, without training_state.json: here our own
     checkpoint-2 with that file deleted is exactly the reference layout (accelerate's save_state with unet/ saved
