@@ -20,6 +20,7 @@ from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
+from .memory import OptimizerUpdate, cast_trained_weights
 from .preemption import StopRequest, finishing
 from .runtime import check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position
 from .streaming import StreamBatches, StreamSamples
@@ -70,6 +71,7 @@ class Trainer:
                                            held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
+        cast_trained_weights(args, self.params)
         optimizer = make_optimizer(args, self.params, device)
         model_state.accept_whole_model_optimizer_states(optimizer, stage.model)
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
@@ -78,6 +80,7 @@ class Trainer:
         model_state.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
+        self.update = OptimizerUpdate(args, accelerator, self.optimizer, self.params, self.state)
         if args.torch_compile:
             self.model = torch.compile(self.model)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
@@ -152,7 +155,7 @@ class Trainer:
     def train_step(self, batch, epoch, batch_index):
         """Forward and backward one micro-batch; the optimizer steps at the last one of each accumulation. Returns
         whether it did."""
-        accelerator, args = self.accelerator, self.args
+        accelerator = self.accelerator
         self.generator.manual_seed(step_seed(self.state.seed, accelerator.process_index, epoch, batch_index))
         with accelerator.accumulate(self.model):
             self.state.samples_seen += len(batch.pop("index")) * accelerator.num_processes
@@ -161,12 +164,10 @@ class Trainer:
                     # contiguous, as cached tensors are: the layout decides which kernels run
                     batch = {k: v.contiguous() for k, v in self.encode(batch).items()}
             loss = self.stage.loss(self.model, batch, self.generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                self.grad_norm = accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
-            self.optimizer.step()
+            accelerator.backward(loss)  # with --fused_backward_pass, the weights are stepped in here
+            if accelerator.sync_gradients:
+                self.grad_norm = self.update.step()
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
         self.meter.add(loss)
         return accelerator.sync_gradients
 
