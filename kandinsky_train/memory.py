@@ -78,31 +78,35 @@ class OptimizerUpdate:
         """Step the optimizer on p alone (clipping p's gradient to --max_grad_norm on its own first, if asked)."""
         index, group_index = self.place[id(p)]
         group = self.torch_optimizer.param_groups[group_index]  # looked up now: load_state_dict replaces groups
-        others, group["params"] = group["params"], [p]
-        try:
-            with self._in_fp32(p, index):
-                if clip:
-                    self.norms.append(torch.nn.utils.clip_grad_norm_(p, self.max_grad_norm))
+        with self._stepped(p, index) as stepped:
+            if clip:
+                self.norms.append(torch.nn.utils.clip_grad_norm_(stepped, self.max_grad_norm))
+            others, group["params"] = group["params"], [stepped]
+            try:
                 self.torch_optimizer.step()
-        finally:
-            group["params"] = others
+            finally:
+                group["params"] = others
         p.grad = None
 
     @contextlib.contextmanager
-    def _in_fp32(self, p, index):
-        """--full_bf16: the optimizer steps an fp32 copy of one bf16 weight (so its states are fp32 too), which is
-        then rounded stochastically into the weight; the random bits are a function of seed, step and tensor, so
-        a resumed run and every process draw the same."""
+    def _stepped(self, p, index):
+        """The tensor the optimizer steps for p: p itself, or with --full_bf16 an fp32 copy of it, which takes p's
+        optimizer state (so the states are fp32 too) and is then rounded stochastically into p. The random bits are
+        a function of seed, step and tensor: a resumed run and every process draw the same. (p itself keeps its
+        dtype: changing it would drop the gradient hooks that DDP's all-reduce hangs on.)"""
         if not self.full_bf16:
-            yield
+            yield p
             return
-        grad, p.grad = p.grad, None
-        p.data = p.data.float()
-        p.grad = grad.float()
-        yield
-        p.grad = None
+        state = self.torch_optimizer.state
+        copy = p.detach().float()
+        copy.grad = p.grad.float()
+        if p in state:
+            state[copy] = state.pop(p)
+        yield copy
+        state[p] = state.pop(copy)
         self.generator.manual_seed(step_seed(self.state.seed, "rounding", self.state.global_step, index))
-        p.data = round_stochastically(p.data, self.generator)
+        with torch.no_grad():
+            p.copy_(round_stochastically(copy, self.generator))
 
 
 def keep_state_dtypes(optimizer):

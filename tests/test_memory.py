@@ -13,7 +13,7 @@ from kandinsky_train import checks
 from kandinsky_train.errors import UserError
 from kandinsky_train.memory import round_stochastically
 
-from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
 from test_robustness import assert_same_state, state_of
 
 BF16 = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
@@ -163,3 +163,14 @@ def test_memory_levers_refuse_what_they_cannot_do(tmp_path, monkeypatch):
             with pytest.raises(UserError, match=message):
                 checks.check_args(decoder.parse_args(argv), "decoder")
     assert not (tmp_path / "out").exists()
+
+
+def test_full_bf16_on_two_processes_keeps_them_identical(tiny, tmp_path):
+    """DDP averages the bf16 gradients and every process rounds alike: the run's own check finds the weights
+    identical on both processes (it fails the run otherwise)."""
+    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16",
+                "--dynamo_backend", "no", "--main_process_port", "0"]
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=2, **{
+        "--full_bf16": True, "--mixed_precision": "bf16", "--learning_rate": 1e-6}), launcher=launcher,
+        env=offline_env(ACCELERATE_USE_CPU="true"))
+    assert "identical on all 2 processes" in proc.stdout + proc.stderr
