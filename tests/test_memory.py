@@ -48,11 +48,14 @@ def test_fused_backward_pass_is_the_plain_step_and_resumes_exactly(tiny, tmp_pat
     fused = {**common, "--fused_backward_pass": True}
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "plain", **common))
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "fused", **fused))
-    plain, ours = weights(tmp_path / "plain/checkpoint-4", "prior"), weights(tmp_path / "fused/checkpoint-4", "prior")
+    plain, ours = (state_of(tmp_path / run / "checkpoint-4", "prior") for run in ("plain", "fused"))
     start = weights(tiny["prior"], "prior")
-    assert any(not torch.equal(start[k], ours[k]) for k in start)
-    for name, tensor in plain.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-7)
+    assert any(not torch.equal(start[k], ours["model"][k]) for k in start)
+    for key in ("model", "ema"):
+        torch.testing.assert_close(ours[key], plain[key], rtol=0, atol=1e-7)
+    torch.testing.assert_close(ours["optimizer"], plain["optimizer"], rtol=0, atol=1e-7)  # steps, moments
+    for key in ("last_epoch", "_last_lr"):  # the schedule stepped once per optimizer step
+        assert ours["scheduler"][key] == plain["scheduler"][key]
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", steps=2, **fused))
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", **fused, **{"--resume_from_checkpoint": "latest"}))
     assert checkpoints(tmp_path / "parts") == ["checkpoint-2", "checkpoint-4"]
