@@ -1,7 +1,6 @@
 """The memory levers (issue 24): --fused_backward_pass steps each weight in the backward pass and must give the plain
 step's weights; --full_bf16 keeps bf16 weights and must not round small updates away; both resume exactly."""
 
-import shutil
 from pathlib import Path
 
 import pytest
