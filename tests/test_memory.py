@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from kandinsky_train import checks
 from kandinsky_train.errors import UserError
-from kandinsky_train.memory import round_stochastically
+from kandinsky_train.memory import OptimizerUpdate, round_stochastically
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
 from test_robustness import assert_same_state, state_of
@@ -36,6 +36,27 @@ def test_stochastic_rounding_is_unbiased():
         assert error.abs().max() < 5 * (share * (1 - share) / 200_000) ** 0.5 + 1e-6, (share, error)
     representable = below.repeat(1000, 1)
     assert torch.equal(round_stochastically(representable, torch.Generator()).float(), representable)
+
+
+def test_fused_backward_pass_frees_each_gradient_in_the_backward_pass():
+    """What saves the memory: at no point of the backward pass do more than one layer's gradients exist."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    update = OptimizerUpdate(SimpleNamespace(max_grad_norm=1.0, fused_backward_pass=True, full_bf16=False),
+                             SimpleNamespace(sync_gradients=True, device=torch.device("cpu")),
+                             SimpleNamespace(optimizer=optimizer), params, SimpleNamespace(seed=0, global_step=0))
+    alive = []  # gradients that exist each time a weight's gradient is complete (after the fused step's hook)
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+    before = [p.detach().clone() for p in params]
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    assert len(alive) == len(params) and max(alive) <= 2, alive
+    assert all(p.grad is None for p in params)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))  # each weight was stepped
+    assert update.step() > 0  # the total gradient norm, for the logs
 
 
 def test_fused_backward_pass_is_the_plain_step_and_resumes_exactly(tiny, tmp_path):
