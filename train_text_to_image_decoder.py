@@ -98,8 +98,7 @@ def main(args):
         del prior_pipe
 
     if args.use_lora:
-        runtime.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
-                         frozen_dtype=weight_dtype)
+        runtime.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:

@@ -87,7 +87,7 @@ def main(args):
                     "divides the image embeddings by it. Start from a trained Kandinsky 2.2 prior.")
     clip_mean, clip_std = prior.clip_mean.detach().to(device), prior.clip_std.detach().to(device)
     if args.use_lora:
-        runtime.add_lora(args, prior, target_modules=["to_q", "to_k", "to_v", "to_out.0"], frozen_dtype=weight_dtype)
+        runtime.add_lora(args, prior, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     if args.gradient_checkpointing:
         enable_prior_gradient_checkpointing(prior)
     prior.train()

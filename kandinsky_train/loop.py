@@ -20,9 +20,10 @@ from .diffusion import step_seed
 from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
-from .memory import OptimizerUpdate, cast_trained_weights
+from .memory import OptimizerUpdate, set_weight_dtypes
 from .preemption import StopRequest, finishing
-from .runtime import check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position
+from .runtime import (check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position,
+                      weight_dtype_of)
 from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
 
@@ -71,7 +72,7 @@ class Trainer:
                                            held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
-        cast_trained_weights(args, self.params)
+        set_weight_dtypes(args, stage.model, self.params, weight_dtype_of(accelerator))
         optimizer = make_optimizer(args, self.params, device)
         model_state.accept_whole_model_optimizer_states(optimizer, stage.model)
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)

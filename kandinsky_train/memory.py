@@ -1,10 +1,11 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
-"""The memory levers: --fused_backward_pass (the optimizer steps each weight inside the backward pass and frees its
-gradient, so the gradients of the whole model never exist at once) and --full_bf16 (the trained weights in bf16,
-without an fp32 master copy; each update is computed in fp32 and rounded stochastically into the bf16 weight).
+"""The dtypes the trained model's weights keep, and the memory levers: --fused_backward_pass (the optimizer steps each
+weight inside the backward pass and frees its gradient, so the gradients of the whole model never exist at once) and
+--full_bf16 (the trained weights in bf16, without an fp32 master copy; each update is computed in fp32 and rounded
+stochastically into the bf16 weight).
 
-Both step the optimizer one weight tensor at a time. That is exact for optimizers whose update of a weight depends
-on that weight's gradient and state alone (AdamW, 8-bit AdamW, Adafactor); checks.py refuses the others."""
+Both levers step the optimizer one weight tensor at a time. That is exact for optimizers whose update of a weight
+depends on that weight's gradient and state alone (AdamW, 8-bit AdamW, Adafactor); checks.py refuses the others."""
 
 import contextlib
 
@@ -13,11 +14,24 @@ import torch
 from .diffusion import step_seed
 
 
-def cast_trained_weights(args, params):
-    """--full_bf16: the trained weights become bf16 (frozen weights and buffers are left as they are)."""
+def set_weight_dtypes(args, model, params, half_dtype):
+    """--full_bf16: the trained weights (params) become bf16. And the frozen linear and convolution weights of the
+    model (the base under LoRA adapters) take the mixed-precision half dtype: autocast casts fp32 weights to it in
+    every forward pass, and caches the copy only for weights that require grad, so a frozen fp32 base would be
+    copied at each step. Cast once, the math is the same (autocast rounds alike), in half the memory. Norm layers
+    keep fp32, as autocast computes them in fp32."""
     if args.full_bf16:
         for p in params:
             p.data = p.data.to(torch.bfloat16)
+    cast_frozen_layers(model, half_dtype)
+
+
+def cast_frozen_layers(model, dtype):
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
 
 
 def round_stochastically(values, generator):

@@ -112,9 +112,7 @@ def set_schedule_position(lr_scheduler, optimizer_steps, num_processes):
     scheduler.step()  # recomputes the optimizer's learning rates for the new position
 
 
-def add_lora(args, model, target_modules, frozen_dtype=torch.float32):
-    """LoRA adapters (fp32) on the target modules of a frozen model; its linear and convolution weights become
-    frozen_dtype, the mixed-precision half dtype."""
+def add_lora(args, model, target_modules):
     from peft import LoraConfig
 
     model.requires_grad_(False)
@@ -123,18 +121,6 @@ def add_lora(args, model, target_modules, frozen_dtype=torch.float32):
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # adapters train in fp32 even when the base is half precision
-    cast_frozen_layers(model, frozen_dtype)
-
-
-def cast_frozen_layers(model, dtype):
-    """Autocast casts fp32 weights to the half dtype in every forward pass, and caches the copy only for weights that
-    require grad: a frozen fp32 base would be copied at each step. Cast once, the math is the same (autocast rounds
-    alike), in half the memory. Norm layers keep fp32, as autocast computes them in fp32."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            for p in module.parameters(recurse=False):
-                if not p.requires_grad:
-                    p.data = p.data.to(dtype)
 
 
 def count_parameters(model, trainable_only=True):
