@@ -21,6 +21,7 @@ order a run meets them:
       checkpoint_folders  which folders are complete checkpoints (ours, the reference scripts'), which to resume
       ema         --use_ema
       diffusion   the loss (Min-SNR) and the per-micro-batch seed
+      memory      the weights' dtypes; --fused_backward_pass, --full_bf16: the optimizer steps one tensor at a time
       tracking    TensorBoard / W&B figures and images
       validation  validation images
       evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise

@@ -27,6 +27,7 @@ def check_args(args, stage):
     _check_numbers(args)
     _check_optimization(args)
     _check_conflicts(args)
+    _check_memory_levers(args)
     _check_packages(args)
     _check_precision(args)
     check_output_dir(args, stage)
@@ -155,6 +156,27 @@ def _check_conflicts(args):
              "`hf auth login` and drop --hub_token.")
 
 
+def _check_memory_levers(args):
+    """--fused_backward_pass and --full_bf16 step one weight tensor at a time (memory.py)."""
+    levers = [f"--{name}" for name in ("fused_backward_pass", "full_bf16") if getattr(args, name)]
+    if levers and args.optimizer == "prodigy":
+        fail(f"Conflicting flags: {levers[0]} steps each weight tensor on its own, and Prodigy estimates its step size "
+             "from all of them together; use --optimizer adamw or adafactor, or drop one of them.")
+    precision = _precision(args)
+    if args.full_bf16 and precision != "bf16":
+        fail(f"--full_bf16 needs --mixed_precision bf16 (this run's is {precision}): the bf16 weights need bf16 "
+             "autocast around them.")
+    if args.full_bf16 and args.use_lora:
+        fail("Conflicting flags: --full_bf16 with --use_lora is not supported; the adapter is small, drop "
+             "--full_bf16.")
+    if args.fused_backward_pass and precision == "fp16":
+        fail("Conflicting flags: --fused_backward_pass with --mixed_precision fp16 is not supported: fp16's loss "
+             "scaling must see every gradient before any weight is stepped; use --mixed_precision bf16.")
+    if args.fused_backward_pass and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail("--fused_backward_pass runs on one process only: it steps each weight inside the backward pass, before "
+             "the processes average their gradients, so they would drift apart. Drop it or train on one process.")
+
+
 def _check_packages(args):
     if args.report_to not in (*tracker_names(), "all", "none", ""):
         fail(f"Unknown --report_to {args.report_to!r}; choose one of {', '.join(tracker_names())}, all or none.")
@@ -173,11 +195,16 @@ def _check_packages(args):
         fail("--use_lora needs peft: pip install peft")
 
 
+def _precision(args):
+    """The mixed precision accelerate will use: the flag, else `accelerate launch`'s setting or its config file's."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
 def _check_precision(args):
     """fp16 autocast needs a GPU: on the CPU the first step fails with a dtype mismatch (bf16 works there)."""
     import torch
 
-    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = _precision(args)
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not (
         torch.cuda.is_available() or torch.backends.mps.is_available()
         or (hasattr(torch, "xpu") and torch.xpu.is_available()))

@@ -16,7 +16,7 @@ OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 def add_common_arguments(parser, stage):
     """stage: "prior" or "decoder"; it changes the help text, never a name or a default."""
     model = "PriorTransformer" if stage == "prior" else "UNet"
-    for group in (_models_and_data, _optimization, _checkpoints, _validation, _tracking_and_hub, _speed):
+    for group in (_models_and_data, _optimization, _checkpoints, _validation, _tracking_and_hub, _speed, _memory):
         group(parser.add_argument, stage, model)
     _decoder_images(parser, stage)
 
@@ -176,6 +176,22 @@ def _speed(add, stage, model):
     add("--embedding_cache_dir", type=str, default=None,
         help="Where --cache_embeddings stores its files (default OUTPUT_DIR/embedding_cache); share it between runs.")
     add("--torch_compile", action="store_true", help=f"Compile the {model} with torch.compile.")
+
+
+def _memory(add, stage, model):
+    add("--fused_backward_pass", action="store_true",
+        help="Step the optimizer for each weight inside the backward pass and free its gradient at once (kohya's "
+        "sd-scripts name), so the gradients of the whole model never exist together. For --optimizer adamw (also "
+        "8-bit) and adafactor, on one process. --max_grad_norm then clips each weight tensor's gradient on its own "
+        "(as kohya's and OneTrainer's fused passes do), not their total norm; a threshold never reached gives the "
+        "plain step's result. With --gradient_accumulation_steps > 1 the gradients accumulate as usual and each "
+        "weight is stepped in the last micro-batch's backward pass: same result, but no memory saved.")
+    add("--full_bf16", action="store_true",
+        help=f"Keep the {model}'s trained weights in bf16, without an fp32 master copy: half their memory and their "
+        "gradients'. Each update is computed in fp32 and rounded stochastically into the bf16 weight, so updates "
+        "smaller than bf16's precision still count on average. The optimizer's states stay fp32 (AdamW's: 8 bytes a "
+        "weight; Adafactor's factored ones are small) and --use_ema averages in fp32. Needs --mixed_precision bf16; "
+        "not with --use_lora or Prodigy. Checkpoints and the final model hold the bf16 weights.")
 
 
 # The decoder's image options; the prior accepts them only to refuse them by name (checks.py).

@@ -11,8 +11,9 @@ def make_ema(args, model, device):
         return None
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config,
-                   foreach=args.foreach_ema)
+    # The average in fp32 whatever the weights' dtype: a bf16 one (--full_bf16) would round most updates away.
+    ema = EMAModel([p.detach().float() for p in model.parameters()], decay=args.ema_decay, model_cls=type(model),
+                   model_config=model.config, foreach=args.foreach_ema)
     if not args.offload_ema:
         ema.to(device)
     elif device.type == "cuda":

@@ -21,8 +21,10 @@ from .errors import fail
 from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
+from .memory import OptimizerUpdate, set_weight_dtypes
 from .preemption import StopRequest, finishing
-from .runtime import check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position
+from .runtime import (check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position,
+                      weight_dtype_of)
 from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
 
@@ -71,6 +73,7 @@ class Trainer:
                                            skipped_images=report.skipped, held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
+        set_weight_dtypes(args, stage.model, self.params, weight_dtype_of(accelerator))
         optimizer = make_optimizer(args, self.params, device)
         model_state.accept_whole_model_optimizer_states(optimizer, stage.model)
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
@@ -79,6 +82,7 @@ class Trainer:
         model_state.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
+        self.update = OptimizerUpdate(args, accelerator, self.optimizer, self.params, self.state)
         if args.torch_compile:
             self.model = torch.compile(self.model)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
@@ -153,7 +157,7 @@ class Trainer:
     def train_step(self, batch, epoch, batch_index):
         """Forward and backward one micro-batch; the optimizer steps at the last one of each accumulation. Returns
         whether it did."""
-        accelerator, args = self.accelerator, self.args
+        accelerator = self.accelerator
         self.generator.manual_seed(step_seed(self.state.seed, accelerator.process_index, epoch, batch_index))
         with accelerator.accumulate(self.model):
             self.state.samples_seen += len(batch.pop("index")) * accelerator.num_processes
@@ -162,12 +166,10 @@ class Trainer:
                     # contiguous, as cached tensors are: the layout decides which kernels run
                     batch = {k: v.contiguous() for k, v in self.encode(batch).items()}
             loss = self.stage.loss(self.model, batch, self.generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                self.grad_norm = accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
-            self.optimizer.step()
+            accelerator.backward(loss)  # with --fused_backward_pass, the weights are stepped in here
+            if accelerator.sync_gradients:
+                self.grad_norm = self.update.step()
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
         self.meter.add(loss)
         return accelerator.sync_gradients
 

@@ -73,3 +73,53 @@ def test_a_v_prediction_adapter_is_saved_with_its_scheduler_and_the_card_sets_it
     exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
     assert scope["decoder"].scheduler.config.prediction_type == "v_prediction"
     assert any("lora" in name for name in scope["decoder"].unet.state_dict())
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_frozen_base_is_cast_once_with_the_same_math(stage, tiny):
+    """With mixed precision the frozen base's linear and convolution weights are stored in the half dtype instead
+    of being cast by autocast in every forward pass: the prediction and the adapters' gradients are bit for bit
+    what the fp32 base gives."""
+    import copy
+    from types import SimpleNamespace
+
+    from diffusers import PriorTransformer, UNet2DConditionModel
+
+    from kandinsky_train.memory import cast_frozen_layers
+    from kandinsky_train.runtime import add_lora
+
+    torch.manual_seed(0)
+    if stage == "prior":
+        model = PriorTransformer.from_pretrained(tiny["prior"], subfolder="prior")
+        c, targets = model.config, ["to_q", "to_k", "to_v", "to_out.0"]
+        inputs = dict(hidden_states=torch.randn(2, c.embedding_dim), timestep=torch.tensor([3, 700]),
+                      proj_embedding=torch.randn(2, c.embedding_dim),
+                      encoder_hidden_states=torch.randn(2, c.num_embeddings, c.embedding_dim),
+                      attention_mask=torch.ones(2, c.num_embeddings, dtype=torch.bool))
+    else:
+        model = UNet2DConditionModel.from_pretrained(tiny["decoder"], subfolder="unet")
+        c, targets = model.config, ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+        inputs = dict(sample=torch.randn(2, c.in_channels, 8, 8), timestep=torch.tensor([10, 500]),
+                      encoder_hidden_states=None, added_cond_kwargs={"image_embeds": torch.randn(2, c.encoder_hid_dim)})
+    lora = SimpleNamespace(rank=4, lora_alpha=8)
+    fp32_base, half_base = model, copy.deepcopy(model)
+    add_lora(lora, fp32_base, targets)
+    add_lora(lora, half_base, targets)
+    cast_frozen_layers(half_base, torch.bfloat16)
+    for a, b in zip(fp32_base.parameters(), half_base.parameters()):
+        if a.requires_grad:
+            b.data = a.data.normal_().clone()  # lora_B starts at zero: give the adapters something to do
+    linear = [m.weight for m in half_base.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert {w.dtype for w in linear if not w.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in half_base.parameters() if p.requires_grad} == {torch.float32}
+    assert any(p.dtype == torch.float32 for p in half_base.parameters() if not p.requires_grad)  # norms
+
+    def step(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**inputs)[0]
+        out.float().pow(2).mean().backward()
+        return out, [p.grad for p in model.parameters() if p.requires_grad]
+
+    (out_a, grads_a), (out_b, grads_b) = step(fp32_base), step(half_base)
+    assert torch.equal(out_a, out_b)
+    assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

@@ -1,0 +1,199 @@
+"""The memory levers (issue 24): --fused_backward_pass steps each weight in the backward pass and must give the plain
+step's weights; --full_bf16 keeps bf16 weights and must not round small updates away; both resume exactly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kandinsky_train import checks
+from kandinsky_train.errors import UserError
+from kandinsky_train.memory import OptimizerUpdate, round_stochastically
+
+from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
+from test_robustness import assert_same_state, state_of
+
+BF16 = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+
+
+def weights(folder, sub):
+    return load_file(next((Path(folder) / sub).glob("*.safetensors")))
+
+
+def test_stochastic_rounding_is_unbiased():
+    below = torch.tensor([1.0, -3.0, 0.0123, 1000.0]).to(torch.bfloat16).float()
+    step = torch.tensor([2.0 ** -7, 2.0 ** -6, 2.0 ** -14, 2.0 ** 2])  # the bf16 step (ulp) above each value
+    for share in (0.5, 0.1, 0.001):  # 0.1 and 0.001 of a step: nearest rounding never moves
+        exact = below + share * step * below.sign()
+        rounded = round_stochastically(exact.repeat(200_000, 1), torch.Generator().manual_seed(0))
+        assert rounded.dtype == torch.bfloat16
+        rounded = rounded.float()
+        assert set(rounded.unique().tolist()) <= set(
+            below.tolist() + (below + step * below.sign()).tolist())  # only the two neighbours
+        error = (rounded.mean(0) - exact) / step
+        assert error.abs().max() < 5 * (share * (1 - share) / 200_000) ** 0.5 + 1e-6, (share, error)
+    representable = below.repeat(1000, 1)
+    assert torch.equal(round_stochastically(representable, torch.Generator()).float(), representable)
+
+
+def test_fused_backward_pass_frees_each_gradient_in_the_backward_pass():
+    """What saves the memory: at no point of the backward pass do more than one layer's gradients exist."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    update = OptimizerUpdate(SimpleNamespace(max_grad_norm=1.0, fused_backward_pass=True, full_bf16=False),
+                             SimpleNamespace(sync_gradients=True, device=torch.device("cpu")),
+                             SimpleNamespace(optimizer=optimizer), params, SimpleNamespace(seed=0, global_step=0))
+    alive = []  # gradients that exist each time a weight's gradient is complete (after the fused step's hook)
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+    before = [p.detach().clone() for p in params]
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    assert len(alive) == len(params) and max(alive) <= 2, alive
+    assert all(p.grad is None for p in params)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))  # each weight was stepped
+    assert update.step() > 0  # the total gradient norm, for the logs
+
+
+def test_fused_backward_pass_is_the_plain_step_and_resumes_exactly(tiny, tmp_path):
+    """Prior, AdamW, two micro-batches per step (accumulated, then stepped in the last one's backward pass), EMA, a
+    --max_grad_norm never reached: the fused pass ends with the plain step's weights, and a run stopped with a
+    checkpoint at step 2 and resumed ends with the uninterrupted run's state."""
+    common = {"--gradient_accumulation_steps": 2, "--train_batch_size": 1, "--use_ema": True, "--max_grad_norm": 1e9,
+              "--checkpointing_steps": 2}
+    fused = {**common, "--fused_backward_pass": True}
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "plain", **common))
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "fused", **fused))
+    plain, ours = (state_of(tmp_path / run / "checkpoint-4", "prior") for run in ("plain", "fused"))
+    start = weights(tiny["prior"], "prior")
+    assert any(not torch.equal(start[k], ours["model"][k]) for k in start)
+    for key in ("model", "ema"):
+        torch.testing.assert_close(ours[key], plain[key], rtol=0, atol=1e-7)
+    torch.testing.assert_close(ours["optimizer"], plain["optimizer"], rtol=0, atol=1e-7)  # steps, moments
+    for key in ("last_epoch", "_last_lr"):  # the schedule stepped once per optimizer step
+        assert ours["scheduler"][key] == plain["scheduler"][key]
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", steps=2, **fused))
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", **fused, **{"--resume_from_checkpoint": "latest"}))
+    assert checkpoints(tmp_path / "parts") == ["checkpoint-2", "checkpoint-4"]
+    assert_same_state(state_of(tmp_path / "fused/checkpoint-4", "prior"),
+                      state_of(tmp_path / "parts/checkpoint-4", "prior"), ema=True)
+
+
+def test_fused_backward_pass_of_the_decoder_with_adafactor(tiny, tmp_path):
+    common = {"--optimizer": "adafactor", "--max_grad_norm": 1e9}
+    launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "plain", steps=3, **common))
+    launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "fused", steps=3, **common, **{"--fused_backward_pass": True}))
+    plain, fused = weights(tmp_path / "plain", "unet"), weights(tmp_path / "fused", "unet")
+    assert any(not torch.equal(weights(tiny["decoder"], "unet")[k], fused[k]) for k in fused)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(fused[name], tensor, rtol=0, atol=1e-7)
+
+
+def test_fused_backward_pass_clips_each_tensor(tiny, tmp_path):
+    """A --max_grad_norm that is reached: the fused pass clips each tensor on its own, which differs from clipping
+    the total norm (so the fused pass did run), and the prior still trains."""
+    for name, flags in {"plain": {}, "fused": {"--fused_backward_pass": True}}.items():
+        launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / name, steps=2, **flags, **{"--max_grad_norm": 1e-3}))
+    plain, fused = weights(tmp_path / "plain", "prior"), weights(tmp_path / "fused", "prior")
+    start = weights(tiny["prior"], "prior")
+    assert all(torch.isfinite(t).all() for t in fused.values())
+    assert any(not torch.equal(start[k], fused[k]) for k in start), "the clipped run did not train"
+    assert any(not torch.equal(plain[k], fused[k]) for k in start), "the same result as clipping the total norm"
+
+
+def moved_share(trained, start, lr):
+    """The share of the weights whose bf16 value changed, among those where an update of 4 x lr is under half a
+    bf16 step (so that rounding to the nearest would keep none of it)."""
+    moved = total = 0
+    for name, tensor in trained.items():
+        if start[name].dtype == torch.float32 and tensor.dtype == torch.bfloat16:
+            before = start[name].to(torch.bfloat16)
+            small = before.float().abs() > 4 * lr * 2 ** 9
+            total += small.sum().item()
+            moved += (small & (tensor != before)).sum().item()
+    assert total > 1000
+    return moved / total
+
+
+def test_full_bf16_keeps_small_updates_and_resumes_exactly(tiny, tmp_path):
+    """Prior, AdamW at a learning rate whose updates are under half a bf16 step of most weights: the bf16 weights
+    still move; the EMA and the optimizer's moments stay fp32; stopped at step 2 and resumed it ends exactly where
+    the uninterrupted run ends."""
+    lr = 1e-6
+    flags = {"--full_bf16": True, "--mixed_precision": "bf16", "--learning_rate": lr, "--use_ema": True,
+             "--checkpointing_steps": 2}
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "whole", **flags), launcher=BF16)
+    trained = weights(tmp_path / "whole/checkpoint-4", "prior")
+    assert trained["positional_embedding"].dtype == torch.bfloat16
+    assert moved_share(trained, weights(tiny["prior"], "prior"), lr) > 0.005
+    whole = state_of(tmp_path / "whole/checkpoint-4", "prior")
+    assert {t.dtype for t in whole["ema"].values()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in whole["optimizer"].values()} == {torch.float32}
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", steps=2, **flags), launcher=BF16)
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", **flags, **{"--resume_from_checkpoint": "latest"}),
+           launcher=BF16)
+    assert_same_state(whole, state_of(tmp_path / "parts/checkpoint-4", "prior"), ema=True)
+
+
+def test_low_memory_recipe_trains_the_decoder(tiny, tmp_path):
+    """--full_bf16 with --fused_backward_pass, Adafactor and gradient checkpointing: the weights are rounded in the
+    backward pass, small updates still move them, and the saved pipeline loads."""
+    from diffusers import KandinskyV22Pipeline
+
+    lr = 1e-5
+    launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=3, **{
+        "--full_bf16": True, "--fused_backward_pass": True, "--mixed_precision": "bf16", "--optimizer": "adafactor",
+        "--gradient_checkpointing": True, "--learning_rate": lr}), launcher=BF16)
+    trained = weights(tmp_path, "unet")
+    assert {t.dtype for t in trained.values()} == {torch.bfloat16}
+    assert moved_share(trained, weights(tiny["decoder"], "unet"), lr) > 0.005
+    KandinskyV22Pipeline.from_pretrained(tmp_path)
+
+
+def test_memory_levers_refuse_what_they_cannot_do(tmp_path, monkeypatch):
+    import train_text_to_image_decoder as decoder
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(checks, "installed", lambda package: True)
+    cases = [
+        ({"--fused_backward_pass": True, "--optimizer": "prodigy"},
+         "Conflicting flags: --fused_backward_pass steps each weight tensor on its own, and Prodigy estimates"),
+        ({"--full_bf16": True, "--mixed_precision": "bf16", "--optimizer": "prodigy"},
+         "Conflicting flags: --full_bf16 steps each weight tensor on its own"),
+        ({"--full_bf16": True}, "--full_bf16 needs --mixed_precision bf16 \\(this run's is no\\)"),
+        ({"--full_bf16": True, "--mixed_precision": "fp16"}, "--full_bf16 needs --mixed_precision bf16"),
+        ({"--full_bf16": True, "--mixed_precision": "bf16", "--use_lora": True},
+         "Conflicting flags: --full_bf16 with --use_lora is not supported"),
+        ({"--fused_backward_pass": True, "--mixed_precision": "fp16"},
+         "Conflicting flags: --fused_backward_pass with --mixed_precision fp16 is not supported"),
+        ({"--fused_backward_pass": True, "WORLD_SIZE": "2"}, "--fused_backward_pass runs on one process only"),
+    ]
+    for overrides, message in cases:
+        argv = ["--train_data_dir", str(data), "--output_dir", str(tmp_path / "out")]
+        with monkeypatch.context() as env:
+            for flag, value in overrides.items():
+                if flag == "WORLD_SIZE":  # as `accelerate launch --num_processes 2` or torchrun set it
+                    env.setenv(flag, value)
+                else:
+                    argv += [flag] if value is True else [flag, value]
+            with pytest.raises(UserError, match=message):
+                checks.check_args(decoder.parse_args(argv), "decoder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_bf16_on_two_processes_keeps_them_identical(tiny, tmp_path):
+    """DDP averages the bf16 gradients and every process rounds alike: the run's own check finds the weights
+    identical on both processes (it fails the run otherwise)."""
+    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16",
+                "--dynamo_backend", "no", "--main_process_port", "0"]
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=2, **{
+        "--full_bf16": True, "--mixed_precision": "bf16", "--learning_rate": 1e-6}), launcher=launcher,
+        env=offline_env(ACCELERATE_USE_CPU="true"))
+    assert "identical on all 2 processes" in proc.stdout + proc.stderr
