@@ -21,7 +21,7 @@ from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
 from .preemption import StopRequest, finishing
-from .runtime import check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position
+from .runtime import check_ranks_agree, compile_model, make_lr_scheduler, make_optimizer, set_schedule_position
 from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
 
@@ -79,7 +79,7 @@ class Trainer:
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
         if args.torch_compile:
-            self.model = torch.compile(self.model)
+            self.model = compile_model(self.model)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.grad_norm = None
