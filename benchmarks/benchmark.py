@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -95,19 +96,25 @@ def flag_value(flags, name, default):
     return value
 
 
-def launch(script, script_args, run_dir, cpu_only=False):
-    """`accelerate launch` one process of `script` through measure.py; logs and peak.json go to run_dir."""
+def launch(script, script_args, run_dir, cpu_only=False, env=None):
+    """`accelerate launch` one process of `script` through measure.py; logs and peak.json go to run_dir. env: more
+    environment variables (measure.py's profiler)."""
     precision = flag_value(script_args, "--mixed_precision", "no")  # Accelerate and the script must agree
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", precision, str(REPO / "benchmarks" / "measure.py"),
            str(script), *script_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "BENCH_PEAK_FILE": str(run_dir / "peak.json")}
+           "BENCH_PEAK_FILE": str(run_dir / "peak.json"), **(env or {})}
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""  # --quick measures the CPU path even on a GPU machine
     print(f"  {shlex.join(cmd)}", file=sys.stderr, flush=True)
     with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
-        return subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=err).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:  # a run cut short (gpu_check.py's time budget, Ctrl-C): the script with its launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
 
 
 def run_setting(stage, setting, flags, paths, cli, run_dir, script):

@@ -52,3 +52,49 @@ def test_reference_dir_without_the_scripts_is_refused(tmp_path):
                           cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "has no train_text_to_image_prior.py, train_text_to_image_decoder.py" in proc.stderr
+
+
+def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_what_did_not_run(tmp_path):
+    """benchmarks/gpu_check.py --quick, both parts on the tiny decoder: the profile of one optimizer step (its
+    top-20 table and busy share), the recipes through benchmark.py, the cached/uncached loss curves, a smoke run whose
+    saved pipeline renders; then part 2 again with a 2-second budget: cut in its first item, the rest listed as not
+    run, and still the summary."""
+    out, work = tmp_path / "out", tmp_path / "work"
+
+    def gpu_check(*args):
+        proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--quick", "--out", str(out), "--work_dir",
+                               str(work), *args], cwd=REPO, env=offline_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return proc.stdout
+
+    summary = gpu_check("--part", "1", "--budget_s", "600")
+    assert "| profile, decoder, cpu-fp32 | ok |\n| recipe, decoder, low-memory |" in summary
+    assert "| recipe, decoder, fastest | ok |" in summary
+    part1 = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
+    profile = part1[0]
+    assert profile["check"] == "profile" and profile["ok"] and profile["step"] == 4 and profile["clock"] == "cpu"
+    assert 0 < profile["busy_seconds"] and 0 < profile["step_seconds"]
+    rows = [line for line in profile["top20"].splitlines()
+            if line.strip() and not line.startswith("---") and "Name" not in line and "time total:" not in line]
+    assert len(rows) == 20 and any("aten::convolution" in row for row in rows)
+    assert (out / "profile-decoder-cpu-fp32.txt").read_text() == profile["top20"]
+    assert (out / "profile-decoder-cpu-fp32.txt.trace.json.gz").stat().st_size > 0
+    fastest = next(r for r in part1 if r.get("label") == "fastest recipe")
+    assert fastest["samples_per_second"] > 0 and fastest["flops_per_sample"] > 0
+    assert [r["item"] for r in part1 if "outcome" in r] == [
+        ["profile", "decoder", "cpu-fp32"], ["recipe", "decoder", "low-memory"], ["recipe", "decoder", "fastest"]]
+
+    summary = gpu_check("--part", "2", "--budget_s", "600")
+    assert "| curves, decoder, cache | ok |" in summary and "| smoke, decoder, fp16 | ok |" in summary
+    part2 = [json.loads(line) for line in (out / "gpu_check-part2.jsonl").read_text().splitlines()]
+    curve = next(r for r in part2 if r.get("check") == "cache curve")
+    assert curve["steps"] == 3 and curve["mean_difference"] == 0  # the CPU's cached run is bit-identical
+    smoke = next(r for r in part2 if r.get("check") == "fp16")
+    assert smoke["ok"] and smoke["generated_shape"] == [1, 256, 256, 3] and len(smoke["losses"]) == 6
+
+    (out / "gpu_check-part2.jsonl").unlink()
+    summary = gpu_check("--part", "2", "--budget_s", "2")
+    assert "| curves, decoder, cache | cut at 2 s |\n| curves, decoder, fused | not run: out of time |" in summary
+    outcomes = [json.loads(line) for line in (out / "gpu_check-part2.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in outcomes] == ["cut at 2 s"] + ["not run: out of time"] * 2
