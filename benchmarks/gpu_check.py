@@ -58,6 +58,9 @@ QUICK_SETTING = next(iter(benchmark.QUICK_SETTINGS["decoder"]))
 CURVES = {"cache": (check_fast_path.CACHE_VARIANTS, "cache curve"),
           "fused": ((("plain", ""), ("fused", "--fused_backward_pass")), "fused curve")}
 PROFILE_STEP = 4
+# Optimizer steps the profiled run may take: fp16's loss scaler skips the updates of overflowing steps at first, and
+# only an update moves the profiler on.
+PROFILE_RUN_STEPS = PROFILE_STEP + 4
 
 
 class OutOfTime(Exception):
@@ -79,6 +82,7 @@ class Check:
 
     def __init__(self, cli):
         self.cli, self.work_dir = cli, Path(cli.work_dir).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = Path(cli.out).resolve()
         self.results = self.out_dir / f"gpu_check-part{cli.part}.jsonl"
         self.steps = dict(warmup=1, steps=2, curve_steps=3) if cli.quick else dict(warmup=3, steps=12,
@@ -145,7 +149,7 @@ class Check:
         run_dir = self.work_dir / "runs" / f"profile-{stage}-{setting}"
         run_dir.mkdir(parents=True, exist_ok=True)
         args = [*benchmark.COMMON_FLAGS.split(), *size.split(), *flags.split(), "--max_train_steps",
-                str(PROFILE_STEP + 1), "--train_data_dir", str(paths["images"]), "--output_dir", str(run_dir / "out"),
+                str(PROFILE_RUN_STEPS), "--train_data_dir", str(paths["images"]), "--output_dir", str(run_dir / "out"),
                 "--pretrained_prior_model_name_or_path", str(paths["prior"]),
                 "--pretrained_decoder_model_name_or_path", str(paths["decoder"])]
         code = benchmark.launch(benchmark.SCRIPTS[stage], args, run_dir, cpu_only=self.cli.quick,
