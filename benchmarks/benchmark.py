@@ -73,6 +73,8 @@ RECIPES = {
                                 "--full_bf16 --gradient_checkpointing --cache_embeddings --use_8bit_adam"),
         "fastest": ("bf16-b8", "--mixed_precision bf16 --resolution 768 --train_batch_size 8 --cache_embeddings "
                                "--allow_tf32 --torch_compile"),
+        # the guide's command on a 24 GB card: the cache and one memory flag
+        "24gb-card": ("guide", SETTINGS["decoder"]["guide"] + " --cache_embeddings --use_8bit_adam"),
     },
 }
 # --quick keeps a recipe's levers but not its size (QUICK_FLAGS'), nor what needs CUDA (bitsandbytes) or takes

@@ -17,7 +17,8 @@ def test_quick_benchmark_measures_variants_side_by_side_with_the_reference(tmp_p
     out = tmp_path / "r.jsonl"
     proc = subprocess.run([sys.executable, "benchmarks/benchmark.py", "--quick", "--stage", "decoder",
                            "--work_dir", str(tmp_path / "work"), "--out", str(out), "--reference_dir", str(REPO),
-                           "--extra=", "--extra=--cache_embeddings"],
+                           "--extra=", "--extra=--cache_embeddings", "--settings", "cpu-fp32", "--settings",
+                           "low-memory", "--settings", "fastest"],
                           cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -57,7 +58,7 @@ def test_reference_dir_without_the_scripts_is_refused(tmp_path):
 def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_what_did_not_run(tmp_path):
     """benchmarks/gpu_check.py --quick, both parts on the tiny decoder: the profile of one optimizer step (its
     top-20 table and busy share), the recipes through benchmark.py, the cached/uncached loss curves, a smoke run whose
-    saved pipeline renders; then part 2 again with a 2-second budget: cut in its first item, the rest listed as not
+    saved pipeline renders; then part 2 again with half a second's budget: cut in its first item, the rest listed as not
     run, and still the summary."""
     out, work = tmp_path / "out", tmp_path / "work"
 
@@ -94,7 +95,7 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
     assert smoke["ok"] and smoke["generated_shape"] == [1, 256, 256, 3] and len(smoke["losses"]) == 6
 
     (out / "gpu_check-part2.jsonl").unlink()
-    summary = gpu_check("--part", "2", "--budget_s", "2")
-    assert "| curves, decoder, cache | cut at 2 s |\n| curves, decoder, fused | not run: out of time |" in summary
+    summary = gpu_check("--part", "2", "--budget_s", "0.5")
+    assert "| curves, decoder, cache | cut at 0.5 s |\n| curves, decoder, fused | not run: out of time |" in summary
     outcomes = [json.loads(line) for line in (out / "gpu_check-part2.jsonl").read_text().splitlines()]
-    assert [r["outcome"] for r in outcomes] == ["cut at 2 s"] + ["not run: out of time"] * 2
+    assert [r["outcome"] for r in outcomes] == ["cut at 0.5 s"] + ["not run: out of time"] * 2
