@@ -164,7 +164,8 @@ class Check:
             print(table.read_text(), flush=True)
         else:
             record["why"] = (run_dir / "stderr.log").read_text(errors="replace").splitlines()[-5:]
-        check_fast_path.drop_weights(run_dir / "out")
+        if (run_dir / "out").is_dir():
+            check_fast_path.drop_weights(run_dir / "out")
         return self.report({**record, "ok": code == 0 and table.exists()})
 
 
