@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,8 +32,10 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+import flops
+from build import build_full, build_quick
+
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "benchmarks" / "configs"
 SCRIPTS = {"prior": REPO / "train_text_to_image_prior.py", "decoder": REPO / "train_text_to_image_decoder.py"}
 STAGES = ("prior", "decoder")
 
@@ -54,106 +57,29 @@ COMMON_FLAGS = ("--checkpointing_steps 100000 --report_to tensorboard --learning
                 "--seed 0")
 FULL_FLAGS = "--dataloader_num_workers 4"
 QUICK_FLAGS = "--dataloader_num_workers 0 --resolution 64 --train_batch_size 2"
-WORDS = ("a photo of red blue green small large old new cat dog house tree car river mountain city street "
-         "portrait painting sunset forest robot flower bird boat in the with on").split()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Models and data
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _config(stage, name):
-    return json.loads((CONFIGS / stage / f"{name}.json").read_text())
-
-
-def _hf_config(name):
-    # transformers' config classes take the fields, not the checkpoint's bookkeeping keys
-    return {k: v for k, v in _config("prior", name).items() if k not in ("architectures", "model_type")}
-
-
-def build_prior(path, device):
-    import torch
-    from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig
-    from transformers import CLIPVisionModelWithProjection
-
-    import tiny_kandinsky
-
-    torch.manual_seed(0)
-    with device:  # random init on the GPU takes seconds; 3.6 B parameters on the CPU take minutes
-        prior = PriorTransformer.from_config(_config("prior", "prior"))
-        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**_hf_config("text_encoder")))
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_hf_config("image_encoder")))
-    with torch.no_grad():  # the scripts divide by clip_std, which an untrained prior holds as zeros
-        prior.clip_mean.zero_()
-        prior.clip_std.fill_(1.0)
-    tokenizer = tiny_kandinsky.write_clip_tokenizer(path.parent / "_tokenizer")  # CLIP's real 49,408-token BPE
-    KandinskyV22PriorPipeline(
-        prior=prior, text_encoder=text_encoder, image_encoder=image_encoder, tokenizer=tokenizer,
-        image_processor=CLIPImageProcessor(**_config("prior", "image_processor")),
-        scheduler=UnCLIPScheduler.from_config(_config("prior", "scheduler"))).save_pretrained(str(path))
-    shutil.rmtree(path.parent / "_tokenizer")
-
-
-def build_decoder(path, device):
-    import torch
-    from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
-
-    torch.manual_seed(0)
-    with device:
-        unet = UNet2DConditionModel.from_config(_config("decoder", "unet"))
-        movq = VQModel.from_config(_config("decoder", "movq"))
-    KandinskyV22Pipeline(unet=unet, movq=movq, scheduler=DDPMScheduler.from_config(_config("decoder", "scheduler"))
-                         ).save_pretrained(str(path))
-
-
-def build_images(path, device=None, count=64, size=768):
-    """Smooth random colour fields plus a little grain: JPEGs of photo-like size and decode cost (white noise would
-    be several times larger), each with a random caption."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    rows = []
-    for i in range(count):
-        low = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-        pixels = np.asarray(low, np.int16) + rng.integers(-8, 9, (size, size, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path / f"{i:03d}.jpg", quality=90)
-        rows.append({"file_name": f"{i:03d}.jpg", "text": " ".join(rng.choice(WORDS, 8))})
-    (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def build_full(root):
-    """The full-size repos and image folder under root; each part is built once (a .done marker says complete)."""
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name, build in (("prior", build_prior), ("decoder", build_decoder), ("images", build_images)):
-        path, done = root / name, root / f"{name}.done"
-        if done.exists():
-            continue
-        shutil.rmtree(path, ignore_errors=True)  # a half-built leftover of an interrupted run
-        print(f"Building {path} on {device.type} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        build(path, device)
-        done.touch()
-        print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # give the memory back before the training subprocesses start
-    return {name: root / name for name in ("prior", "decoder", "images")}
-
-
-def build_quick(root):
-    import tiny_kandinsky
-
-    done = root / "tiny.done"
-    if not done.exists():
-        shutil.rmtree(root / "tiny", ignore_errors=True)
-        tiny_kandinsky.build_all(str(root / "tiny"))
-        done.touch()
-    return {name: root / "tiny" / name for name in ("prior", "decoder", "images")}
+# Our flags for a goal rather than for a like-for-like comparison: one table row each, run by our script alone and
+# compared with the reference at the setting named first. A recipe whose flags this checkout's script does not
+# accept (read from its --help) is skipped with a note: the low-memory one needs issue 24's --fused_backward_pass
+# and --full_bf16.
+RECIPES = {
+    "prior": {
+        "low-memory": ("guide", "--mixed_precision bf16 --train_batch_size 1 --fused_backward_pass --full_bf16 "
+                                "--gradient_checkpointing --cache_embeddings --use_8bit_adam"),
+        "fastest": ("bf16-b32", "--mixed_precision bf16 --train_batch_size 32 --cache_embeddings --allow_tf32 "
+                                "--torch_compile"),
+    },
+    "decoder": {
+        "low-memory": ("guide", "--mixed_precision bf16 --resolution 768 --train_batch_size 1 --fused_backward_pass "
+                                "--full_bf16 --gradient_checkpointing --cache_embeddings --use_8bit_adam"),
+        "fastest": ("bf16-b8", "--mixed_precision bf16 --resolution 768 --train_batch_size 8 --cache_embeddings "
+                               "--allow_tf32 --torch_compile"),
+        # the guide's command on a 24 GB card: the cache and one memory flag
+        "24gb-card": ("guide", SETTINGS["decoder"]["guide"] + " --cache_embeddings --use_8bit_adam"),
+    },
+}
+# --quick keeps a recipe's levers but not its size (QUICK_FLAGS'), nor what needs CUDA (bitsandbytes) or takes
+# minutes a graph on a CPU (Inductor's C++ builds). Flag -> how many values follow it.
+QUICK_DROPPED = {"--resolution": 1, "--train_batch_size": 1, "--use_8bit_adam": 0, "--torch_compile": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,19 +98,25 @@ def flag_value(flags, name, default):
     return value
 
 
-def launch(script, script_args, run_dir, cpu_only=False):
-    """`accelerate launch` one process of `script` through measure.py; logs and peak.json go to run_dir."""
+def launch(script, script_args, run_dir, cpu_only=False, env=None):
+    """`accelerate launch` one process of `script` through measure.py; logs and peak.json go to run_dir. env: more
+    environment variables (measure.py's profiler)."""
     precision = flag_value(script_args, "--mixed_precision", "no")  # Accelerate and the script must agree
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", precision, str(REPO / "benchmarks" / "measure.py"),
            str(script), *script_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "BENCH_PEAK_FILE": str(run_dir / "peak.json")}
+           "BENCH_PEAK_FILE": str(run_dir / "peak.json"), **(env or {})}
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""  # --quick measures the CPU path even on a GPU machine
     print(f"  {shlex.join(cmd)}", file=sys.stderr, flush=True)
     with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
-        return subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=err).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:  # a run cut short (gpu_check.py's time budget, Ctrl-C): the script with its launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
 
 
 def run_setting(stage, setting, flags, paths, cli, run_dir, script):
@@ -242,6 +174,36 @@ def device_name(quick):
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() and not quick else "cpu"
 
 
+def accepted_flags(script):
+    """The flags a training script's --help lists (it answers before loading any model)."""
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, capture_output=True, text=True)
+    return set(re.findall(r"--[A-Za-z0-9_]+", proc.stdout))
+
+
+def quick_recipe(flags):
+    kept, words = [], flags.split()
+    while words:
+        word = words.pop(0)
+        if word in QUICK_DROPPED:
+            del words[:QUICK_DROPPED[word]]
+        else:
+            kept.append(word)
+    return " ".join(kept)
+
+
+def planned_runs(cli, stages):
+    """(stage, name, flags, against) of each row group: the named settings, then the recipes (against: the setting
+    whose reference run a recipe is compared with; None for a setting)."""
+    table = QUICK_SETTINGS if cli.quick else SETTINGS
+    runs = [(stage, name, " ".join(f for f in flags.split() if f.lstrip("-") not in cli.without), None)
+            for stage in stages for name, flags in table[stage].items()]
+    for stage in stages:
+        for name, (against, flags) in RECIPES[stage].items():
+            runs.append((stage, name, quick_recipe(flags) if cli.quick else flags,
+                         next(iter(table[stage])) if cli.quick else against))
+    return [run for run in runs if cli.settings is None or run[1] in cli.settings]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=("prior", "decoder", "both"), default="both")
@@ -255,11 +217,13 @@ def parse_args(argv=None):
                         "(default: a new temporary folder, removed at the end).")
     parser.add_argument("--out", default=None, help="Append one JSON line per run to this file.")
     parser.add_argument("--settings", action="append", default=None, metavar="NAME",
-                        help="A named setting to run (repeatable). Default: all of the stage's settings. "
-                        + "; ".join(f"{stage}: {', '.join(SETTINGS[stage])}" for stage in STAGES) + ".")
+                        help="A named setting or recipe to run (repeatable). Default: all of the stage's settings, "
+                        "then its recipes. " + "; ".join(f"{stage}: {', '.join(SETTINGS[stage])}" for stage in STAGES)
+                        + f"; recipes (our script alone): {', '.join(RECIPES['decoder'])}.")
     parser.add_argument("--extra", action="append", default=None,
                         help='More flags for our training script, e.g. "--cache_embeddings". Repeatable: each value '
-                        'is one variant of ours, run in turn after the reference ("" is ours as is).')
+                        'is one variant of ours, run in turn after the reference ("" is ours as is). Recipes run '
+                        "their own flags only.")
     parser.add_argument("--without", action="append", default=[], metavar="SWITCH",
                         help="Drop a switch from the named settings, e.g. --without gradient_checkpointing "
                         "(a store_true flag cannot be turned off from --extra).")
@@ -269,18 +233,27 @@ def parse_args(argv=None):
                         help="A folder with diffusers' train_text_to_image_prior.py / train_text_to_image_decoder.py "
                         "(examples/kandinsky2_2/text_to_image of a diffusers checkout): each setting also runs them, "
                         "without --extra, and the table gives our speed-up. They take the same command line.")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="The GPU's peak dense bf16 TFLOP/s, for MFU. Default: " + ", ".join(
+                            f"{flops_ / 1e12:g} for /{pattern}/" for pattern, flops_ in flops.PEAK_BF16_FLOPS)
+                        + " (NVIDIA's datasheets); no MFU on other devices.")
+    parser.add_argument("--prior_vision_only", action="store_true",
+                        help="Build only the prior's CLIP image tower (all the decoder scripts read of the prior): "
+                        "for --stage decoder, 7 GB less to write.")
     cli = parser.parse_args(argv)
     cli.steps = cli.steps if cli.steps is not None else (4 if cli.quick else 30)
     cli.warmup = cli.warmup if cli.warmup is not None else (1 if cli.quick else 10)
     if cli.steps < 1 or cli.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0.")
+    if cli.prior_vision_only and cli.stage != "decoder":
+        parser.error("--prior_vision_only builds no prior to train: use it with --stage decoder.")
     cli.without = [w.lstrip("-") for w in cli.without]
     cli.extra = cli.extra or [""]
     without = [f"without --{w}" for w in cli.without]
     cli.labels = [cli.label or " ".join([extra.strip()] + without).strip() or "baseline" for extra in cli.extra]
     stages = STAGES if cli.stage == "both" else (cli.stage,)
     table = QUICK_SETTINGS if cli.quick else SETTINGS
-    known = {name for stage in stages for name in table[stage]}
+    known = {name for stage in stages for name in (*table[stage], *RECIPES[stage])}
     unknown = sorted(set(cli.settings or ()) - known)
     if cli.reference_dir is not None:
         missing = [p.name for p in SCRIPTS.values() if not (Path(cli.reference_dir) / p.name).is_file()]
@@ -290,10 +263,80 @@ def parse_args(argv=None):
         parser.error(f"unknown setting(s) {', '.join(unknown)} for --stage {cli.stage}"
                      f"{' --quick' if cli.quick else ''}; known: {', '.join(sorted(known))}.")
     # A setting named for one stage only runs where it exists (e.g. bf16-b8 with --stage both: the decoder).
-    cli.runs = [(stage, name, " ".join(f for f in flags.split() if f.lstrip("-") not in cli.without))
-                for stage in stages for name, flags in table[stage].items()
-                if cli.settings is None or name in cli.settings]
+    cli.runs = planned_runs(cli, stages)
     return cli
+
+
+def build(cli, work_dir):
+    if cli.quick:
+        return build_quick(work_dir)
+    return build_full(work_dir, ("prior-vision" if cli.prior_vision_only else "prior", "decoder", "images"))
+
+
+def with_mfu(result, stage, paths, peak):
+    """The run's FLOPs per sample (see flops.py) and MFU against `peak` FLOP/s (None where no peak is known)."""
+    args = shlex.split(result["script_args"])
+    per_sample = flops.sample_flops(stage, paths, flag_value(args, "--resolution", 512), "--cache_embeddings" in args)
+    mfu = result["samples_per_second"] * per_sample / peak if peak else None
+    return {**result, "flops_per_sample": per_sample, "mfu": mfu, "peak_flops": peak}
+
+
+class Table:
+    """The Markdown table on stdout and the JSON lines of --out, one row per run."""
+
+    def __init__(self, cli, device, peak):
+        self.cli, self.device, self.peak = cli, device, peak
+        self.versions = {lib: version(lib) for lib in ("torch", "diffusers", "transformers", "accelerate")}
+        self.reference_speeds = {}  # (stage, setting) -> samples/s
+        print("| GPU | stage | settings | script | variant | samples/s (mean / median) | MFU | peak allocated GiB | "
+              "speed-up |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+
+    def row(self, stage, setting, flags, name, label, result, against=None):
+        cells = f"| {self.device} | {stage} | {setting}: `{flags}` | {name} | {label} |"
+        if "failed" in result or "skipped" in result:
+            print(f"{cells} {'failed: ' + result['failed'] if 'failed' in result else result['skipped']} "
+                  "| | | |", flush=True)
+        else:
+            speed = result["samples_per_second"]
+            label += f" (exit code {result['exit_code']} after training)" if result["exit_code"] else ""
+            if name == "reference":
+                self.reference_speeds[(stage, setting)] = speed
+            reference = self.reference_speeds.get((stage, against or setting))
+            peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
+            mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+            ratio = f"{speed / reference:.2f}x" if reference and name == "ours" else ""
+            print(f"{cells} {speed:.2f} / {result['samples_per_second_median']:.2f} | {mfu} | {peak} | {ratio} |",
+                  flush=True)
+        self.record(stage=stage, setting=setting, script=name, label=label, against=against, **result)
+
+    def record(self, **fields):
+        if self.cli.out:
+            record = {**fields, "without": self.cli.without, "device": self.device, "quick": self.cli.quick,
+                      "warmup": self.cli.warmup, "steps": self.cli.steps, "versions": self.versions,
+                      "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            with open(self.cli.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run_group(cli, table, paths, work_dir, stage, setting, flags, against):
+    """One setting (the reference, then each variant of ours) or one recipe (ours, its own flags)."""
+    if against is not None:
+        runs = [("ours", SCRIPTS[stage], "", f"{setting} recipe")]
+        missing = sorted(set(re.findall(r"--[A-Za-z0-9_]+", flags)) - accepted_flags(SCRIPTS[stage]))
+        if missing:
+            note = f"skipped: this checkout's script does not accept {', '.join(missing)}"
+            return table.row(stage, setting, flags, "ours", f"{setting} recipe", {"skipped": note}, against)
+    else:
+        runs = [("ours", SCRIPTS[stage], extra, label) for extra, label in zip(cli.extra, cli.labels)]
+        if cli.reference_dir is not None:  # the reference has none of our flags: it runs without --extra
+            runs.insert(0, ("reference", Path(cli.reference_dir).resolve() / SCRIPTS[stage].name, "", "as is"))
+    for name, script, extra, label in runs:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-{setting}-{name}-{label}")
+        run_cli = argparse.Namespace(**{**vars(cli), "extra": extra, "label": f"{name}, {label}"})
+        result = run_setting(stage, setting, flags, paths, run_cli, work_dir / "runs" / slug, script)
+        if "failed" not in result:
+            result = with_mfu(result, stage, paths, table.peak)
+        table.row(stage, setting, flags, name, label, {**result, "extra": extra}, against)
 
 
 def main(argv=None):
@@ -302,38 +345,11 @@ def main(argv=None):
     work_dir = Path(cli.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-")).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        paths = build_quick(work_dir) if cli.quick else build_full(work_dir)
+        paths = build(cli, work_dir)
         device = device_name(cli.quick)
-        versions = {lib: version(lib) for lib in ("torch", "diffusers", "transformers", "accelerate")}
-        print("| GPU | stage | settings | script | variant | samples/s (mean / median) | peak allocated GiB | "
-              "speed-up |\n|---|---|---|---|---|---|---|---|", flush=True)
-        for stage, setting, flags in cli.runs:
-            runs = [("ours", SCRIPTS[stage], extra, label) for extra, label in zip(cli.extra, cli.labels)]
-            if cli.reference_dir is not None:  # the reference has none of our flags: it runs without --extra
-                runs.insert(0, ("reference", Path(cli.reference_dir).resolve() / SCRIPTS[stage].name, "", "as is"))
-            reference_speed = None
-            for name, script, extra, label in runs:
-                slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-{setting}-{name}-{label}")
-                run_cli = argparse.Namespace(**{**vars(cli), "extra": extra, "label": f"{name}, {label}"})
-                result = run_setting(stage, setting, flags, paths, run_cli, work_dir / "runs" / slug, script)
-                if "failed" in result:
-                    print(f"| {device} | {stage} | {setting}: `{flags}` | {name} | {label} | failed: "
-                          f"{result['failed']} | | |", flush=True)
-                    continue
-                speed = result["samples_per_second"]
-                label += f" (exit code {result['exit_code']} after training)" if result["exit_code"] else ""
-                reference_speed = speed if name == "reference" else reference_speed
-                peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
-                ratio = f"{speed / reference_speed:.2f}x" if reference_speed and name == "ours" else ""
-                print(f"| {device} | {stage} | {setting}: `{flags}` | {name} | {label} | {speed:.2f} / "
-                      f"{result['samples_per_second_median']:.2f} | {peak} | {ratio} |", flush=True)
-                if cli.out:
-                    record = {"stage": stage, "setting": setting, "script": name, "label": label, "extra": extra,
-                              "without": cli.without, "device": device, "quick": cli.quick, "warmup": cli.warmup,
-                              "steps": cli.steps, **result, "versions": versions,
-                              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                    with open(cli.out, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+        table = Table(cli, device, flops.peak_flops(device, cli.peak_tflops))
+        for stage, setting, flags, against in cli.runs:
+            run_group(cli, table, paths, work_dir, stage, setting, flags, against)
     finally:
         if cli.work_dir is None:  # a temporary folder holds ~20 GB of full-size models: do not leave it behind
             shutil.rmtree(work_dir, ignore_errors=True)

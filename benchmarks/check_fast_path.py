@@ -27,30 +27,36 @@ import benchmark  # noqa: E402  (benchmarks/ is not a package)
 BATCH = {"prior": 8, "decoder": 2}
 RESOLUTION = 768  # the guide's
 OPTIONS = {"fp16": "--mixed_precision fp16", "8-bit Adam": "--mixed_precision bf16 --use_8bit_adam"}
+# The CPU (gpu_check.py --quick) has no fp16 autocast and no bitsandbytes: a plain run proves the check's plumbing.
+QUICK_OPTIONS = {"fp16": "--mixed_precision no"}
+CACHE_VARIANTS = (("uncached", ""), ("cached", "--cache_embeddings"))
 
 
-def train(stage, flags, steps, paths, run_dir):
-    """One run of our script; returns ({step: loss}, output folder) or (None, why)."""
+def train(stage, flags, steps, paths, run_dir, quick=False):
+    """One run of our script; returns ({step: loss}, output folder, peak GiB) or (None, why, None). quick: the tiny
+    models on the CPU (benchmark.py's --quick sizes)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     output_dir = run_dir / "output"
     output_dir.mkdir(parents=True)
-    script_args = [*benchmark.COMMON_FLAGS.split(), *benchmark.FULL_FLAGS.split(), "--resolution", str(RESOLUTION),
-                   "--train_batch_size", str(BATCH[stage]), *flags.split(), "--max_train_steps", str(steps),
+    size = benchmark.QUICK_FLAGS if quick else (f"{benchmark.FULL_FLAGS} --resolution {RESOLUTION} "
+                                                f"--train_batch_size {BATCH[stage]}")
+    script_args = [*benchmark.COMMON_FLAGS.split(), *size.split(), *flags.split(), "--max_train_steps", str(steps),
                    "--train_data_dir", str(paths["images"]), "--pretrained_prior_model_name_or_path",
                    str(paths["prior"]), "--pretrained_decoder_model_name_or_path", str(paths["decoder"]),
                    "--output_dir", str(output_dir)]
     print(f"Checking {stage}: {flags}", file=sys.stderr, flush=True)
-    if benchmark.launch(benchmark.SCRIPTS[stage], script_args, run_dir) != 0:
+    if benchmark.launch(benchmark.SCRIPTS[stage], script_args, run_dir, cpu_only=quick) != 0:
         tail = (run_dir / "stderr.log").read_text(errors="replace").splitlines()[-30:]
         print("\n".join(tail), file=sys.stderr, flush=True)
         drop_weights(output_dir)
         why = [line for line in tail if "error" in line.lower() and "CalledProcessError" not in line
                and "raise " not in line]  # the script's own message, not the launcher's
-        return None, (why or tail)[-1]
+        return None, (why or tail)[-1], None
     from kandinsky_train.tracking import read_scalars
 
     losses = read_scalars(output_dir / "logs").get("train_loss", {})
-    return {step: value for step, (_, value) in sorted(losses.items())}, output_dir
+    peak = json.loads((run_dir / "peak.json").read_text())["peak_memory_gib"]
+    return {step: value for step, (_, value) in sorted(losses.items())}, output_dir, peak
 
 
 def generate(stage, output_dir):
@@ -83,33 +89,38 @@ def drop_weights(output_dir):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
-def check_curves(stage, steps, paths, work_dir):
-    curves = {}
-    for label, extra in (("uncached", ""), ("cached", "--cache_embeddings")):
-        losses, output = train(stage, f"--mixed_precision bf16 {extra}", steps, paths,
-                               work_dir / "checks" / f"{stage}-curve-{label}")
+def check_curves(stage, steps, paths, work_dir, variants=CACHE_VARIANTS, check="cache curve", quick=False):
+    """Two bf16 runs of `steps` steps from the same seed that must differ in rounding only (variants: two (label,
+    flags) pairs): their mean losses must agree within the steps' own spread."""
+    curves, peaks = {}, {}
+    for label, extra in variants:
+        losses, output, peak = train(stage, f"--mixed_precision bf16 {extra}", steps, paths,
+                                     work_dir / "checks" / f"{stage}-curve-{label}", quick)
         if losses is None:
-            return {"check": "cache curve", "stage": stage, "ok": False, "why": output}
-        curves[label] = [losses[s] for s in sorted(losses)]
+            return {"check": check, "stage": stage, "ok": False, "why": f"{label}: {output}"}
+        curves[label], peaks[label] = [losses[s] for s in sorted(losses)], peak
         drop_weights(output)
-    a, b = curves["uncached"], curves["cached"]
+    (first, a), (second, b) = curves.items()
     n = min(len(a), len(b))
     spread = statistics.pstdev(a[:n] + b[:n])
     # Two curves that differ only by rounding: the mean difference is a small fraction of one step's spread.
     mean_diff = statistics.fmean(x - y for x, y in zip(a[:n], b[:n]))
     limit = 3 * spread / math.sqrt(n)
-    return {"check": "cache curve", "stage": stage, "steps": n, "mean_uncached": statistics.fmean(a[:n]),
-            "mean_cached": statistics.fmean(b[:n]), "mean_difference": mean_diff, "limit": limit,
-            "first_steps_uncached": a[:5], "first_steps_cached": b[:5],
+    return {"check": check, "stage": stage, "steps": n, f"mean_{first}": statistics.fmean(a[:n]),
+            f"mean_{second}": statistics.fmean(b[:n]), "mean_difference": mean_diff, "limit": limit,
+            f"first_steps_{first}": a[:5], f"first_steps_{second}": b[:5], "peak_memory_gib": peaks,
             "max_abs_difference": max(abs(x - y) for x, y in zip(a[:n], b[:n])),
-            "ok": abs(mean_diff) <= limit, "curve_uncached": a, "curve_cached": b}
+            "ok": abs(mean_diff) <= limit, f"curve_{first}": a, f"curve_{second}": b}
 
 
-def check_option(stage, name, paths, work_dir, steps=6):
-    losses, output = train(stage, OPTIONS[name], steps, paths, work_dir / "checks" / f"{stage}-{name.replace(' ', '')}")
+def check_option(stage, name, paths, work_dir, steps=6, quick=False):
+    flags = (QUICK_OPTIONS if quick else OPTIONS)[name]
+    losses, output, peak = train(stage, flags, steps, paths,
+                                 work_dir / "checks" / f"{stage}-{name.replace(' ', '')}", quick)
     if losses is None:
         return {"check": name, "stage": stage, "ok": False, "why": output}
-    record = {"check": name, "stage": stage, "losses": list(losses.values())}
+    record = {"check": name, "stage": stage, "flags": flags, "losses": list(losses.values()),
+              "peak_memory_gib": peak}
     try:
         image = generate(stage, output)
     except Exception as error:  # noqa: BLE001  (recorded, not hidden: the check fails with the reason)
@@ -137,15 +148,22 @@ def main():
             checks.append(lambda stage=stage: check_curves(stage, cli.curve_steps, paths, work_dir))
         if cli.only in (None, "options"):
             checks += [lambda stage=stage, name=name: check_option(stage, name, paths, work_dir) for name in OPTIONS]
-    print("| stage | check | result | detail |\n|---|---|---|---|", flush=True)
+    print(CHECK_TABLE_HEADER, flush=True)
     for check in checks:
-        record = check()
-        detail = {k: v for k, v in record.items() if not k.startswith("curve_") and k not in ("check", "stage", "ok")}
-        print(f"| {record['stage']} | {record['check']} | {'ok' if record['ok'] else 'FAILED'} | "
-              f"{json.dumps(detail)[:300]} |", flush=True)
-        with open(cli.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        report(check(), cli.out)
 
+
+CHECK_TABLE_HEADER = "| stage | check | result | detail |\n|---|---|---|---|"
+
+
+def report(record, out):
+    """One check's Markdown row on stdout (curves left out) and its JSON line in `out`; returns its outcome."""
+    outcome = "ok" if record["ok"] else ("skipped" if "skipped" in record else "FAILED")
+    detail = {k: v for k, v in record.items() if not k.startswith("curve_") and k not in ("check", "stage", "ok")}
+    print(f"| {record['stage']} | {record['check']} | {outcome} | {json.dumps(detail)[:300]} |", flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return outcome
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ order a run meets them:
       evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise
       preemption  a clean stop on SIGTERM / Ctrl-C
       storage     a full disk: free space checked before large writes, ENOSPC as one line
-      faults      for testing only: fault injection and a trace of the data order
+      faults      for testing only: fault injection, a trace of the data order, torch.compile's backend
     model_card  OUTPUT_DIR/README.md
     errors      UserError: one line on stderr, exit code 2
 

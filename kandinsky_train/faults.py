@@ -1,5 +1,5 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
-"""For testing only. The test suite drives the real scripts through two environment variables, read once here;
+"""For testing only. The test suite drives the real scripts through these environment variables, read once here;
 unset (as in every real run), these hooks do nothing.
 
 KANDINSKY_TRAIN_FAULT=<point>:<SIGNAL> sends this process a real signal at a point: "micro:N" before the N-th
@@ -8,6 +8,8 @@ process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set. <point>:ENOSPC inst
 gives, at "save:STEP" or "final" (when the final pipeline has been written).
 KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch as JSON lines, to prove that a resumed
 run sees exactly the data an uninterrupted one sees.
+KANDINSKY_TRAIN_COMPILE_BACKEND=aot_eager gives --torch_compile another backend than Inductor, whose C++ builds take
+minutes per graph on a small CPU: a test of which graphs are compiled and of resuming stays fast.
 """
 
 import errno
@@ -18,6 +20,7 @@ import signal
 _FAULT = os.environ.get("KANDINSKY_TRAIN_FAULT", "")
 _FAULT_RANK = os.environ.get("KANDINSKY_TRAIN_FAULT_RANK")
 _TRACE = os.environ.get("KANDINSKY_TRAIN_TRACE")
+_COMPILE_BACKEND = os.environ.get("KANDINSKY_TRAIN_COMPILE_BACKEND", "inductor")  # torch.compile's default
 
 
 def at(point):
@@ -44,3 +47,7 @@ def observed(batches, rank, epoch, first_micro):
                 trace.write(json.dumps({"rank": rank, "epoch": epoch, "micro": batch_index,
                                         "index": batch["index"].tolist()}) + "\n")
         yield batch_index, batch
+
+
+def compile_backend():
+    return _COMPILE_BACKEND

@@ -23,7 +23,7 @@ from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
 from .memory import OptimizerUpdate, set_weight_dtypes
 from .preemption import StopRequest, finishing
-from .runtime import (check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position,
+from .runtime import (check_ranks_agree, compile_model, make_lr_scheduler, make_optimizer, set_schedule_position,
                       weight_dtype_of)
 from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
@@ -84,7 +84,7 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
         self.update = OptimizerUpdate(args, accelerator, self.optimizer, self.params, self.state)
         if args.torch_compile:
-            self.model = torch.compile(self.model)
+            self.model = compile_model(self.model)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.grad_norm = None

@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from . import faults
 from .cli import report_targets
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,20 @@ def configure_backends(args):
     # Training shapes are fixed (one resolution, one batch size), so cuDNN's one-off search for the fastest
     # convolution algorithms pays for itself within a few steps.
     torch.backends.cudnn.benchmark = True
+
+
+# Graphs one compiled model may hold: one per (micro-batch size, picture shape) trained at. A run without buckets
+# needs two at most (a smaller last batch); with --enable_bucket two per bucket in use, so 64 covers 32 buckets.
+# Past it, torch.compile runs the new shapes uncompiled (and warns).
+COMPILED_SHAPES = 64
+
+
+def compile_model(model):
+    """--torch_compile: one static graph per training shape. Left to guess, torch.compile turns a second shape (a
+    bucket, a smaller last batch) into symbolic sizes, on which Inductor failed with the tiny decoder and buckets
+    on the CPU ("cannot determine truth value of Relational"); static graphs are also the ones it tunes best."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+    return torch.compile(model, dynamic=False, backend=faults.compile_backend())
 
 
 def weight_dtype_of(accelerator):
