@@ -66,5 +66,9 @@ def clip_image_embedding(image_encoder, image_processor, device, dtype, versions
     def encode(batch):
         return {"image_embeds": image_encoder(batch["clip_pixel_values"].to(device, dtype)).image_embeds}
 
+    # The class too: transformers' torchvision and PIL processors share one configuration but not their pixels
+    # (resizing differs in the last bits), and which one `CLIPImageProcessor` is depends on what is installed.
+    processor = type(image_processor)
     return FrozenPart("CLIP image embeddings", encode, (image_encoder,),
-                      {"image_processor": image_processor.to_dict(), "versions": versions})
+                      {"image_processor": image_processor.to_dict(), "versions": versions,
+                       "image_processor_class": f"{processor.__module__}.{processor.__qualname__}"})
