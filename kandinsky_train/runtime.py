@@ -5,6 +5,7 @@ schedule, LoRA adapters, and moving models that wait on the CPU to the device wh
 import contextlib
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -49,6 +50,40 @@ def configure_logging(accelerator):
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else lib.utils.logging.set_verbosity_error)()
+
+
+@contextlib.contextmanager
+def console_through_progress_bars():
+    """While progress bars show (on stderr), log records (ours and the libraries') and printed lines go through
+    tqdm, which clears the bars, writes the line and redraws them below it: a bar stays one line, never split."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    loggers = [logging.getLogger(name) for name in ("", "diffusers", "transformers", "datasets")]
+    lines = _LinesAboveBars(sys.stdout)
+    with logging_redirect_tqdm(loggers), contextlib.redirect_stdout(lines):
+        yield
+    lines.write("\n" if lines.pending else "")
+
+
+class _LinesAboveBars:
+    """stdout for print(): whole lines, each written while tqdm has the bars on stderr cleared. (tqdm's own
+    DummyTqdmFile clears only bars on the stream it writes to.)"""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text):
+        from tqdm import tqdm
+
+        whole, newline, self.pending = (self.pending + text).rpartition("\n")
+        if newline:
+            with tqdm.external_write_mode(file=sys.stderr):
+                self.stream.write(whole + newline)
+                self.stream.flush()
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def configure_backends(args):

@@ -147,10 +147,19 @@ def test_resume_latest_after_losing_a_checkpoint(stage, tiny, tmp_path):
     getattr(diffusers, model_cls).from_pretrained(tmp_path / "checkpoint-4", subfolder=SUBFOLDER[stage])
 
 
-def test_checkpoints_total_limit_keeps_the_newest(tiny, tmp_path):
-    launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 1,
-                                                                  "--checkpoints_total_limit": 2}))
+def test_checkpoints_total_limit_keeps_the_newest_and_the_console_keeps_the_bar_on_one_line(tiny, tmp_path):
+    """Log records and printed lines go through the progress bar: on a console (stderr and stdout in one stream),
+    each starts a line of its own, never the tail of `Steps: 67%|...`."""
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 1,
+                                                                         "--checkpoints_total_limit": 2}),
+                  console=True)
     assert checkpoints(tmp_path) == ["checkpoint-5", "checkpoint-6"]
+    shown = [line.split("\r")[-1] for line in proc.stdout.split("\n")]  # what a terminal leaves of each line
+    removals = [line for line in shown if "Removing old checkpoint" in line]
+    saves = [line for line in shown if "Saved " in line and "checkpoint-" in line]
+    assert len(removals) == 4 and len(saves) == 6
+    assert all(re.match(r"\d\d:\d\d:\d\d - INFO - kandinsky_train.checkpoint - Removing", line) for line in removals)
+    assert all(line.startswith("Saved ") for line in saves)
 
 
 def hub_cache(tiny, root):
