@@ -59,6 +59,8 @@ def main(args):
                         f"{render_multiple} (MoVQ's factor squared); choose such sides.")
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
+    if hub.upload_missing(args, accelerator, hub_repo_id):  # a finished run whose upload was cut short
+        return
     dataset, report = streaming.training_data(args, accelerator)
     dataset, held_out = holdout.held_out_data(args, accelerator, dataset)
 

@@ -54,6 +54,8 @@ def main(args):
         checks.check_model_repo(decoder_path, DECODER_SUBFOLDERS, "--pretrained_decoder_model_name_or_path")
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
+    if hub.upload_missing(args, accelerator, hub_repo_id):  # a finished run whose upload was cut short
+        return
     dataset, report = streaming.training_data(args, accelerator, caption_column=args.caption_column)
     dataset, held_out = holdout.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
 
