@@ -46,6 +46,8 @@ def configure_logging(accelerator):
     # One line per saved file (accelerate), one per Hub request (huggingface_hub's HTTP clients): noise.
     for noisy in ("accelerate", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A stream's bad samples are met by the process that reads them: each process names its own.
+    logging.getLogger("kandinsky_train.streaming").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated")
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
