@@ -496,8 +496,11 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path):
     data = write_bad_images(tmp_path / "data", tiny)
     proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "out", steps=2, **{"--train_data_dir": data}))
     text = proc.stdout + proc.stderr
-    for name in ("zero.png", "garbage.jpg", "truncated.jpg"):
-        assert "Skipping unreadable image" in text and name in text
+    skipping = [line for line in text.splitlines() if "Skipping unreadable image" in line]
+    assert len(skipping) == 3
+    for name in ("zero.png", "garbage.jpg", "truncated.jpg"):  # each named on a line of its own, with the reason
+        assert sum(bool(re.search(rf"Skipping unreadable image \S*{re.escape(name)}: \S", line))
+                   for line in skipping) == 1, (name, skipping)
     assert "5 examples (3 unreadable image(s) skipped" in text
     assert "Data: 3 unreadable image(s) skipped" in text  # and again at the end
 
