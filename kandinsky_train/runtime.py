@@ -164,6 +164,19 @@ def count_parameters(model, trainable_only=True):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def weight_checksums(model):
+    """Two exact sums per tensor of its elements' bits, one weighted by position: any changed bit shows, and so
+    does a swap of two elements (which the sum of the values would miss)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    sums = []
+    with torch.no_grad():
+        for p in model.parameters():
+            bits = p.detach().reshape(-1).view(ints[p.element_size()]).long()
+            position = torch.arange(1, bits.numel() + 1, device=bits.device)
+            sums.append(torch.stack([bits.sum(), (bits * position).sum()]))  # int64 sums wrap alike on every rank
+    return torch.stack(sums)
+
+
 @contextlib.contextmanager
 def on_device(device, *models):
     """Bring models that wait on the CPU (frozen encoders after caching, validation-only models) to the device."""
@@ -178,12 +191,15 @@ def on_device(device, *models):
 
 
 def check_ranks_agree(accelerator, model):
-    """Data parallelism must leave every process with the same weights: compare a checksum across ranks."""
+    """Data parallelism must leave every process with the same weights: compare every tensor's checksums across
+    ranks, and name the first that differs."""
     if accelerator.num_processes == 1:
         return
-    with torch.no_grad():
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        checksums = accelerator.gather(checksum.to(accelerator.device)).cpu()
-    if not torch.all(checksums == checksums[0]):
-        raise RuntimeError(f"The processes ended with different weights (checksums {checksums.tolist()}).")
+    names = [name for name, _ in model.named_parameters()]
+    checksums = accelerator.gather(weight_checksums(model).to(accelerator.device)).cpu()
+    checksums = checksums.reshape(accelerator.num_processes, len(names), 2)
+    differ = (checksums != checksums[0]).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+    if differ:
+        raise RuntimeError(f"The processes ended with different weights: {len(differ)} tensor(s) differ, the first "
+                           f"{names[differ[0]]}.")
     accelerator.print(f"Trained weights are identical on all {accelerator.num_processes} processes.")

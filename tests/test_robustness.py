@@ -22,7 +22,7 @@ from kandinsky_train.errors import UserError, main_guard
 
 from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
                       read_state)
-from fakes import fake_reference_checkpoint
+from fakes import FakeAccelerator, fake_reference_checkpoint
 
 
 def state_of(checkpoint, sub):
@@ -527,3 +527,27 @@ def test_tracker_package_missing_is_named(flag, package, tiny, tmp_path, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     with pytest.raises(UserError, match=f"--report_to {package} needs the `{package}` package: pip"):
         decoder.main(decoder.parse_args([str(a) for a in base_args(tiny, tmp_path, **{"--report_to": None})] + flag))
+
+
+def test_the_ranks_weight_check_compares_every_tensor_and_names_the_one_that_differs():
+    """Two processes whose weights differ by a swap of two elements in one tensor (the sum of every weight, which
+    the check once compared, is the same): the check must fail and name that tensor; equal weights pass."""
+    from kandinsky_train.runtime import check_ranks_agree, weight_checksums
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    other.load_state_dict(model.state_dict())
+
+    class TwoRanks(FakeAccelerator):
+        def gather(self, tensor):
+            return torch.cat([tensor, weight_checksums(other)])
+
+    accelerator = TwoRanks(num_processes=2)
+    check_ranks_agree(accelerator, model)
+    assert accelerator.printed == ["Trained weights are identical on all 2 processes."]
+    with torch.no_grad():
+        weight = other[1].weight
+        weight[0, 0], weight[1, 2] = weight[1, 2].item(), weight[0, 0].item()
+    assert sum(p.double().sum() for p in other.parameters()) == sum(p.double().sum() for p in model.parameters())
+    with pytest.raises(RuntimeError, match=r"1 tensor\(s\) differ, the first 1\.weight\."):
+        check_ranks_agree(accelerator, model)
