@@ -274,6 +274,32 @@ def test_checkpoint_of_the_reference_prior_script_resumes_by_name(tiny, tmp_path
     assert read_state(after)["global_step"] == 3 and read_state(after)["counted_from_step"] == 2
 
 
+def test_a_reference_checkpoint_with_warm_up_and_accumulation_resumes_at_its_schedule_position(tiny, tmp_path):
+    """The reference scripts scale the schedule's lengths by the accumulation steps and step it in accelerate's
+    accumulate: resumed from their checkpoint-2 (warm-up 4, accumulation 2), the run takes the learning rate of
+    optimizer step 2 of its own schedule on, as an uninterrupted run of this script would."""
+    from diffusers.optimization import get_scheduler
+
+    subprocess.run([sys.executable, str(REPO / "tests" / "reference_checkpoint.py"), "prior", str(tiny["prior"]),
+                    str(tmp_path), "2", "linear", "4", "2", "1e-3"], cwd=REPO, env=offline_env(), check=True,
+                   capture_output=True)
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=6, **{
+        "--gradient_accumulation_steps": 2, "--lr_warmup_steps": 4, "--lr_scheduler": "linear",
+        "--checkpointing_steps": 6, "--report_to": "tensorboard", "--resume_from_checkpoint": "latest"}))
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1e-3)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=4, num_training_steps=6)
+    expected = {}
+    for step in range(1, 7):
+        optimizer.step()
+        schedule.step()
+        expected[step] = schedule.get_last_lr()[0]
+    logged = lr_by_step(tmp_path)
+    assert sorted(logged) == [3, 4, 5, 6]
+    assert all(math.isclose(logged[step], expected[step], rel_tol=1e-6) for step in logged), (logged, expected)
+    assert logged[3] < logged[4] > logged[5]  # the end of warm-up (at step 4), then the decay
+    assert torch.load(tmp_path / "checkpoint-6" / "scheduler.bin", weights_only=False)["last_epoch"] == 6
+
+
 def test_disk_full_while_writing_a_checkpoint_stops_with_one_line(tiny, tmp_path):
     """An OSError(ENOSPC) injected while checkpoint-2 is written (any filesystem; tests/test_storage.py fills a real
     tmpfs)."""

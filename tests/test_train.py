@@ -145,7 +145,12 @@ def test_resume_latest_after_losing_a_checkpoint(stage, tiny, tmp_path):
 
     from huggingface_hub import ModelCard
 
-    launch(SCRIPTS[stage], base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2}))
+    # a command that always carries --resume_from_checkpoint latest starts fresh the first time
+    first = launch(SCRIPTS[stage], base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2,
+                                                                          "--resume_from_checkpoint": "latest"}))
+    assert f"No complete checkpoint in '{tmp_path}'; starting a new training run." in first.stderr
+    assert "Resuming from" not in first.stdout + first.stderr and checkpoints(tmp_path) == ["checkpoint-2",
+                                                                                            "checkpoint-4"]
     shutil.rmtree(tmp_path / "checkpoint-2")
     # two hours of training recorded before the stop: the model card sums the sessions' time
     recorded = read_state(tmp_path / "checkpoint-4")
