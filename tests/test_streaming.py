@@ -118,3 +118,27 @@ def test_one_process_streams_an_image_folder_and_resumes_exactly(tiny, tmp_path)
     launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}))
     assert checkpoints(parts) == ["checkpoint-3", "checkpoint-5", "checkpoint-6"]
     assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"), ema=False)
+
+
+def test_the_stream_order_is_the_seeds_and_the_epochs(shards):
+    """One process's stream, in-process: the same seed and epoch give the same order, another seed or another epoch
+    another order of the same samples."""
+    from types import SimpleNamespace
+
+    import train_text_to_image_prior as prior
+    from fakes import FakeAccelerator
+    from kandinsky_train.streaming import StreamSamples, load_stream
+
+    args = prior.parse_args(["--dataset_name", shards["parquet"], "--streaming", "--max_train_steps", "4",
+                             "--shuffle_buffer_size", "3"])
+    stage = SimpleNamespace(columns=(), variants=None, make_sample=lambda image, row, variant, shape: {})
+
+    def order(seed, epoch):
+        samples = StreamSamples(load_stream(args, FakeAccelerator()), args, stage, seed)
+        samples.set_epoch(epoch)
+        return [sample["index"] for sample in samples]
+
+    first = order(0, 0)
+    assert len(first) == 19 and first == order(0, 0)
+    for other in (order(1, 0), order(0, 1)):
+        assert other != first and sorted(other) == sorted(first)
