@@ -4,6 +4,7 @@ a given micro-batch ("micro:N") or in the middle of writing a checkpoint ("save:
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -327,6 +328,31 @@ def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(tiny, 
     launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"])
     assert checkpoints(small_tmpfs) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert (small_tmpfs / "prior" / "config.json").is_file()
+
+
+def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exits_130(tiny, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: `accelerate launch` and the training
+    process at once. The training process saves a checkpoint and exits 130; the launcher, interrupted in its wait,
+    exits at once as a Ctrl-C'd program does (killed by SIGINT: the shell shows 130; accelerate prints the traceback
+    of its KeyboardInterrupt) while the training process saves its checkpoint and ends."""
+    trace, output = tmp_path / "trace.jsonl", tmp_path / "out"
+    proc = subprocess.Popen(launch_command(DECODER_SCRIPT, base_args(tiny, output, steps=100000)), cwd=REPO,
+                            env=offline_env(KANDINSKY_TRAIN_TRACE=str(trace)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own group
+    try:
+        deadline = time.monotonic() + 120
+        while not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # the launcher's group: both processes, as a terminal does
+        text, _ = proc.communicate(timeout=120)  # the pipe ends when the training process has exited too
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-f", str(output)])  # an orphan left by a failure must not outlive the test
+    assert proc.returncode == -signal.SIGINT, text[-3000:]  # Python's way out of an unhandled KeyboardInterrupt
+    step = int(re.search(r"Received SIGINT: saved checkpoint-(\d+)", text).group(1))
+    assert checkpoints(output) == [f"checkpoint-{step}"] and read_state(output / f"checkpoint-{step}")["global_step"] \
+        == step
 
 
 def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
