@@ -8,6 +8,8 @@ final upload to the Hub starts; only on the process of rank KANDINSKY_TRAIN_FAUL
 gives, at "save:STEP" or "final" (when the final pipeline has been written).
 KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch as JSON lines, to prove that a resumed
 run sees exactly the data an uninterrupted one sees.
+KANDINSKY_TRAIN_DISK=FOLDER:BYTES makes the free-space checks see FOLDER as a disk of BYTES, of which what lies
+under it is used: a small disk without mounting one (which needs root).
 """
 
 import errno
@@ -18,6 +20,17 @@ import signal
 _FAULT = os.environ.get("KANDINSKY_TRAIN_FAULT", "")
 _FAULT_RANK = os.environ.get("KANDINSKY_TRAIN_FAULT_RANK")
 _TRACE = os.environ.get("KANDINSKY_TRAIN_TRACE")
+_DISK = os.environ.get("KANDINSKY_TRAIN_DISK")
+
+
+def simulated_disk(path):
+    """(folder, bytes) of the simulated disk that holds `path`, or None (the real filesystem)."""
+    if not _DISK:
+        return None
+    folder, size = _DISK.rsplit(":", 1)
+    folder = os.path.abspath(folder)
+    inside = os.path.commonpath([folder, os.path.abspath(path)]) == folder
+    return (folder, int(size)) if inside else None
 
 
 def at(point):

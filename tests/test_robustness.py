@@ -315,19 +315,29 @@ def test_disk_full_while_writing_a_checkpoint_stops_with_one_line(tiny, tmp_path
     assert read_state(tmp_path / "checkpoint-1")["global_step"] == 1
 
 
-def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(tiny, tmpfs):
-    small_tmpfs = tmpfs("700k")  # room for one tiny prior checkpoint, not two
-    args = base_args(tiny, small_tmpfs, steps=3, **{"--checkpointing_steps": 1})
-    full = launch(PRIOR_SCRIPT, args, check=False)
+@pytest.mark.parametrize("disk", ["simulated", "tmpfs"])
+def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(disk, tiny, tmpfs, tmp_path):
+    """A disk with room for one tiny prior checkpoint, not two: a real tmpfs where one can be mounted (as root), and
+    everywhere a folder that the free-space checks see as such a disk (KANDINSKY_TRAIN_DISK)."""
+    if disk == "tmpfs":
+        small = tmpfs("700k")
+        env = room_env = offline_env()
+    else:
+        small = tmp_path / "disk"
+        env = offline_env(KANDINSKY_TRAIN_DISK=f"{small}:{700 << 10}")
+        room_env = offline_env(KANDINSKY_TRAIN_DISK=f"{small}:{32 << 20}")
+    args = base_args(tiny, small, steps=3, **{"--checkpointing_steps": 1})
+    full = launch(PRIOR_SCRIPT, args, check=False, env=env)
     assert full.returncode != 0
-    assert f"error: Not enough disk space to write checkpoint-2 in {small_tmpfs}: it needs about" in full.stderr
+    assert f"error: Not enough disk space to write checkpoint-2 in {small}: it needs about" in full.stderr
     assert "Nothing was written. checkpoint-1 and the checkpoints before it are intact." in full.stderr
     assert "Traceback" not in full.stderr.split("error: Not enough")[0], full.stderr[-3000:]
-    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["checkpoint-1"]
-    subprocess.run(["mount", "-o", "remount,size=32m", str(small_tmpfs)], check=True)  # room again
-    launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"])
-    assert checkpoints(small_tmpfs) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
-    assert (small_tmpfs / "prior" / "config.json").is_file()
+    assert sorted(p.name for p in small.iterdir()) == ["checkpoint-1"]
+    if disk == "tmpfs":
+        subprocess.run(["mount", "-o", "remount,size=32m", str(small)], check=True)  # room again
+    launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"], env=room_env)
+    assert checkpoints(small) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert (small / "prior" / "config.json").is_file()
 
 
 def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exits_130(tiny, tmp_path):

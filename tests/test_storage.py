@@ -18,8 +18,20 @@ from kandinsky_train.errors import UserError
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.fixture(params=["simulated", "tmpfs"])
+def small_disk(request, tmpfs, tmp_path, monkeypatch):
+    """A 1 MiB disk: a folder the free-space checks see as one (faults.simulated_disk), which needs no root, and a
+    real tmpfs where one can be mounted."""
+    if request.param == "tmpfs":
+        return tmpfs("1m")
+    monkeypatch.setattr(faults, "_DISK", f"{tmp_path / 'disk'}:{1 << 20}")
+    (tmp_path / "disk").mkdir()
+    return tmp_path / "disk"
+
+
 @pytest.fixture
-def small_disk(tmpfs):
+def real_small_disk(tmpfs):
+    """A 1 MiB tmpfs, for writes that must really run out of room (mounting needs root: skipped elsewhere)."""
     return tmpfs("1m")
 
 
@@ -59,7 +71,8 @@ def test_a_checkpoint_that_cannot_fit_is_not_started(small_disk):
         save_at(accelerator, small_disk / "other", 1, expected_bytes=2 << 20)
 
 
-def test_a_disk_that_fills_during_a_checkpoint_keeps_the_earlier_one(small_disk):
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_earlier_one(real_small_disk):
+    small_disk = real_small_disk
     save_at(WritingAccelerator(100_000), small_disk, 1)
     # The first checkpoint is small, so the check lets the second one start; it runs out of space in torch.save,
     # which says "unexpected pos", not ENOSPC.
