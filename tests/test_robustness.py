@@ -365,6 +365,26 @@ def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exi
         == step
 
 
+def test_a_real_decoder_pipeline_saved_into_a_disk_that_fills_during_the_save(tiny, tmpfs):
+    """End to end on a real tmpfs (where one can be mounted): the room for the weights passes the check before the
+    final save, the configs and file headers beside them do not fit, so safetensors itself runs out of space in the
+    middle of KandinskyV22Pipeline.save_pretrained. One line, what the save wrote removed, exit code not 0."""
+    from diffusers import UNet2DConditionModel, VQModel
+
+    from kandinsky_train.storage import module_bytes
+
+    weights = module_bytes(UNet2DConditionModel.from_pretrained(tiny["decoder"], subfolder="unet"),
+                           VQModel.from_pretrained(tiny["decoder"], subfolder="movq"))
+    disk = tmpfs(f"{(weights + 8192) // 4096 * 4096}")  # the weights and two pages, no room for six small files
+    proc = launch(DECODER_SCRIPT, base_args(tiny, disk, steps=1), check=False)
+    assert proc.returncode != 0
+    error = re.search(r"error: (Not enough disk space[^\n]*)", proc.stderr)
+    assert error and "Traceback" not in proc.stderr[:error.start()], proc.stderr[-3000:]
+    assert error.group(1).startswith(f"Not enough disk space to write the fine-tuned pipeline in {disk}: ")
+    assert "What it had written was removed." in error.group(1)
+    assert not {"model_index.json", "unet", "movq", "scheduler", "README.md"} & {p.name for p in disk.iterdir()}
+
+
 def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
     proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=4), check=False,
                   env=offline_env(KANDINSKY_TRAIN_FAULT="micro:2:INT"))
