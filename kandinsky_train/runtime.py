@@ -62,9 +62,11 @@ def console_through_progress_bars():
 
     loggers = [logging.getLogger(name) for name in ("", "diffusers", "transformers", "datasets")]
     lines = _LinesAboveBars(sys.stdout)
-    with logging_redirect_tqdm(loggers), contextlib.redirect_stdout(lines):
-        yield
-    lines.write("\n" if lines.pending else "")
+    try:
+        with logging_redirect_tqdm(loggers), contextlib.redirect_stdout(lines):
+            yield
+    finally:
+        lines.write("\n" if lines.pending else "")  # a line left open (print(..., end="")) is not lost
 
 
 class _LinesAboveBars:
