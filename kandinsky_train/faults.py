@@ -4,8 +4,9 @@ unset (as in every real run), these hooks do nothing.
 
 KANDINSKY_TRAIN_FAULT=<point>:<SIGNAL> sends this process a real signal at a point: "micro:N" before the N-th
 micro-batch of the run (counted over epochs), "save:STEP" while checkpoint-STEP is being written, "upload" as the
-final upload to the Hub starts; only on the process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set. <point>:ENOSPC instead raises the error a full disk
-gives, at "save:STEP" or "final" (when the final pipeline has been written).
+final upload to the Hub starts; only on the process of rank KANDINSKY_TRAIN_FAULT_RANK when that is set.
+<point>:ENOSPC instead raises the error a full disk gives, at "save:STEP" or "final" (when the final pipeline has
+been written).
 KANDINSKY_TRAIN_TRACE=FILE appends the sample indices of every micro-batch as JSON lines, to prove that a resumed
 run sees exactly the data an uninterrupted one sees.
 KANDINSKY_TRAIN_DISK=FOLDER:BYTES makes the free-space checks see FOLDER as a disk of BYTES, of which what lies

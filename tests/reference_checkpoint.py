@@ -2,11 +2,12 @@
 write one, without their code: accelerate's real `save_state` into OUTPUT_DIR/checkpoint-STEP, with a save hook
 that writes the trained model with `save_pretrained` into prior/ (or unet/) and its EMA into prior_ema/ (or
 unet_ema/), and pops it from accelerate's weights; AdamW over every parameter of the model (the prior's frozen
-clip_mean / clip_std included, as the reference prior script does); a schedule (constant unless given) whose lengths
-are scaled by the accumulation steps, stepped in accelerate's accumulate as theirs. No training_state.json. A separate process, because accelerate's state is one per process.
+clip_mean / clip_std included, as the reference prior script does); a schedule (constant unless given) whose
+lengths are scaled by the accumulation steps, stepped in accelerate's accumulate as theirs. No
+training_state.json. A separate process, because accelerate's state is one per process.
 
-The weights and the EMA are moved away from the model repo's (seeded noise), and the steps use learning rate 0 (unless
-given), so that a test can tell restored values from fresh ones exactly.
+The weights and the EMA are moved away from the model repo's (seeded noise), and the steps use learning rate 0
+(unless given), so that a test can tell restored values from fresh ones exactly.
 
     python tests/reference_checkpoint.py prior|decoder MODEL_REPO OUTPUT_DIR STEPS [SCHEDULER WARMUP ACCUMULATION LR]
 """
