@@ -14,7 +14,7 @@ import torch
 
 from kandinsky_train import (buckets, checks, cli, diffusion, errors, holdout, hub, images, loop, preemption, runtime,
                              storage, streaming, validation)
-from kandinsky_train.model_card import hub_id, pair_snippet, snippet_name
+from kandinsky_train.model_card import hub_id, output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "decoder"
@@ -36,6 +36,8 @@ def main(args):
     shapes = check_models_and_shapes(args)
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
+    if hub.upload_missing(args, accelerator, hub_repo_id):  # a finished run whose upload was cut short
+        return
     dataset, report = streaming.training_data(args, accelerator)
     dataset, held_out = holdout.held_out_data(args, accelerator, dataset)
     models = load_models(args, accelerator)
@@ -273,7 +275,7 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id):
     from diffusers import KandinskyV22Pipeline, VQModel
 
     decoder_path, prior_path = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
-    output = hub_repo_id or args.hub_model_id or args.output_dir
+    output = output_name(args, hub_repo_id)
 
     def pipeline(unet):
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored

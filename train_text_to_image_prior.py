@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from kandinsky_train import (checks, cli, data, diffusion, errors, holdout, hub, loop, preemption, runtime, storage,
                              streaming, validation)
 from kandinsky_train.evaluation import fixed_noise
-from kandinsky_train.model_card import pair_snippet, snippet_name
+from kandinsky_train.model_card import output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "prior"
@@ -47,6 +47,8 @@ def main(args):
     check_model_folders(args)
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
+    if hub.upload_missing(args, accelerator, hub_repo_id):  # a finished run whose upload was cut short
+        return
     dataset, report = streaming.training_data(args, accelerator, caption_column=args.caption_column)
     dataset, held_out = holdout.held_out_data(args, accelerator, dataset, caption_column=args.caption_column)
     models = load_models(args, accelerator)
@@ -245,7 +247,7 @@ def save_final(args, accelerator, trained, models, hub_repo_id):
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     prior_path = args.pretrained_prior_model_name_or_path
-    output = hub_repo_id or args.hub_model_id or args.output_dir
+    output = output_name(args, hub_repo_id)
 
     def pipeline(prior):
         # The frozen encoders are saved as they were stored, not in the training's half precision.

@@ -2,10 +2,12 @@
 """--push_to_hub: the repository is created before training (a missing login stops the run at once), checkpoints
 upload in the background with --hub_push_checkpoints, and the final folder goes up with its model card."""
 
+import json
 import logging
 import os
 from pathlib import Path
 
+from . import faults
 from .errors import fail, first_line
 from .model_card import write_model_card
 from .preemption import finishing
@@ -13,9 +15,11 @@ from .tracking import wandb_run_url
 
 logger = logging.getLogger(__name__)
 
+# Written beside the final folder once it and its card are complete, with --push_to_hub: whether the upload is done.
+FINAL_SAVE = ".final-save.json"
 # What never goes to the Hub with the final folder: training state, logs, cache, validation renders.
 HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", "abandoned-after-checkpoint-*", "logs", "logs/**",
-              "embedding_cache", "embedding_cache/**", "validation", "validation/**"]
+              "embedding_cache", "embedding_cache/**", "validation", "validation/**", FINAL_SAVE]
 
 
 def create_repo(args, accelerator):
@@ -68,22 +72,67 @@ class CheckpointUploads:
 def publish(args, accelerator, stage_name, base_model, snippet, images, repo_id, summary, extra_yaml=None, notes=()):
     """Write the model card of the saved output (with the run's own figures, `summary`) and, with --push_to_hub,
     upload the folder (no checkpoints, logs, validation images or cache)."""
-    from huggingface_hub import upload_folder
-
     title = f"Kandinsky 2.2 {stage_name}" + (" LoRA" if args.use_lora else "")
     write_model_card(args, title, base_model, snippet, images, summary, extra_yaml, notes,
                      wandb_url=wandb_run_url(accelerator))
     if args.push_to_hub:
-        finishing("the upload to the Hub")
-        ignore = HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**"]
-        try:
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          commit_message=f"Fine-tuned {title}", ignore_patterns=ignore)
-        except Exception as error:  # the output is complete on disk: say so, and how to upload it later
-            excludes = " ".join(f'--exclude "{pattern}"' for pattern in
-                                dict.fromkeys(p.replace("/**", "/*") for p in ignore if "*" in p))
-            fail(f"The upload to the Hub repository {repo_id!r} failed ({first_line(error)}). The fine-tuned {title} "
-                 f"is saved in {args.output_dir}; upload it later with: hf upload {repo_id} {args.output_dir} . "
-                 f"{excludes}")
-        accelerator.print(f"Pushed {args.output_dir} to {repo_id}")
+        _record_final_save(args, title, uploaded=False)
+        upload_final(args, accelerator, repo_id, title)
     accelerator.print(f"Saved the fine-tuned {title} to {args.output_dir}")
+
+
+def upload_final(args, accelerator, repo_id, title):
+    """Upload the complete final folder; a signal or a failure on the way says how to finish the upload alone."""
+    from huggingface_hub import upload_folder
+
+    ignore = HUB_IGNORE + [args.logging_dir, f"{args.logging_dir}/**"]
+    # `hf upload`'s --exclude takes single-level globs; a folder's name is covered by its "name/*"
+    excludes = " ".join(f'--exclude "{pattern}"' for pattern in dict.fromkeys(
+        p.replace("/**", "/*") for p in ignore if f"{p}/**" not in ignore))
+    command = f"hf upload {repo_id} {args.output_dir} . {excludes}"
+    missing = (f"The fine-tuned {title} is saved, complete, in {args.output_dir}; only its upload to the Hub is "
+               f"missing. Upload it with: {command} (or run the same command with --resume_from_checkpoint latest: "
+               "it uploads it and trains nothing).")
+    finishing("the upload to the Hub", advice=missing)
+    faults.at("upload")
+    try:
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                      commit_message=f"Fine-tuned {title}", ignore_patterns=ignore)
+    except Exception as error:  # the output is complete on disk: say so, and how to upload it later
+        fail(f"The upload to the Hub repository {repo_id!r} failed ({first_line(error)}). The fine-tuned {title} "
+             f"is saved in {args.output_dir}; upload it later with: {command} (or run the same command with "
+             "--resume_from_checkpoint latest).")
+    _record_final_save(args, title, uploaded=True)
+    accelerator.print(f"Pushed {args.output_dir} to {repo_id}")
+
+
+def upload_missing(args, accelerator, repo_id):
+    """`--resume_from_checkpoint latest` on a run whose final save is complete but whose upload is not (stopped or
+    failed during it): upload that folder and train nothing. Returns whether it did. A record of another run's
+    final save (other --max_train_steps / --num_train_epochs, or no --resume_from_checkpoint latest) is removed:
+    this run writes its own final save."""
+    path = Path(args.output_dir) / FINAL_SAVE
+    record = json.loads(path.read_text()) if path.is_file() else None
+    if record is None:
+        return False
+    if not (args.push_to_hub and args.resume_from_checkpoint == "latest" and not record["uploaded"]
+            and record["length"] == _run_length(args)):
+        accelerator.wait_for_everyone()  # every process has read it
+        if accelerator.is_main_process:
+            path.unlink()
+        return False
+    if accelerator.is_main_process:
+        accelerator.print(f"The final save in {args.output_dir} is complete; only its upload to the Hub is missing: "
+                          "uploading it (nothing to train).")
+        upload_final(args, accelerator, repo_id, record["title"])
+    accelerator.wait_for_everyone()
+    return True
+
+
+def _run_length(args):
+    return [args.max_train_steps, args.num_train_epochs]
+
+
+def _record_final_save(args, title, uploaded):
+    (Path(args.output_dir) / FINAL_SAVE).write_text(json.dumps(
+        {"title": title, "length": _run_length(args), "uploaded": uploaded}))

@@ -23,8 +23,8 @@ from .evaluation import HeldOutEvaluation
 from .hub import CheckpointUploads
 from .memory import OptimizerUpdate, set_weight_dtypes
 from .preemption import StopRequest, finishing
-from .runtime import (check_ranks_agree, compile_model, make_lr_scheduler, make_optimizer, set_schedule_position,
-                      weight_dtype_of)
+from .runtime import (check_ranks_agree, compile_model, console_through_progress_bars, make_lr_scheduler,
+                      make_optimizer, set_schedule_position, weight_dtype_of)
 from .streaming import StreamBatches, StreamSamples
 from .validation import run_validation
 
@@ -43,7 +43,8 @@ class TrainResult:
 def train(args, accelerator, stage, dataset, report, hub_repo_id=None, held_out=None):
     """Train the stage's model on the dataset (evaluating it on held_out, a holdout.HeldOut, if given); a TrainResult
     for the script's final save."""
-    return Trainer(args, accelerator, stage, dataset, report, hub_repo_id, held_out).train()
+    with console_through_progress_bars():
+        return Trainer(args, accelerator, stage, dataset, report, hub_repo_id, held_out).train()
 
 
 class Trainer:

@@ -25,6 +25,12 @@ def snippet_name(path):
     return hub_id(path) or f"path/to/{os.path.basename(os.path.normpath(path))}"
 
 
+def output_name(args, repo_id):
+    """How the card's code loads this run's output: the Hub repository it goes to, else a placeholder for the folder
+    (its absolute path would leak the machine's layout when the folder is uploaded later, and load nowhere else)."""
+    return repo_id or args.hub_model_id or snippet_name(args.output_dir)
+
+
 def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, decoder_scheduler=None):
     """Code that generates with a prior and a decoder (Hub ids or folders; a LoRA adapter on either): two
     pipelines, the prior's image embeddings handed to the decoder. Loading them together through
@@ -65,6 +71,9 @@ def write_model_card(args, stage_title, base_model, inference_snippet, images, s
     dataset = hub_id(args.dataset_name) if args.dataset_name else None
     lines = [f"# {stage_title} fine-tuned from {public_name(base_model)}", "",
              f"Fine-tuned on {dataset or 'a local data set'} with the Kandinsky 2.2 training scripts.", ""]
+    if not (args.push_to_hub or args.hub_model_id):
+        notes = [*notes, f"The code below loads this folder from `{output_name(args, None)}`: give it where the "
+                         "folder is (a local path, or the Hub repository it is uploaded to)."]
     lines += [*notes, ""] if notes else []
     if args.validation_prompts:
         lines += [f"Validation prompts: {', '.join(args.validation_prompts)}", ""]

@@ -27,6 +27,7 @@ class StopRequest:
         self._pending = None
         self.phase = None  # after training: what the process is doing (a signal then stops it there)
         self.trained = ""  # after training: where training ended, for the message
+        self.advice = None  # after training: what to do, where the phase knows better than "redo it"
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         follow_launcher()
@@ -34,9 +35,9 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.phase is not None:
-            raise Stopped(f"received {signal.Signals(signum).name} during {self.phase}. {self.trained} Not "
-                          f"finished: {self.phase} and what follows it; run the same command with "
-                          "--resume_from_checkpoint latest to redo them.", 128 + signum)
+            raise Stopped(f"received {signal.Signals(signum).name} during {self.phase}. " + (self.advice or (
+                f"{self.trained} Not finished: {self.phase} and what follows it; run the same command with "
+                "--resume_from_checkpoint latest to redo them.")), 128 + signum)
         if self.signal is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C stops at once
@@ -66,10 +67,11 @@ class StopRequest:
         self.phase = "the end of training"
 
 
-def finishing(phase):
-    """After training, name what the process does now (final validation, save, upload) for a signal's message."""
+def finishing(phase, advice=None):
+    """After training, name what the process does now (final validation, save, upload) for a signal's message, and
+    what to do if it stops there (default: the same command with --resume_from_checkpoint latest redoes it)."""
     if _active is not None and _active.phase is not None:
-        _active.phase = phase
+        _active.phase, _active.advice = phase, advice
 
 
 def follow_launcher():

@@ -5,6 +5,7 @@ schedule, LoRA adapters, and moving models that wait on the CPU to the device wh
 import contextlib
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -50,10 +51,48 @@ def configure_logging(accelerator):
     # One line per saved file (accelerate), one per Hub request (huggingface_hub's HTTP clients): noise.
     for noisy in ("accelerate", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A stream's bad samples are met by the process that reads them: each process names its own.
+    logging.getLogger("kandinsky_train.streaming").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated")
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else lib.utils.logging.set_verbosity_error)()
+
+
+@contextlib.contextmanager
+def console_through_progress_bars():
+    """While progress bars show (on stderr), log records (ours and the libraries') and printed lines go through
+    tqdm, which clears the bars, writes the line and redraws them below it: a bar stays one line, never split."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    loggers = [logging.getLogger(name) for name in ("", "diffusers", "transformers", "datasets")]
+    lines = _LinesAboveBars(sys.stdout)
+    try:
+        with logging_redirect_tqdm(loggers), contextlib.redirect_stdout(lines):
+            yield
+    finally:
+        lines.write("\n" if lines.pending else "")  # a line left open (print(..., end="")) is not lost
+
+
+class _LinesAboveBars:
+    """stdout for print(): whole lines, each written while tqdm has the bars on stderr cleared. (tqdm's own
+    DummyTqdmFile clears only bars on the stream it writes to.)"""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text):
+        from tqdm import tqdm
+
+        whole, newline, self.pending = (self.pending + text).rpartition("\n")
+        if newline:
+            with tqdm.external_write_mode(file=sys.stderr):
+                self.stream.write(whole + newline)
+                self.stream.flush()
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def configure_backends(args):
@@ -146,6 +185,19 @@ def count_parameters(model, trainable_only=True):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def weight_checksums(model):
+    """Two exact sums per tensor of its elements' bits, one weighted by position: any changed bit shows, and so
+    does a swap of two elements (which the sum of the values would miss)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    sums = []
+    with torch.no_grad():
+        for p in model.parameters():
+            bits = p.detach().reshape(-1).view(ints[p.element_size()]).long()
+            position = torch.arange(1, bits.numel() + 1, device=bits.device)
+            sums.append(torch.stack([bits.sum(), (bits * position).sum()]))  # int64 sums wrap alike on every rank
+    return torch.stack(sums)
+
+
 @contextlib.contextmanager
 def on_device(device, *models):
     """Bring models that wait on the CPU (frozen encoders after caching, validation-only models) to the device."""
@@ -160,12 +212,15 @@ def on_device(device, *models):
 
 
 def check_ranks_agree(accelerator, model):
-    """Data parallelism must leave every process with the same weights: compare a checksum across ranks."""
+    """Data parallelism must leave every process with the same weights: compare every tensor's checksums across
+    ranks, and name the first that differs."""
     if accelerator.num_processes == 1:
         return
-    with torch.no_grad():
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        checksums = accelerator.gather(checksum.to(accelerator.device)).cpu()
-    if not torch.all(checksums == checksums[0]):
-        raise RuntimeError(f"The processes ended with different weights (checksums {checksums.tolist()}).")
+    names = [name for name, _ in model.named_parameters()]
+    checksums = accelerator.gather(weight_checksums(model).to(accelerator.device)).cpu()
+    checksums = checksums.reshape(accelerator.num_processes, len(names), 2)
+    differ = (checksums != checksums[0]).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+    if differ:
+        raise RuntimeError(f"The processes ended with different weights: {len(differ)} tensor(s) differ, the first "
+                           f"{names[differ[0]]}.")
     accelerator.print(f"Trained weights are identical on all {accelerator.num_processes} processes.")

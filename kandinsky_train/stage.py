@@ -69,5 +69,10 @@ def clip_image_embedding(image_encoder, image_processor, device, dtype, mirrored
         return {"image_embeds": image_encoder(batch["clip_pixel_values"].to(device, dtype)).image_embeds}
 
     versions = "the picture, its mirror" if mirrored else "the picture"
+    # The class too: transformers' torchvision and PIL processors share one configuration but not their pixels
+    # (resizing differs in the last bits), and which one `CLIPImageProcessor` is depends on what is installed.
+    processor = type(image_processor)
     return FrozenPart("CLIP image embeddings", encode, (image_encoder,),
-                      {"image_processor": image_processor.to_dict(), "versions": versions}, per_version=mirrored)
+                      {"image_processor": image_processor.to_dict(), "versions": versions,
+                       "image_processor_class": f"{processor.__module__}.{processor.__qualname__}"},
+                      per_version=mirrored)

@@ -27,6 +27,10 @@ def free_bytes(path):
     path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
+    simulated = faults.simulated_disk(path)  # for testing only
+    if simulated:
+        folder, size = simulated
+        return max(0, size - tree_bytes(folder))
     return shutil.disk_usage(path).free
 
 

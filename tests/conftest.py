@@ -37,13 +37,15 @@ def launch_command(script, args, launcher=None):
     return [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *map(str, args)]
 
 
-def launch(script, args, *, env=None, check=True, launcher=None, timeout=300):
-    """Run a training script as a user does, in a subprocess; fail with its output unless check=False."""
+def launch(script, args, *, env=None, check=True, launcher=None, timeout=300, console=False):
+    """Run a training script as a user does, in a subprocess; fail with its output unless check=False. console:
+    stderr into stdout, as a terminal shows them (proc.stderr is then None)."""
     proc = subprocess.run(launch_command(script, args, launcher), cwd=REPO, env=env or offline_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT if console else subprocess.PIPE,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{Path(script).name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+                             f"{(proc.stderr or '')[-6000:]}")
     return proc
 
 

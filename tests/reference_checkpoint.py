@@ -2,13 +2,14 @@
 write one, without their code: accelerate's real `save_state` into OUTPUT_DIR/checkpoint-STEP, with a save hook
 that writes the trained model with `save_pretrained` into prior/ (or unet/) and its EMA into prior_ema/ (or
 unet_ema/), and pops it from accelerate's weights; AdamW over every parameter of the model (the prior's frozen
-clip_mean / clip_std included, as the reference prior script does); a constant schedule whose lengths are scaled by
-the accumulation steps. No training_state.json. A separate process, because accelerate's state is one per process.
+clip_mean / clip_std included, as the reference prior script does); a schedule (constant unless given) whose
+lengths are scaled by the accumulation steps, stepped in accelerate's accumulate as theirs. No
+training_state.json. A separate process, because accelerate's state is one per process.
 
-The weights and the EMA are moved away from the model repo's (seeded noise), and the steps use learning rate 0, so
-that a test can tell restored values from fresh ones exactly.
+The weights and the EMA are moved away from the model repo's (seeded noise), and the steps use learning rate 0
+(unless given), so that a test can tell restored values from fresh ones exactly.
 
-    python tests/reference_checkpoint.py prior|decoder MODEL_REPO OUTPUT_DIR STEPS
+    python tests/reference_checkpoint.py prior|decoder MODEL_REPO OUTPUT_DIR STEPS [SCHEDULER WARMUP ACCUMULATION LR]
 """
 
 import os
@@ -17,14 +18,14 @@ import sys
 import torch
 
 
-def main(stage, repo, output_dir, steps):
+def main(stage, repo, output_dir, steps, schedule="constant", warmup=0, accumulation=1, lr=0.0):
     from accelerate import Accelerator
     from diffusers import PriorTransformer, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     model_cls, sub = (PriorTransformer, "prior") if stage == "prior" else (UNet2DConditionModel, "unet")
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
     model = model_cls.from_pretrained(repo, subfolder=sub)
     ema = EMAModel(model.parameters(), model_cls=model_cls, model_config=model.config)
@@ -41,17 +42,19 @@ def main(stage, repo, output_dir, steps):
                 weights.pop()
 
     accelerator.register_save_state_pre_hook(save_hook)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    accumulation = 1
-    scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps * accumulation)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)  # the run's --learning_rate: a checkpoint keeps it
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup * accumulation,
+                              num_training_steps=steps * accumulation)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    for _ in range(steps):
-        loss = forward(stage, accelerator.unwrap_model(model)).float().pow(2).mean()
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        ema.step(accelerator.unwrap_model(model).parameters())
+    for _ in range(steps * accumulation):
+        with accelerator.accumulate(model):
+            loss = forward(stage, accelerator.unwrap_model(model)).float().pow(2).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema.step(accelerator.unwrap_model(model).parameters())
     accelerator.save_state(os.path.join(output_dir, f"checkpoint-{steps}"))
 
 
@@ -71,4 +74,5 @@ def forward(stage, model):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    stage, repo, output_dir, steps, *schedule = sys.argv[1:]  # schedule: [SCHEDULER WARMUP ACCUMULATION LR]
+    main(stage, repo, output_dir, int(steps), *schedule[:1], *map(int, schedule[1:3]), *map(float, schedule[3:]))

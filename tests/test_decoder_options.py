@@ -160,3 +160,47 @@ def test_the_noise_options_do_change_what_the_model_sees():
     assert not torch.equal(plain["noisy"], offset["noisy"]) and not torch.equal(plain["noisy"], perturbed["noisy"])
     shift = (offset["noisy"] - plain["noisy"]).flatten(2)
     assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6)  # constant over each latent channel
+
+
+def test_clip_sees_in_training_what_it_sees_in_the_reference_scripts(tiny, tmp_path):
+    """Both stages' `clip_pixel_values` (one sample at a time, through the training data path) equal what the
+    reference scripts compute (`image.convert("RGB")`, then the processor on the whole batch), with the processor
+    `CLIPImageProcessor` gives here: transformers' torchvision one (requirements.txt), not its PIL fallback."""
+    from datasets import load_dataset
+    from transformers import CLIPImageProcessor
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    from kandinsky_train.data import TrainingSamples
+    from kandinsky_train.stage import clip_pixels
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for number, (width, height) in enumerate([(67, 41), (300, 417), (224, 224), (31, 90)]):
+        picture(width, height).save(folder / f"{number}.png")
+    dataset = load_dataset("imagefolder", data_dir=str(folder), split="train")
+    processor = CLIPImageProcessor.from_pretrained(tiny["prior"], subfolder="image_processor")
+    assert isinstance(processor, TorchvisionBackend)
+    reference = processor([image.convert("RGB") for image in dataset["image"]], return_tensors="pt").pixel_values
+
+    def decoder_view(image, row, variant, shape):
+        return decoder.decoder_sample(image, 64, Image.BICUBIC, processor)
+
+    def prior_view(image, row, variant, shape):  # the prior script's make_sample takes CLIP's view so
+        return {"clip_pixel_values": clip_pixels(processor, image)}
+
+    for make_sample in (decoder_view, prior_view):
+        samples = TrainingSamples(dataset, "image", make_sample)
+        seen = torch.stack([samples.sample(index, 0)["clip_pixel_values"] for index in range(len(samples))])
+        assert seen.shape[0] == 4 and torch.equal(seen, reference)
+
+
+def test_the_cache_key_of_the_image_embeddings_names_the_image_processor_class(tiny):
+    """transformers' torchvision and PIL CLIP processors share their configuration, not their pixels: a cache of one
+    is not the other's."""
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+
+    from kandinsky_train.stage import clip_image_embedding
+
+    keys = [clip_image_embedding(None, cls.from_pretrained(tiny["prior"], subfolder="image_processor"), "cpu",
+                                 torch.float32).key for cls in (CLIPImageProcessor, CLIPImageProcessorPil)]
+    assert keys[0]["image_processor"] == keys[1]["image_processor"] and keys[0] != keys[1]

@@ -34,7 +34,7 @@ def test_push_to_hub_uploads_the_pipeline_and_a_card_but_no_checkpoints_or_logs(
     assert checkpoints(output) == ["checkpoint-2"]
     local = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
     expected = {k: v for k, v in local.items()
-                if not k.startswith(("checkpoint-", "logs/", "validation/", "embedding_cache/"))}
+                if not k.startswith(("checkpoint-", "logs/", "validation/", "embedding_cache/", ".final-save"))}
     final = {k: v for k, v in files.items() if not k.startswith("checkpoint-")}
     assert set(final) == set(expected)
     assert all(final[k] == expected[k] for k in expected), "a file changed on the way"
@@ -178,3 +178,29 @@ def test_model_card_fields_for_hub_models_and_datasets(tmp_path):
                 "| Hardware | 2 x NVIDIA H100 80GB HBM3 |", "| Precision | bf16 |",
                 "| Batch size | 2 (1 per device x 2 process(es) x 1 accumulation) |"):
         assert row in card.text, row
+
+
+def test_a_signal_during_the_final_upload_gives_the_upload_command_and_resume_uploads_without_training(tiny,
+                                                                                                     tmp_path):
+    """Stopped while the complete final folder uploads: the message says only the upload is missing and gives the
+    command; `--resume_from_checkpoint latest` (no checkpoint exists) then uploads that folder and trains nothing."""
+    output = tmp_path / "out"
+    args = base_args(tiny, output, steps=1, **{"--push_to_hub": True, "--hub_model_id": "tester/kandi-test"})
+    with FakeHub() as hub:
+        stopped = launch(PRIOR_SCRIPT, args, env={**hub_env(hub, tmp_path), "KANDINSKY_TRAIN_FAULT": "upload:TERM"},
+                         check=False)
+        assert stopped.returncode != 0 and "README.md" not in hub.repos["tester/kandi-test"]["files"]
+        weights = {p: p.stat().st_mtime_ns for p in output.rglob("*.safetensors")}
+        resumed = launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"], env=hub_env(hub, tmp_path))
+        files = hub.repos["tester/kandi-test"]["files"]
+    assert (f"stopped: received SIGTERM during the upload to the Hub. The fine-tuned Kandinsky 2.2 prior is saved, "
+            f"complete, in {output}; only its upload to the Hub is missing. Upload it with: hf upload "
+            f"tester/kandi-test {output} . --exclude \"checkpoint-*\"") in stopped.stderr, stopped.stderr[-3000:]
+    assert "(or run the same command with --resume_from_checkpoint latest: it uploads it and trains nothing)." \
+        in stopped.stderr
+    assert "only its upload to the Hub is missing: uploading it (nothing to train)" in resumed.stdout
+    assert "Training the prior" not in resumed.stdout and "Steps" not in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*.safetensors")} == weights  # not saved again
+    assert checkpoints(output) == []
+    local = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
+    assert set(files) == local - {".final-save.json"} and "README.md" in files and "prior/config.json" in files

@@ -4,6 +4,7 @@ a given micro-batch ("micro:N") or in the middle of writing a checkpoint ("save:
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -22,7 +23,7 @@ from kandinsky_train.errors import UserError, main_guard
 
 from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
                       read_state)
-from fakes import fake_reference_checkpoint
+from fakes import FakeAccelerator, fake_reference_checkpoint
 
 
 def state_of(checkpoint, sub):
@@ -274,6 +275,32 @@ def test_checkpoint_of_the_reference_prior_script_resumes_by_name(tiny, tmp_path
     assert read_state(after)["global_step"] == 3 and read_state(after)["counted_from_step"] == 2
 
 
+def test_a_reference_checkpoint_with_warm_up_and_accumulation_resumes_at_its_schedule_position(tiny, tmp_path):
+    """The reference scripts scale the schedule's lengths by the accumulation steps and step it in accelerate's
+    accumulate: resumed from their checkpoint-2 (warm-up 4, accumulation 2), the run takes the learning rate of
+    optimizer step 2 of its own schedule on, as an uninterrupted run of this script would."""
+    from diffusers.optimization import get_scheduler
+
+    subprocess.run([sys.executable, str(REPO / "tests" / "reference_checkpoint.py"), "prior", str(tiny["prior"]),
+                    str(tmp_path), "2", "linear", "4", "2", "1e-3"], cwd=REPO, env=offline_env(), check=True,
+                   capture_output=True)
+    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=6, **{
+        "--gradient_accumulation_steps": 2, "--lr_warmup_steps": 4, "--lr_scheduler": "linear",
+        "--checkpointing_steps": 6, "--report_to": "tensorboard", "--resume_from_checkpoint": "latest"}))
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1e-3)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=4, num_training_steps=6)
+    expected = {}
+    for step in range(1, 7):
+        optimizer.step()
+        schedule.step()
+        expected[step] = schedule.get_last_lr()[0]
+    logged = lr_by_step(tmp_path)
+    assert sorted(logged) == [3, 4, 5, 6]
+    assert all(math.isclose(logged[step], expected[step], rel_tol=1e-6) for step in logged), (logged, expected)
+    assert logged[3] < logged[4] > logged[5]  # the end of warm-up (at step 4), then the decay
+    assert torch.load(tmp_path / "checkpoint-6" / "scheduler.bin", weights_only=False)["last_epoch"] == 6
+
+
 def test_disk_full_while_writing_a_checkpoint_stops_with_one_line(tiny, tmp_path):
     """An OSError(ENOSPC) injected while checkpoint-2 is written (any filesystem; tests/test_storage.py fills a real
     tmpfs)."""
@@ -288,19 +315,74 @@ def test_disk_full_while_writing_a_checkpoint_stops_with_one_line(tiny, tmp_path
     assert read_state(tmp_path / "checkpoint-1")["global_step"] == 1
 
 
-def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(tiny, tmpfs):
-    small_tmpfs = tmpfs("700k")  # room for one tiny prior checkpoint, not two
-    args = base_args(tiny, small_tmpfs, steps=3, **{"--checkpointing_steps": 1})
-    full = launch(PRIOR_SCRIPT, args, check=False)
+@pytest.mark.parametrize("disk", ["simulated", "tmpfs"])
+def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(disk, tiny, tmpfs, tmp_path):
+    """A disk with room for one tiny prior checkpoint, not two: a real tmpfs where one can be mounted (as root), and
+    everywhere a folder that the free-space checks see as such a disk (KANDINSKY_TRAIN_DISK)."""
+    if disk == "tmpfs":
+        small = tmpfs("700k")
+        env = room_env = offline_env()
+    else:
+        small = tmp_path / "disk"
+        env = offline_env(KANDINSKY_TRAIN_DISK=f"{small}:{700 << 10}")
+        room_env = offline_env(KANDINSKY_TRAIN_DISK=f"{small}:{32 << 20}")
+    args = base_args(tiny, small, steps=3, **{"--checkpointing_steps": 1})
+    full = launch(PRIOR_SCRIPT, args, check=False, env=env)
     assert full.returncode != 0
-    assert f"error: Not enough disk space to write checkpoint-2 in {small_tmpfs}: it needs about" in full.stderr
+    assert f"error: Not enough disk space to write checkpoint-2 in {small}: it needs about" in full.stderr
     assert "Nothing was written. checkpoint-1 and the checkpoints before it are intact." in full.stderr
     assert "Traceback" not in full.stderr.split("error: Not enough")[0], full.stderr[-3000:]
-    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["checkpoint-1"]
-    subprocess.run(["mount", "-o", "remount,size=32m", str(small_tmpfs)], check=True)  # room again
-    launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"])
-    assert checkpoints(small_tmpfs) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
-    assert (small_tmpfs / "prior" / "config.json").is_file()
+    assert sorted(p.name for p in small.iterdir()) == ["checkpoint-1"]
+    if disk == "tmpfs":
+        subprocess.run(["mount", "-o", "remount,size=32m", str(small)], check=True)  # room again
+    launch(PRIOR_SCRIPT, args + ["--resume_from_checkpoint", "latest"], env=room_env)
+    assert checkpoints(small) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert (small / "prior" / "config.json").is_file()
+
+
+def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exits_130(tiny, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: `accelerate launch` and the training
+    process at once. The training process saves a checkpoint and exits 130; the launcher, interrupted in its wait,
+    exits at once as a Ctrl-C'd program does (killed by SIGINT: the shell shows 130; accelerate prints the traceback
+    of its KeyboardInterrupt) while the training process saves its checkpoint and ends."""
+    trace, output = tmp_path / "trace.jsonl", tmp_path / "out"
+    proc = subprocess.Popen(launch_command(DECODER_SCRIPT, base_args(tiny, output, steps=100000)), cwd=REPO,
+                            env=offline_env(KANDINSKY_TRAIN_TRACE=str(trace)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own group
+    try:
+        deadline = time.monotonic() + 120
+        while not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # the launcher's group: both processes, as a terminal does
+        text, _ = proc.communicate(timeout=120)  # the pipe ends when the training process has exited too
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-f", str(output)])  # an orphan left by a failure must not outlive the test
+    assert proc.returncode == -signal.SIGINT, text[-3000:]  # Python's way out of an unhandled KeyboardInterrupt
+    step = int(re.search(r"Received SIGINT: saved checkpoint-(\d+)", text).group(1))
+    assert checkpoints(output) == [f"checkpoint-{step}"] and read_state(output / f"checkpoint-{step}")["global_step"] \
+        == step
+
+
+def test_a_real_decoder_pipeline_saved_into_a_disk_that_fills_during_the_save(tiny, tmpfs):
+    """End to end on a real tmpfs (where one can be mounted): the room for the weights passes the check before the
+    final save, the configs and file headers beside them do not fit, so safetensors itself runs out of space in the
+    middle of KandinskyV22Pipeline.save_pretrained. One line, what the save wrote removed, exit code not 0."""
+    from diffusers import UNet2DConditionModel, VQModel
+
+    from kandinsky_train.storage import module_bytes
+
+    weights = module_bytes(UNet2DConditionModel.from_pretrained(tiny["decoder"], subfolder="unet"),
+                           VQModel.from_pretrained(tiny["decoder"], subfolder="movq"))
+    disk = tmpfs(f"{(weights + 8192) // 4096 * 4096}")  # the weights and two pages, no room for six small files
+    proc = launch(DECODER_SCRIPT, base_args(tiny, disk, steps=1), check=False)
+    assert proc.returncode != 0
+    error = re.search(r"error: (Not enough disk space[^\n]*)", proc.stderr)
+    assert error and "Traceback" not in proc.stderr[:error.start()], proc.stderr[-3000:]
+    assert error.group(1).startswith(f"Not enough disk space to write the fine-tuned pipeline in {disk}: ")
+    assert "What it had written was removed." in error.group(1)
+    assert not {"model_index.json", "unet", "movq", "scheduler", "README.md"} & {p.name for p in disk.iterdir()}
 
 
 def test_sigint_saves_and_exits_with_130(tiny, tmp_path):
@@ -496,8 +578,11 @@ def test_unreadable_images_are_skipped_and_reported(tiny, tmp_path):
     data = write_bad_images(tmp_path / "data", tiny)
     proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "out", steps=2, **{"--train_data_dir": data}))
     text = proc.stdout + proc.stderr
-    for name in ("zero.png", "garbage.jpg", "truncated.jpg"):
-        assert "Skipping unreadable image" in text and name in text
+    skipping = [line for line in text.splitlines() if "Skipping unreadable image" in line]
+    assert len(skipping) == 3
+    for name in ("zero.png", "garbage.jpg", "truncated.jpg"):  # each named on a line of its own, with the reason
+        assert sum(bool(re.search(rf"Skipping unreadable image \S*{re.escape(name)}: \S", line))
+                   for line in skipping) == 1, (name, skipping)
     assert "5 examples (3 unreadable image(s) skipped" in text
     assert "Data: 3 unreadable image(s) skipped" in text  # and again at the end
 
@@ -524,3 +609,27 @@ def test_tracker_package_missing_is_named(flag, package, tiny, tmp_path, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     with pytest.raises(UserError, match=f"--report_to {package} needs the `{package}` package: pip"):
         decoder.main(decoder.parse_args([str(a) for a in base_args(tiny, tmp_path, **{"--report_to": None})] + flag))
+
+
+def test_the_ranks_weight_check_compares_every_tensor_and_names_the_one_that_differs():
+    """Two processes whose weights differ by a swap of two elements in one tensor (the sum of every weight, which
+    the check once compared, is the same): the check must fail and name that tensor; equal weights pass."""
+    from kandinsky_train.runtime import check_ranks_agree, weight_checksums
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    other.load_state_dict(model.state_dict())
+
+    class TwoRanks(FakeAccelerator):
+        def gather(self, tensor):
+            return torch.cat([tensor, weight_checksums(other)])
+
+    accelerator = TwoRanks(num_processes=2)
+    check_ranks_agree(accelerator, model)
+    assert accelerator.printed == ["Trained weights are identical on all 2 processes."]
+    with torch.no_grad():
+        weight = other[1].weight
+        weight[0, 0], weight[1, 2] = weight[1, 2].item(), weight[0, 0].item()
+    assert sum(p.double().sum() for p in other.parameters()) == sum(p.double().sum() for p in model.parameters())
+    with pytest.raises(RuntimeError, match=r"1 tensor\(s\) differ, the first 1\.weight\."):
+        check_ranks_agree(accelerator, model)

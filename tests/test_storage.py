@@ -1,11 +1,15 @@
 """A full disk, in-process: checkpoints, the embedding cache, validation images and the final save stop with one
 line that names the folder, the bytes needed and free, leave nothing half-written, and keep earlier checkpoints.
-A real full filesystem where the test can mount a small tmpfs (as root on Linux), an injected OSError(ENOSPC)
-elsewhere and for the writes that a tiny tmpfs cannot reach in a unit test."""
+A real full filesystem where the test can mount a small tmpfs (as root on Linux), else a simulated small disk (its
+writes stopped by RLIMIT_FSIZE where a write must fail); an injected OSError(ENOSPC) elsewhere and for the writes
+that a tiny tmpfs cannot reach in a unit test."""
 
+import contextlib
 import errno
 import os
 import re
+import resource
+import signal
 
 import pytest
 import torch
@@ -18,9 +22,34 @@ from kandinsky_train.errors import UserError
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.fixture(params=["simulated", "tmpfs"])
+def small_disk(request, tmpfs, tmp_path, monkeypatch):
+    """A 1 MiB disk: a folder the free-space checks see as one (faults.simulated_disk), which needs no root, and a
+    real tmpfs where one can be mounted."""
+    if request.param == "tmpfs":
+        return tmpfs("1m")
+    monkeypatch.setattr(faults, "_DISK", f"{tmp_path / 'disk'}:{1 << 20}")
+    (tmp_path / "disk").mkdir()
+    return tmp_path / "disk"
+
+
 @pytest.fixture
-def small_disk(tmpfs):
+def real_small_disk(tmpfs):
+    """A 1 MiB tmpfs, for writes that must really run out of room (mounting needs root: skipped elsewhere)."""
     return tmpfs("1m")
+
+
+@contextlib.contextmanager
+def writes_fail_beyond(limit):
+    """The kernel refuses to write any file beyond `limit` bytes (RLIMIT_FSIZE, as `ulimit -f`: no root needed), in
+    torch's C++ and safetensors' Rust writers too: a write that fails in its middle, as on a disk that fills."""
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 class WritingAccelerator(FakeAccelerator):
@@ -59,12 +88,23 @@ def test_a_checkpoint_that_cannot_fit_is_not_started(small_disk):
         save_at(accelerator, small_disk / "other", 1, expected_bytes=2 << 20)
 
 
-def test_a_disk_that_fills_during_a_checkpoint_keeps_the_earlier_one(small_disk):
+@pytest.mark.parametrize("disk", ["simulated", "tmpfs"])
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_earlier_one(disk, request, monkeypatch, tmp_path):
+    """A real 1 MiB tmpfs where one can be mounted; everywhere a simulated 1 MiB disk whose writes the kernel stops
+    where the disk would be full (each file: only the second checkpoint's one file is large)."""
+    if disk == "tmpfs":
+        small_disk, filling = request.getfixturevalue("real_small_disk"), contextlib.nullcontext()
+    else:
+        small_disk = tmp_path / "disk"
+        small_disk.mkdir()
+        monkeypatch.setattr(faults, "_DISK", f"{small_disk}:{1 << 20}")
     save_at(WritingAccelerator(100_000), small_disk, 1)
+    if disk == "simulated":
+        filling = writes_fail_beyond(storage.free_bytes(small_disk))
     # The first checkpoint is small, so the check lets the second one start; it runs out of space in torch.save,
     # which says "unexpected pos", not ENOSPC.
-    with pytest.raises(UserError, match=f"to write checkpoint-2 in {small_disk}: .* What it had written was removed. "
-                                        "checkpoint-1 and the checkpoints before it are intact."):
+    with filling, pytest.raises(UserError, match=f"to write checkpoint-2 in {small_disk}: .* What it had written "
+                                                 "was removed. checkpoint-1 and the checkpoints before it are intact."):
         save_at(WritingAccelerator(2_000_000), small_disk, 2)
     assert sorted(os.listdir(small_disk)) == ["checkpoint-1"]
     assert storage.free_bytes(small_disk) > 800_000  # the partial write no longer takes the space

@@ -15,11 +15,12 @@ from test_robustness import DDP, assert_same_state, state_of, trace
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Four shards of four pictures each, as parquet files and as WebDataset .tar files."""
+    """Four shards of four pictures each, as WebDataset .tar files; as parquet files, four shards of unequal sizes
+    (6, 4, 4 and 5 rows, picture 00016.png without a caption), so that two processes run out at different times."""
     import tiny_kandinsky
 
     root = tmp_path_factory.mktemp("shards")
-    return {"parquet": tiny_kandinsky.build_parquet_shards(root / "parquet"),
+    return {"parquet": tiny_kandinsky.build_parquet_shards(root / "parquet", sizes=(6, 4, 4, 5), no_caption=(16,)),
             "webdataset": tiny_kandinsky.build_webdataset_shards(root / "webdataset")}
 
 
@@ -32,36 +33,41 @@ def by_rank_and_epoch(records):
 
 def test_two_processes_stream_their_own_parquet_shards_and_a_stopped_run_resumes_at_the_next_sample(
         tiny, shards, tmp_path):
-    # 16 pictures in 4 shards: each of the 2 processes reads 2 shards, one per data-loader worker, through a shuffle
-    # buffer; batches of 2 make 4 steps an epoch, and 8 steps two epochs.
+    # 18 captioned pictures in 4 shards of unequal sizes: each of the 2 processes reads 2 shards, one per data-loader
+    # worker, through a shuffle buffer; in batches of 2, one process has 5 batches a pass and the other 4 (one
+    # picture has no caption): a pass ends for both after 4, so 4 steps an epoch, and --num_train_epochs 2 ends the
+    # run at step 8, before --max_train_steps.
     common = {"--train_data_dir": None, "--dataset_name": shards["parquet"], "--streaming": True,
               "--shuffle_buffer_size": 3, "--dataloader_num_workers": 2, "--checkpointing_steps": 4,
-              "--lr_scheduler": "cosine"}
+              "--lr_scheduler": "cosine", "--num_train_epochs": 2}
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=8, **common), launcher=DDP,
-           env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
+    first = launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=100, **common), launcher=DDP, timeout=240,
+                   env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
+    assert checkpoints(whole) == ["checkpoint-4", "checkpoint-8"] and (whole / "model_index.json").is_file()
+    text = first.stdout + first.stderr
+    assert "Skipping sample 00016.png: missing or non-string caption in column 'text'" in text
     # SIGTERM to rank 0 before the run's 6th micro-batch (the 2nd of epoch 1): both stop at the next agreed step
-    stopped = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=8, **common), launcher=DDP, env=offline_env(
-        ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_FAULT="micro:5:TERM", KANDINSKY_TRAIN_FAULT_RANK="0",
-        KANDINSKY_TRAIN_TRACE=str(tmp_path / "p1.jsonl")))
+    stopped = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=100, **common), launcher=DDP, timeout=240,
+                     env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_FAULT="micro:5:TERM",
+                                     KANDINSKY_TRAIN_FAULT_RANK="0", KANDINSKY_TRAIN_TRACE=str(tmp_path / "p1.jsonl")))
     step = int(re.search(r"Received SIGTERM: saved checkpoint-(\d+)", stopped.stdout + stopped.stderr)[1])
     assert 4 < step < 8  # in the middle of epoch 1
     position = read_state(parts / f"checkpoint-{step}")["stream"]
     assert position["epoch"] == 1 and position["micro"] == step - 4 and len(position["consumed"]) == 2
-    resumed = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=8, **common, **{"--resume_from_checkpoint": "latest"}),
-                     launcher=DDP, env=offline_env(ACCELERATE_USE_CPU="true",
-                                                   KANDINSKY_TRAIN_TRACE=str(tmp_path / "p2.jsonl")))
+    resumed = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=100, **common,
+                                             **{"--resume_from_checkpoint": "latest"}),
+                     launcher=DDP, timeout=240,
+                     env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "p2.jsonl")))
     assert "identical on all 2 processes" in resumed.stdout + resumed.stderr
     assert checkpoints(parts) == ["checkpoint-4", f"checkpoint-{step}", "checkpoint-8"]
-    assert_same_state(state_of(whole / "checkpoint-8", "prior"), state_of(parts / "checkpoint-8", "prior"), ema=False)
-
     whole_seen = by_rank_and_epoch(trace(tmp_path / "whole.jsonl"))
     parts_seen = by_rank_and_epoch(trace(tmp_path / "p1.jsonl") + trace(tmp_path / "p2.jsonl"))
     assert parts_seen == whole_seen  # the resumed run saw exactly the samples the stopped one had not
-    for epoch in (0, 1):
+    assert_same_state(state_of(whole / "checkpoint-8", "prior"), state_of(parts / "checkpoint-8", "prior"), ema=False)
+    for epoch in (0, 1):  # both passes end together: 4 batches on each process, from its own shards
         rank0, rank1 = whole_seen[(0, epoch)], whole_seen[(1, epoch)]
-        assert len(rank0) == len(rank1) == 8 and len(set(rank0) | set(rank1)) == 16  # disjoint, all read once
-    assert whole_seen[(0, 0)] != whole_seen[(0, 1)] and sorted(whole_seen[(0, 0)]) == sorted(whole_seen[(0, 1)])
+        assert len(rank0) == len(rank1) == 8 and len(set(rank0) | set(rank1)) == 16
+    assert whole_seen[(0, 0)] != whole_seen[(0, 1)]  # each epoch in its own order
 
 
 def test_webdataset_shards_skip_a_corrupt_sample_and_name_it(tiny, shards, tmp_path):
@@ -112,3 +118,27 @@ def test_one_process_streams_an_image_folder_and_resumes_exactly(tiny, tmp_path)
     launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}))
     assert checkpoints(parts) == ["checkpoint-3", "checkpoint-5", "checkpoint-6"]
     assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"), ema=False)
+
+
+def test_the_stream_order_is_the_seeds_and_the_epochs(shards):
+    """One process's stream, in-process: the same seed and epoch give the same order, another seed or another epoch
+    another order of the same samples."""
+    from types import SimpleNamespace
+
+    import train_text_to_image_prior as prior
+    from fakes import FakeAccelerator
+    from kandinsky_train.streaming import StreamSamples, load_stream
+
+    args = prior.parse_args(["--dataset_name", shards["parquet"], "--streaming", "--max_train_steps", "4",
+                             "--shuffle_buffer_size", "3"])
+    stage = SimpleNamespace(columns=(), variants=None, make_sample=lambda image, row, variant, shape: {})
+
+    def order(seed, epoch):
+        samples = StreamSamples(load_stream(args, FakeAccelerator()), args, stage, seed)
+        samples.set_epoch(epoch)
+        return [sample["index"] for sample in samples]
+
+    first = order(0, 0)
+    assert len(first) == 19 and first == order(0, 0)
+    for other in (order(1, 0), order(0, 1)):
+        assert other != first and sorted(other) == sorted(first)

@@ -2,6 +2,7 @@
 load and generate, resume (from a checkpoint of diffusers' reference script too), rotation, EMA / Min-SNR /
 accumulation / validation / --dataset_name, the README's recipe for the pair, and truthful model cards."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ def trained(tiny, tmp_path_factory):
     out = {}
     for stage, script in SCRIPTS.items():
         output = tmp_path_factory.mktemp(f"{stage}-run")
-        launch(script, base_args(tiny, output, steps=4, **{"--checkpointing_steps": 2}))
+        launch(script, base_args(tiny, output, steps=4, **{"--checkpointing_steps": 2, "--report_to": "tensorboard"}))
         out[stage] = output
     return out
 
@@ -83,8 +84,7 @@ def test_readme_recipe_generates_with_the_fine_tuned_pair_without_a_warning(trai
     scope = {}
     with warnings_seen() as seen:
         exec(compile(code, "README.md", "exec"), scope)
-    # This test machine has no torchvision; transformers says so once. Nothing else may be printed.
-    assert [m for m in seen if "torchvision" not in m] == []
+    assert seen == []  # nothing printed (torchvision serves transformers' CLIP image processor: no fallback warning)
     assert scope["image"].size == (64, 64)
     assert max_change(weights(trained["prior"] / "prior"), scope["prior"].prior.state_dict()) == 0  # the fine-tuned
     # The decoder was trained with a local prior folder, which its card describes but no longer names: a path leaks
@@ -103,12 +103,19 @@ def test_model_card_gives_the_runs_own_figures_and_no_local_path(trained, tiny):
     card = ModelCard.load(trained["decoder"] / "README.md")
     rows = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", card.text, re.M))
     assert rows["Optimizer steps"] == "4" and rows["Epochs"] == "1" and rows["Samples seen"] == "8"
-    assert re.fullmatch(r"\d+\.\d+(e-?\d+)? \(mean of the last 4 steps\)", rows["Final training loss"])
+    from kandinsky_train.tracking import read_scalars
+
+    logged = [value for _, value in read_scalars(trained["decoder"] / "logs")["train_loss"].values()]
+    assert len(logged) == 4 and rows["Final training loss"] == f"{sum(logged) / 4:.4g} (mean of the last 4 steps)"
     assert re.fullmatch(r"0 min \d\d s", rows["Training time"])
     assert rows["Hardware"] == "1 x CPU" and rows["Precision"] == "fp32"
     assert "prior" not in card.data.to_dict()  # a local prior: described, not named
     assert "local model folder `prior`" in card.text
     assert str(tiny["prior"].parent) not in card.content  # no local path anywhere in what would be pushed
+    # nor the output folder's own: uploaded later by hand, the card's code would load a path of this machine
+    name = trained["decoder"].name
+    assert str(trained["decoder"]) not in card.content and f'from_pretrained("path/to/{name}"' in card.text
+    assert f"The code below loads this folder from `path/to/{name}`: give it where the folder is" in card.text
 
 
 def test_a_streamed_card_counts_the_passes_made_and_a_constant_schedule_has_no_warm_up(tiny, tmp_path):
@@ -151,21 +158,43 @@ def test_a_checkpoint_of_the_reference_script_resumes_exactly_and_is_rotated(tra
 def test_resume_latest_after_losing_a_checkpoint(stage, tiny, tmp_path):
     import shutil
 
-    launch(SCRIPTS[stage], base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2}))
+    from huggingface_hub import ModelCard
+
+    # a command that always carries --resume_from_checkpoint latest starts fresh the first time
+    first = launch(SCRIPTS[stage], base_args(tiny, tmp_path, steps=4, **{"--checkpointing_steps": 2,
+                                                                          "--resume_from_checkpoint": "latest"}))
+    assert f"No complete checkpoint in '{tmp_path}'; starting a new training run." in first.stderr
+    assert "Resuming from" not in first.stdout + first.stderr and checkpoints(tmp_path) == ["checkpoint-2",
+                                                                                            "checkpoint-4"]
     shutil.rmtree(tmp_path / "checkpoint-2")
+    # two hours of training recorded before the stop: the model card sums the sessions' time
+    recorded = read_state(tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-4" / "training_state.json").write_text(json.dumps({**recorded, "train_seconds": 7200}))
     launch(SCRIPTS[stage], base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 1,
                                                                   "--resume_from_checkpoint": "latest"}))
     assert checkpoints(tmp_path) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
+    rows = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", ModelCard.load(tmp_path / "README.md").text, re.M))
+    assert rows["Optimizer steps"] == "6" and rows["Samples seen"] == str(recorded["samples_seen"] + 4)
+    assert re.fullmatch(r"2 h 0[01] min", rows["Training time"]), rows["Training time"]
     model_cls = "PriorTransformer" if stage == "prior" else "UNet2DConditionModel"
     import diffusers
 
     getattr(diffusers, model_cls).from_pretrained(tmp_path / "checkpoint-4", subfolder=SUBFOLDER[stage])
 
 
-def test_checkpoints_total_limit_keeps_the_newest(tiny, tmp_path):
-    launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 1,
-                                                                  "--checkpoints_total_limit": 2}))
+def test_checkpoints_total_limit_keeps_the_newest_and_the_console_keeps_the_bar_on_one_line(tiny, tmp_path):
+    """Log records and printed lines go through the progress bar: on a console (stderr and stdout in one stream),
+    each starts a line of its own, never the tail of `Steps: 67%|...`."""
+    proc = launch(DECODER_SCRIPT, base_args(tiny, tmp_path, steps=6, **{"--checkpointing_steps": 1,
+                                                                         "--checkpoints_total_limit": 2}),
+                  console=True)
     assert checkpoints(tmp_path) == ["checkpoint-5", "checkpoint-6"]
+    shown = [line.split("\r")[-1] for line in proc.stdout.split("\n")]  # what a terminal leaves of each line
+    removals = [line for line in shown if "Removing old checkpoint" in line]
+    saves = [line for line in shown if "Saved " in line and "checkpoint-" in line]
+    assert len(removals) == 4 and len(saves) == 6
+    assert all(re.match(r"\d\d:\d\d:\d\d - INFO - kandinsky_train.checkpoint - Removing", line) for line in removals)
+    assert all(line.startswith("Saved ") for line in saves)
 
 
 def hub_cache(tiny, root):

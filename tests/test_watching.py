@@ -22,6 +22,12 @@ def resume_from_checkpoint_2(script, tiny, whole, parts, steps, common):
     return proc.stdout + proc.stderr
 
 
+def printed_evaluations(text):
+    """{step: (eval_loss, eval_cosine) as printed} from a run's "Held-out evaluation at step N: ..." lines."""
+    found = re.findall(r"Held-out evaluation at step (\d+): eval_loss ([^\s,]+), eval_cosine ([^\s,(]+)", text)
+    return {int(step): (loss, cosine) for step, loss, cosine in found}
+
+
 def optimizer_groups(checkpoint):
     """The optimizer's per-group settings and state (Prodigy keeps its step-size estimate there)."""
     groups = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
@@ -34,11 +40,15 @@ def test_prior_held_out_split_every_n_steps_and_adafactor_resumes_exactly(tiny, 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     proc = launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=6, **common))
     text = proc.stdout + proc.stderr
-    assert "6 examples" in text and "Evaluating a held-out set of 2 samples" in text  # 8 images, 2 held out
+    assert "6 examples" in text  # 8 images, 2 held out
+    assert ("Evaluating a held-out set of 2 samples: eval_loss at timesteps [125, 375, 625, 875], eval_cosine, "
+            "every 2 steps\n") in text
     assert re.search(r"Held-out evaluation at step 0: eval_loss \S+, eval_cosine \S+ \(2 samples, [\d.]+ s per "
                      r"evaluation\)", text)
     scalars, images = tensorboard_events(whole)
     loss, cosine = dict(scalars["eval_loss"]), dict(scalars["eval_cosine"])
+    printed = printed_evaluations(text)
+    assert printed == {step: (f"{loss[step]:.6g}", f"{cosine[step]:.6g}") for step in (0, 2, 4, 6)}
     assert sorted(loss) == sorted(cosine) == [0, 2, 4, 6]  # the starting weights, then every 2 steps
     assert loss[0] > loss[2] > loss[4] > loss[6]
     assert all(-1 <= value <= 1 for value in cosine.values()) and cosine[6] > cosine[0] + 0.2
@@ -46,7 +56,8 @@ def test_prior_held_out_split_every_n_steps_and_adafactor_resumes_exactly(tiny, 
     assert sorted(int(p.name.split("-")[1]) for p in (whole / "validation").glob("step-*.png")) == [2, 4, 6]
     assert list(images.values()) == [[2, 4, 6]]
 
-    resume_from_checkpoint_2(PRIOR_SCRIPT, tiny, whole, parts, 6, common)
+    resumed_text = resume_from_checkpoint_2(PRIOR_SCRIPT, tiny, whole, parts, 6, common)
+    assert printed_evaluations(resumed_text) == {step: printed[step] for step in (4, 6)}  # the same lines
     a, b = state_of(whole / "checkpoint-6", "prior"), state_of(parts / "checkpoint-6", "prior")
     assert any("exp_avg_sq_row" in slots for slots in a["optimizer"].values())  # Adafactor's factored moments
     assert_same_state(a, b, ema=False)

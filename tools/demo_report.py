@@ -65,8 +65,10 @@ def render_captions(prior_dir, decoder_dir, captions, size):
     prior = DiffusionPipeline.from_pretrained(prior_dir)
     pipe = AutoPipelineForText2Image.from_pretrained(decoder_dir,
                                                      **{"prior_" + k: v for k, v in prior.components.items()})
+    # callback_steps=None: the combined pipeline passes its own (default 1) on to the decoder pipeline, which
+    # deprecates it with a FutureWarning on every call (diffusers 0.42); None passes nothing on.
     return [pipe(caption, height=size, width=size, num_inference_steps=STEPS, prior_num_inference_steps=STEPS,
-                 guidance_scale=1.0, prior_guidance_scale=1.0,
+                 guidance_scale=1.0, prior_guidance_scale=1.0, callback_steps=None,
                  generator=torch.Generator().manual_seed(i)).images[0] for i, caption in enumerate(captions)]
 
 

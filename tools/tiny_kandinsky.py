@@ -169,12 +169,14 @@ def _encoded(image, fmt):
     return buffer.getvalue()
 
 
-def _write_parquet(file, drawn, image_column="image", caption_column="text"):
-    """(picture, caption) pairs as one parquet file: an Image column (PNG bytes) and a string column."""
+def _write_parquet(file, drawn, image_column="image", caption_column="text", names=None):
+    """(picture, caption) pairs as one parquet file: an Image column (PNG bytes, each named by `names` if given)
+    and a string column."""
     import datasets
 
     features = datasets.Features({image_column: datasets.Image(), caption_column: datasets.Value("string")})
-    rows = {image_column: [{"bytes": _encoded(image, "PNG"), "path": None} for image, _ in drawn],
+    names = names or [None] * len(drawn)
+    rows = {image_column: [{"bytes": _encoded(image, "PNG"), "path": name} for (image, _), name in zip(drawn, names)],
             caption_column: [caption for _, caption in drawn]}
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(file))
@@ -188,13 +190,18 @@ def build_parquet_dataset(path, num_images=8, size=64, seed=0, image_column="img
     return str(path)
 
 
-def build_parquet_shards(path, num_shards=4, per_shard=4, size=64, seed=0):
-    """A local dataset folder of several parquet shards (data/train-0000K-of-0000N.parquet), columns image and text:
-    the Hub's layout of a large data set, for --streaming."""
+def build_parquet_shards(path, sizes=(4, 4, 4, 4), size=64, seed=0, no_caption=()):
+    """A local dataset folder of parquet shards of `sizes` rows (data/train-0000K-of-0000N.parquet), columns image
+    (named 00000.png, 00001.png... in order) and text (missing for the rows numbered in `no_caption`): the Hub's
+    layout of a large data set, for --streaming."""
     rng = np.random.default_rng(seed + 200)
-    for shard in range(num_shards):
-        _write_parquet(Path(path) / "data" / f"train-{shard:05d}-of-{num_shards:05d}.parquet",
-                       [_draw(shard * per_shard + i, size, rng) for i in range(per_shard)])
+    first = 0
+    for shard, rows in enumerate(sizes):
+        drawn = [_draw(first + i, size, rng) for i in range(rows)]
+        drawn = [(image, None if first + i in no_caption else caption) for i, (image, caption) in enumerate(drawn)]
+        _write_parquet(Path(path) / "data" / f"train-{shard:05d}-of-{len(sizes):05d}.parquet", drawn,
+                       names=[f"{first + i:05d}.png" for i in range(rows)])
+        first += rows
     return str(path)
 
 
