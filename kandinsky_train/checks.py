@@ -5,7 +5,7 @@ or GPU time, and each problem is one line that names the flag to fix."""
 import os
 from pathlib import Path
 
-from .checkpoint_folders import CHECKPOINT_RE, Layout, named_checkpoint, scan, step_of
+from .checkpoint_folders import CHECKPOINT_RE, Layout, is_reference, named_checkpoint, scan, step_of
 from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets
 from .errors import fail
 from .images import IMAGE_EXTENSIONS
@@ -157,10 +157,17 @@ def _check_output_dir(args, stage):
         start = step_of(named_checkpoint(args, layout))
     for step, path, missing in incomplete:
         if step > start:  # this run would save its own checkpoint of that step over it
-            fail(f"--output_dir {args.output_dir!r} holds {os.path.basename(path)}, which is not a complete checkpoint "
-                 f"(it lacks {', '.join(missing)}; perhaps the half-written save of a run that was killed), and this "
-                 "run would save its own checkpoint of that step there. Move it out of --output_dir (or delete it), "
-                 "then run again.")
+            name, lacks = os.path.basename(path), ", ".join(missing)
+            if not is_reference(path):  # training_state.json is written last: the save was complete once
+                newest = os.path.basename(complete[-1][1]) if complete else None
+                fail(f"--output_dir {args.output_dir!r} holds {name}, which was saved complete but now lacks {lacks} "
+                     f"(a partial copy or sync?), so it cannot be resumed (the newest complete checkpoint is "
+                     f"{newest or 'none'}), and this run would save its own checkpoint of that step there. Restore "
+                     f"the missing files, or move {name} out of --output_dir to "
+                     f"{f'go on from {newest}' if newest else 'start over'}, then run again.")
+            fail(f"--output_dir {args.output_dir!r} holds {name}, which is not a complete checkpoint (it lacks "
+                 f"{lacks}; perhaps the half-written save of a run that was killed), and this run would save its own "
+                 "checkpoint of that step there. Move it out of --output_dir (or delete it), then run again.")
 
 
 def check_model_repo(path, subfolders, flag):

@@ -125,15 +125,16 @@ class Trainer:
         return self.finish()
 
     def restore(self):
-        """Continue from the checkpoint, if any: its newer siblings (an abandoned future) are set aside, the state
-        is loaded, and the schedule is put at the checkpoint's optimizer step."""
+        """Continue from the checkpoint, if any: the state is loaded, the schedule is put at the checkpoint's
+        optimizer step, and then (once nothing can refuse the resume any more) its newer siblings, an abandoned
+        future, are set aside."""
         if self.resume_path is None:
             return
-        step = checkpoint_folders.step_of(self.resume_path)
-        checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step, self.layout)
         checkpoint.restore(self.accelerator, self.resume_path, self.state)
         self.batches.restore(self.state.stream)
         set_schedule_position(self.lr_scheduler, self.state.global_step, self.accelerator.num_processes)
+        step = checkpoint_folders.step_of(self.resume_path)
+        checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step, self.layout)
 
     @property
     def done(self):

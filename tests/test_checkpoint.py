@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import warnings_seen
-from fakes import FakeAccelerator, fake_reference_checkpoint
+from fakes import FakeAccelerator, fake_checkpoint, fake_reference_checkpoint
 from kandinsky_train import checkpoint, checkpoint_folders, model_state
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.errors import UserError
@@ -18,21 +18,16 @@ from kandinsky_train.errors import UserError
 PRIOR = Layout("prior")
 
 
-def make_checkpoint(folder, step, complete=True):
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    if complete:
-        (path / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": step}))
-    return path
-
-
 def test_latest_ignores_foreign_and_incomplete_folders(tmp_path):
     for name, complete in [("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False),
                            ("checkpoint-old", True), (".tmp-checkpoint-14", True), ("checkpoint-3-copy", True)]:
         (tmp_path / name).mkdir()
         if complete:
-            (tmp_path / name / checkpoint_folders.STATE_FILE).write_text(json.dumps({"global_step": 1}))
+            fake_checkpoint(tmp_path / name, "prior", 1)
+    # ours, complete when saved (training_state.json is written last), since damaged: not resumable either
+    fake_checkpoint(tmp_path / "checkpoint-16", "prior", 16, leave_out=["optimizer.bin"])
     assert [s for s, _ in checkpoint_folders.list_checkpoints(str(tmp_path), PRIOR)] == [2, 10]
+    assert PRIOR.missing(tmp_path / "checkpoint-16") == ["optimizer.bin"]
 
     class Args:
         output_dir, resume_from_checkpoint = str(tmp_path), "latest"

@@ -104,11 +104,13 @@ def test_one_process_streams_an_image_folder_and_resumes_exactly(tiny, tmp_path)
     assert "Received SIGTERM: saved checkpoint-5" in stopped.stdout + stopped.stderr
     assert read_state(parts / "checkpoint-5")["stream"]["consumed"] == [{"0": 2}]  # one batch into epoch 1
 
+    # Refused before any folder is touched: checkpoint-5, newer than the one named, stays where it is.
     refused = launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{
-        "--resume_from_checkpoint": "latest", "--dataloader_num_workers": 1}), check=False)
+        "--resume_from_checkpoint": "checkpoint-3", "--dataloader_num_workers": 1}), check=False)
     assert refused.returncode != 0  # the launcher's code for the script's 2
     assert ("The checkpoint's stream position was recorded with 1 process(es) and 0 data-loader worker(s); resume "
             "--streaming with the same numbers") in refused.stderr
+    assert sorted(p.name for p in parts.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-5"]
     launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}))
     assert checkpoints(parts) == ["checkpoint-3", "checkpoint-5", "checkpoint-6"]
     assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"), ema=False)
