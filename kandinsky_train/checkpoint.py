@@ -1,7 +1,8 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """Checkpoints: OUTPUT_DIR/checkpoint-STEP holds what accelerate saves (optimizer, schedule, RNG states), the
 trained model in diffusers format (SUBFOLDER/, SUBFOLDER_ema/ or SUBFOLDER_lora/, the reference scripts' layout),
-and training_state.json: where the run is, written last, so that its presence marks the checkpoint complete.
+and training_state.json: where the run is, written last (a folder of ours without it is a save cut short; one with
+it is complete while it still holds every file checkpoint_folders.Layout.missing looks for).
 A checkpoint of diffusers' reference scripts (the same, without training_state.json) resumes at the step its name
 gives (checkpoint_folders.py says which folders are complete; model_state.py writes and reads the model folders).
 

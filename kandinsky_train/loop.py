@@ -23,7 +23,7 @@ from .hub import CheckpointUploads
 from .preemption import StopRequest, finishing
 from .runtime import check_ranks_agree, make_lr_scheduler, make_optimizer, set_schedule_position
 from .streaming import StreamBatches, StreamSamples
-from .validation import run_validation
+from .validation import run_validation, validations_due
 
 
 @dataclass
@@ -218,15 +218,8 @@ class Trainer:
         self.run_validations(*self.due(end_of_epoch))
 
     def due(self, end_of_epoch=None):
-        """(validation images, held-out evaluation) due now: every --validation_steps optimizer steps; without it, at
-        the end of an epoch, the images every --validation_epochs epochs and the evaluation every epoch. The last
-        step's are finish()'s."""
-        if self.done:
-            return False, False
-        if self.args.validation_steps:
-            due = end_of_epoch is None and self.state.global_step % self.args.validation_steps == 0
-            return due, due
-        return end_of_epoch is not None and end_of_epoch % self.args.validation_epochs == 0, end_of_epoch is not None
+        """(validation images, held-out evaluation) due now; the last step's are finish()'s."""
+        return (False, False) if self.done else validations_due(self.args, self.state.global_step, end_of_epoch)
 
     def due_at_stop(self):
         """What a stop at this step leaves undone: the step's validation and, at the last step of an epoch, the
