@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 
+import pytest
 import torch
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
@@ -64,18 +65,25 @@ def validated_steps(output_dir):
     return sorted({int(p.name.split("-")[1]) for p in (output_dir / "validation").glob("step-*.png")})
 
 
-def test_a_stop_at_a_validation_step_leaves_its_validation_to_the_resumed_run(tiny, tmp_path):
+# 8 pictures, batch 2: 4 steps an epoch. SIGTERM during step 4, which is due for validation: every 2 steps, or at
+# the end of epoch 0 with --validation_epochs 1 (the evaluation then comes at every epoch's end).
+@pytest.mark.parametrize("when,steps,evaluated,rendered", [
+    ({"--validation_steps": 2}, 6, ["0", "2", "4", "6"], [2, 4, 6]),
+    ({"--validation_epochs": 1}, 8, ["0", "4", "8"], [4, 8]),
+])
+def test_a_stop_at_a_validation_step_leaves_its_validation_to_the_resumed_run(when, steps, evaluated, rendered, tiny,
+                                                                              tmp_path):
     held_out = tmp_path / "held_out"
     shutil.copytree(tiny["images"], held_out)
     out = tmp_path / "out"
-    common = {"--validation_steps": 2, "--validation_prompts": ["a red circle"], "--validation_data_dir": held_out}
-    stopped = launch(DECODER_SCRIPT, base_args(tiny, out, steps=6, **common), check=False,
+    common = {**when, "--validation_prompts": ["a red circle"], "--validation_data_dir": held_out}
+    stopped = launch(DECODER_SCRIPT, base_args(tiny, out, steps=steps, **common), check=False,
                      env=offline_env(KANDINSKY_TRAIN_FAULT="micro:3:TERM"))
     assert "Received SIGTERM: saved checkpoint-4" in stopped.stdout + stopped.stderr
-    resumed = launch(DECODER_SCRIPT, base_args(tiny, out, steps=6, **common, **{"--resume_from_checkpoint": "latest"}))
-    evaluated = re.findall(r"Held-out evaluation at step (\d+)", stopped.stdout + resumed.stdout)
-    assert evaluated == ["0", "2", "4", "6"]
-    assert validated_steps(out) == [2, 4, 6]
+    resumed = launch(DECODER_SCRIPT, base_args(tiny, out, steps=steps, **common,
+                                               **{"--resume_from_checkpoint": "latest"}))
+    assert re.findall(r"Held-out evaluation at step (\d+)", stopped.stdout + resumed.stdout) == evaluated
+    assert validated_steps(out) == rendered
 
 
 def test_a_stream_that_runs_out_of_passes_validates_its_last_step_once(tiny, tmp_path):
