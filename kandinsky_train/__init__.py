@@ -20,6 +20,8 @@ order a run meets them:
       checkpoint  save, rotate and restore checkpoints; the run's position (TrainState)
       checkpoint_folders  which folders are complete checkpoints (ours, the reference scripts'), which to resume
       ema         --use_ema
+      flag_changes  flags whose values a checkpoint holds too (learning rate, optimizer, EMA decay): on resume
+                  the command line's win, said in one line and noted in the model card
       diffusion   the loss (Min-SNR) and the per-micro-batch seed
       memory      the weights' dtypes; --fused_backward_pass, --full_bf16: the optimizer steps one tensor at a time
       tracking    TensorBoard / W&B figures and images

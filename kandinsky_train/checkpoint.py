@@ -1,7 +1,8 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """Checkpoints: OUTPUT_DIR/checkpoint-STEP holds what accelerate saves (optimizer, schedule, RNG states), the
 trained model in diffusers format (SUBFOLDER/, SUBFOLDER_ema/ or SUBFOLDER_lora/, the reference scripts' layout),
-and training_state.json: where the run is, written last, so that its presence marks the checkpoint complete.
+and training_state.json: where the run is, written last (a folder of ours without it is a save cut short; one with
+it is complete while it still holds every file checkpoint_folders.Layout.missing looks for).
 A checkpoint of diffusers' reference scripts (the same, without training_state.json) resumes at the step its name
 gives (checkpoint_folders.py says which folders are complete; model_state.py writes and reads the model folders).
 
@@ -38,9 +39,19 @@ class TrainState:
     train_seconds: float = 0.0
     counted_from_step: int = 0
     stream: dict = None  # --streaming: where each process and worker is in the epoch (streaming.StreamBatches)
+    # Steps not counted in this batch geometry's epochs: resumed with another (processes, batch size, accumulation),
+    # the run takes up the epoch where the checkpoint's geometry had it (carried_offset).
+    step_offset: int = 0
+    validation_due: list = field(default_factory=list)  # what a stop at this step left undone: "images", "evaluate"
+    changes: list = field(default_factory=list)  # [step, flag, checkpoint's value, new value] of each resume
 
     def state_dict(self):
         return asdict(self)
+
+    @property
+    def epoch_steps(self):
+        """Optimizer steps counted in epochs of this run's geometry (the epoch is epoch_steps // steps_per_epoch)."""
+        return self.global_step - self.step_offset
 
     def load_state_dict(self, recorded):
         if recorded.get("held_out") != self.held_out:
@@ -56,11 +67,33 @@ class TrainState:
             self.stream = recorded.get("stream")
             self.epoch = self.stream["epoch"] if self.stream else 0
         else:
-            self.epoch = self.global_step // self.steps_per_epoch  # the epoch the next step belongs to
+            self.step_offset = carried_offset(recorded, self.steps_per_epoch)
+            self.epoch = self.epoch_steps // self.steps_per_epoch  # the epoch the next step belongs to
+        self.validation_due = recorded.get("validation_due", [])
+        self.changes = recorded.get("changes", [])
         self.samples_seen = recorded.get("samples_seen", 0)
         self.train_seconds = recorded.get("train_seconds", 0.0)
         # A checkpoint that did not record them (a reference script's): the figures count from its step on.
         self.counted_from_step = recorded.get("counted_from_step", self.global_step)
+
+
+def carried_offset(recorded, steps_per_epoch):
+    """The step offset of a run that resumes a checkpoint (its recorded state) with `steps_per_epoch` steps an epoch:
+    with another number than the checkpoint's, the epoch and the share of it done are carried over, not the step
+    count (on twice the processes, 4 steps of 4 an epoch are one epoch done, not two of 2)."""
+    offset, before = recorded.get("step_offset", 0), recorded.get("steps_per_epoch")
+    if before in (None, steps_per_epoch):
+        return offset
+    epoch, into = divmod(recorded["global_step"] - offset, before)
+    return recorded["global_step"] - (epoch * steps_per_epoch + into * steps_per_epoch // before)
+
+
+def step_offset(resume_path, steps_per_epoch):
+    """carried_offset of the checkpoint a run resumes (0 for a new run or a reference script's checkpoint); known
+    before the state loads, for the run's length and schedule."""
+    if resume_path is None or is_reference(resume_path) or steps_per_epoch is None:
+        return 0
+    return carried_offset(read_state(resume_path), steps_per_epoch)
 
 
 def set_aside_newer(accelerator, output_dir, step, layout):

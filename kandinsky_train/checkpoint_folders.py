@@ -1,8 +1,8 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """Which folders of OUTPUT_DIR are checkpoints, and which one a run resumes from. A folder named checkpoint-STEP
-is complete when it holds training_state.json (ours: written last), or, without it, every file a resume reads
-(diffusers' reference scripts write the same accelerate layout, with no training_state.json). Other folders named
-so are incomplete: never resumed, never overwritten or deleted."""
+is complete when it holds every file a resume reads: ours (with training_state.json, written last) and diffusers'
+reference scripts' (the same accelerate layout, no training_state.json) alike, since a complete save can lose a file
+later (a partial copy or sync). Other folders named so are incomplete: never resumed, never overwritten or deleted."""
 
 import glob
 import json
@@ -37,9 +37,8 @@ class Layout:
         return cls(MODEL_FOLDERS[stage_name], ema=args.use_ema, lora=args.use_lora)
 
     def missing(self, path):
-        """What the folder lacks for this run to resume from it; [] when it is a complete checkpoint."""
-        if os.path.isfile(os.path.join(path, STATE_FILE)):
-            return []  # ours: training_state.json is written last
+        """What the folder lacks for this run to resume from it; [] when it is a complete checkpoint. (The one
+        place that says why a folder is not resumable: a further condition joins here.)"""
         missing = [name for name in RESUME_FILES if not glob.glob(os.path.join(glob.escape(path), name))]
         sub = self.subfolder
         models = {f"{sub}_lora": False} if self.lora else {sub: True, **({f"{sub}_ema": True} if self.ema else {})}

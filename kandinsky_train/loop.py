@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, checkpoint_folders, faults, model_state, tracking
+from . import checkpoint, checkpoint_folders, faults, flag_changes, model_state, tracking
 from .cache import frozen_outputs
 from .batches import make_batches
 from .data import TrainingSamples, training_samples
@@ -26,7 +26,7 @@ from .preemption import StopRequest, finishing
 from .runtime import (check_ranks_agree, compile_model, console_through_progress_bars, make_lr_scheduler,
                       make_optimizer, set_schedule_position, weight_dtype_of)
 from .streaming import StreamBatches, StreamSamples
-from .validation import run_validation
+from .validation import run_validation, validations_due
 
 
 @dataclass
@@ -62,14 +62,18 @@ class Trainer:
         self.evaluation = None
         if held_out is not None:
             self.evaluation = HeldOutEvaluation(args, accelerator, stage, held_out_samples, self.encode)
+        self.schedule_offset = 0
         if args.streaming:  # no length: --max_train_steps is required, --num_train_epochs counts passes
             self.batches = StreamBatches(args, accelerator, self.samples)
             steps_per_epoch, self.max_steps, self.num_epochs = None, args.max_train_steps, args.num_train_epochs
         else:
             self.batches = make_batches(args, accelerator, self.samples)
             steps_per_epoch = math.ceil(len(self.batches) / args.gradient_accumulation_steps)
-            self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-            self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
+            offset = checkpoint.step_offset(self.resume_path, steps_per_epoch)  # another geometry before
+            self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch + offset
+            self.num_epochs = math.ceil((self.max_steps - offset) / steps_per_epoch)
+            # A length in epochs is a schedule over epochs: it goes on at the share of them done.
+            self.schedule_offset = 0 if args.max_train_steps else offset
         self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, stage=stage.name,
                                            skipped_images=report.skipped, held_out=held_out and held_out.split)
 
@@ -77,7 +81,8 @@ class Trainer:
         set_weight_dtypes(args, stage.model, self.params, weight_dtype_of(accelerator))
         optimizer = make_optimizer(args, self.params, device)
         model_state.accept_whole_model_optimizer_states(optimizer, stage.model)
-        lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps, accelerator.num_processes)
+        lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps - self.schedule_offset,
+                                         accelerator.num_processes)
         self.ema = make_ema(args, stage.model, device)
         self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora)
         model_state.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
@@ -89,6 +94,7 @@ class Trainer:
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.grad_norm = None
+        self.shown, self.evaluated_at = None, None  # the last validation (step, images), the last evaluation's step
         self.clock = time.monotonic()
 
     def frozen_outputs(self, dataset, held_out, seed):
@@ -117,7 +123,7 @@ class Trainer:
                              disable=not self.accelerator.is_local_main_process)
         self.meter = tracking.StepMeter(self.accelerator, self.args.train_batch_size)
         self.logger = tracking.LaggedLogger(self.accelerator, self.progress)
-        self.evaluate_starting_weights()
+        self.validate_at_start()
         for epoch in range(self.state.epoch, self.num_epochs):
             if self.done:
                 break
@@ -131,15 +137,19 @@ class Trainer:
         return self.finish()
 
     def restore(self):
-        """Continue from the checkpoint, if any: its newer siblings (an abandoned future) are set aside, the state
-        is loaded, and the schedule is put at the checkpoint's optimizer step."""
+        """Continue from the checkpoint, if any: the state is loaded, the schedule is put at the checkpoint's
+        optimizer step, and then (once nothing can refuse the resume any more) its newer siblings, an abandoned
+        future, are set aside."""
         if self.resume_path is None:
             return
+        asked = flag_changes.held_values(self.optimizer, self.ema)  # the command line's, before the checkpoint's
+        checkpoint.restore(self.accelerator, self.resume_path, self.state)
+        flag_changes.reapply(asked, self.optimizer, self.lr_scheduler, self.ema, self.state)
+        self.batches.restore(self.state.stream)
+        set_schedule_position(self.lr_scheduler, self.state.global_step - self.schedule_offset,
+                              self.accelerator.num_processes)
         step = checkpoint_folders.step_of(self.resume_path)
         checkpoint.set_aside_newer(self.accelerator, self.args.output_dir, step, self.layout)
-        checkpoint.restore(self.accelerator, self.resume_path, self.state)
-        self.batches.restore(self.state.stream)
-        set_schedule_position(self.lr_scheduler, self.state.global_step, self.accelerator.num_processes)
 
     @property
     def done(self):
@@ -149,9 +159,9 @@ class Trainer:
         """(micro-batch index, batch) of one epoch; a resumed epoch skips what the checkpoint had consumed."""
         self.state.epoch = epoch
         self.model.train()
-        start = 0
-        if self.state.steps_per_epoch and epoch == self.state.global_step // self.state.steps_per_epoch:
-            start = (self.state.global_step % self.state.steps_per_epoch) * self.args.gradient_accumulation_steps
+        start, steps, per_epoch = 0, self.state.epoch_steps, self.state.steps_per_epoch
+        if per_epoch and epoch == steps // per_epoch:
+            start = (steps % per_epoch) * self.args.gradient_accumulation_steps
         batches = self.batches.epoch(epoch, start)
         return faults.observed(batches, self.accelerator.process_index, epoch, self.batches.first_micro(epoch))
 
@@ -185,6 +195,8 @@ class Trainer:
         self.grad_norm = None
         self.progress.update(1)
         stopping = self.stop.requested(self.accelerator)
+        if stopping:  # what this step still owes falls to the resumed run
+            self.state.validation_due = self.due_at_stop()
         if stopping or self.state.global_step % self.args.checkpointing_steps == 0:
             self.save_checkpoint()
         if stopping:
@@ -229,33 +241,44 @@ class Trainer:
              + "with a lower --learning_rate (with --mixed_precision fp16, bf16 or a lower --max_grad_norm can help).")
 
     def validate_when_due(self, end_of_epoch=None):
-        """Validation images and the held-out evaluation, when due: every --validation_steps optimizer steps; without
-        it, at the end of an epoch, the images every --validation_epochs epochs and the evaluation every epoch. The
-        last step's are finish()'s."""
-        if self.done:
-            return
-        if self.args.validation_steps:
-            images = evaluate = end_of_epoch is None and self.state.global_step % self.args.validation_steps == 0
-        else:
-            images = end_of_epoch is not None and end_of_epoch % self.args.validation_epochs == 0
-            evaluate = end_of_epoch is not None
+        self.run_validations(*self.due(end_of_epoch))
+
+    def due(self, end_of_epoch=None):
+        """(validation images, held-out evaluation) due now; the last step's are finish()'s."""
+        return (False, False) if self.done else validations_due(self.args, self.state.global_step, end_of_epoch)
+
+    def due_at_stop(self):
+        """What a stop at this step leaves undone: the step's validation and, at the last step of an epoch, the
+        epoch's (a stream's resumed run reaches the end of its pass itself)."""
+        due = self.due()
+        if self.state.steps_per_epoch and self.state.epoch_steps % self.state.steps_per_epoch == 0:
+            due = [a or b for a, b in zip(due, self.due(end_of_epoch=self.state.epoch))]
+        return [name for name, flag in zip(("images", "evaluate"), due) if flag]
+
+    def run_validations(self, images, evaluate):
         if images:
             self.validate()
         if evaluate:
             self.evaluate()
 
     def validate(self):
-        return run_validation(self.args, self.accelerator, self.stage, self.accelerator.unwrap_model(self.model),
-                              self.ema, self.state.global_step)
+        self.shown = self.state.global_step, run_validation(self.args, self.accelerator, self.stage,
+                                                            self.accelerator.unwrap_model(self.model), self.ema,
+                                                            self.state.global_step)
+        return self.shown[1]
 
     def evaluate(self):
         if self.evaluation is not None:
             self.evaluation.run(self.accelerator.unwrap_model(self.model), self.ema, self.state.global_step)
+            self.evaluated_at = self.state.global_step
 
-    def evaluate_starting_weights(self):
-        """A new run's held-out curve starts at step 0, with the weights it starts from."""
+    def validate_at_start(self):
+        """A new run's held-out curve starts at step 0, with the weights it starts from; a resumed run first does
+        what a stop at its checkpoint's step left undone."""
         if self.state.global_step == 0:
             self.evaluate()
+        due, self.state.validation_due = self.state.validation_due, []
+        self.run_validations("images" in due, "evaluate" in due)
 
     def finish(self):
         saved = checkpoint_folders.list_checkpoints(self.args.output_dir, self.layout)
@@ -267,8 +290,10 @@ class Trainer:
         check_ranks_agree(self.accelerator, self.model)
         finishing("the final validation")
         faults.at("finish")
-        final_images = self.validate()
-        self.evaluate()
+        step = self.state.global_step  # a stream that ran out of passes has validated its last step already
+        final_images = self.shown[1] if self.shown and self.shown[0] == step else self.validate()
+        if self.evaluated_at != step:
+            self.evaluate()
         self.report_skipped()
         finishing("the checkpoint uploads")
         self.uploads.wait()
@@ -295,10 +320,11 @@ class Trainer:
         final_loss, loss_steps = self.logger.recent_loss()
         return tracking.RunSummary(
             steps=state.global_step, samples=state.samples_seen,
-            epochs=state.global_step / state.steps_per_epoch if state.steps_per_epoch else self.batches.passes(),
+            epochs=state.epoch_steps / state.steps_per_epoch if state.steps_per_epoch else self.batches.passes(),
             seconds=state.train_seconds, counted_from_step=state.counted_from_step, final_loss=final_loss,
             loss_steps=loss_steps, processes=accelerator.num_processes,
-            device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision)
+            device=tracking.device_name(accelerator.device), precision=accelerator.mixed_precision,
+            changes=state.changes)
 
     def print_plan(self):
         args = self.args

@@ -5,6 +5,7 @@ a local path leaks the machine's layout and loads nowhere else."""
 
 import os
 
+from .flag_changes import earlier
 from .images import image_grid
 
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]
@@ -112,7 +113,7 @@ def settings(args, summary):
     """How it was asked to train."""
     total = args.train_batch_size * summary.processes * args.gradient_accumulation_steps
     return {
-        "Learning rate": args.learning_rate,
+        "Learning rate": f"{args.learning_rate}{earlier(summary.changes, '--learning_rate')}",
         # diffusers' "constant" schedule has no warm-up, whatever --lr_warmup_steps says
         "LR schedule": args.lr_scheduler if args.lr_scheduler == "constant" else
         f"{args.lr_scheduler} (warm-up {args.lr_warmup_steps} steps)",
@@ -120,7 +121,7 @@ def settings(args, summary):
                       f"{args.gradient_accumulation_steps} accumulation)",
         "Resolution": args.resolution,
         "Min-SNR gamma": args.snr_gamma if args.snr_gamma is not None else "off",
-        "EMA": f"decay {args.ema_decay}" if args.use_ema else "off",
+        "EMA": f"decay {args.ema_decay}{earlier(summary.changes, '--ema_decay')}" if args.use_ema else "off",
         "LoRA": f"rank {args.rank}, alpha {args.lora_alpha}" if args.use_lora else "off",
     }
 

@@ -7,7 +7,8 @@ import json
 import os
 import tempfile
 
-from .checkpoint_folders import CHECKPOINT_RE, STAGE_PIPELINES, Layout, named_checkpoint, scan, stage_of, step_of
+from .checkpoint_folders import (CHECKPOINT_RE, STAGE_PIPELINES, Layout, is_reference, named_checkpoint, scan, stage_of,
+                                 step_of)
 from .errors import fail
 
 
@@ -39,10 +40,17 @@ def _check_checkpoints(args, stage):
         start = step_of(named_checkpoint(args, layout))
     for step, path, missing in incomplete:
         if step > start:  # this run would save its own checkpoint of that step over it
-            fail(f"--output_dir {args.output_dir!r} holds {os.path.basename(path)}, which is not a complete checkpoint "
-                 f"(it lacks {', '.join(missing)}; perhaps the half-written save of a run that was killed), and this "
-                 "run would save its own checkpoint of that step there. Move it out of --output_dir (or delete it), "
-                 "then run again.")
+            name, lacks = os.path.basename(path), ", ".join(missing)
+            if not is_reference(path):  # training_state.json is written last: the save was complete once
+                newest = os.path.basename(complete[-1][1]) if complete else None
+                fail(f"--output_dir {args.output_dir!r} holds {name}, which was saved complete but now lacks {lacks} "
+                     f"(a partial copy or sync?), so it cannot be resumed (the newest complete checkpoint is "
+                     f"{newest or 'none'}), and this run would save its own checkpoint of that step there. Restore "
+                     f"the missing files, or move {name} out of --output_dir to "
+                     f"{f'go on from {newest}' if newest else 'start over'}, then run again.")
+            fail(f"--output_dir {args.output_dir!r} holds {name}, which is not a complete checkpoint (it lacks "
+                 f"{lacks}; perhaps the half-written save of a run that was killed), and this run would save its own "
+                 "checkpoint of that step there. Move it out of --output_dir (or delete it), then run again.")
 
 
 def _check_output_is_writable(output_dir):

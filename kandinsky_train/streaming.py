@@ -9,6 +9,7 @@ epoch. A resumed run replays the same seeded stream and passes over those exampl
 on at the next sample with the shuffle buffer exactly as it was (`IterableDataset.state_dict()` would restart with an
 empty buffer, and so with other samples than an uninterrupted run)."""
 
+import collections
 import hashlib
 import logging
 
@@ -130,6 +131,7 @@ class StreamBatches:
         self.args, self.accelerator, self.samples = args, accelerator, samples
         self.workers = args.dataloader_num_workers
         self.consumed, self.micro, self.total_micro, self.epoch_now, self.skipped = {}, 0, 0, 0, 0
+        self.next_worker = 0  # whose batch the loader gives next (it asks its workers in turn)
         self.resume = None
         self.pass_micro = None  # micro-batches of a whole pass, once one has ended
         # The "has every process a batch?" vote runs at each micro-batch on a CPU (gloo) group: on the GPUs' NCCL
@@ -146,17 +148,19 @@ class StreamBatches:
 
     def epoch(self, epoch, start=0):
         resume, self.resume = self.resume, None
+        rank = self.accelerator.process_index
         if resume is not None and resume["epoch"] == epoch:
-            self.consumed = {int(k): v for k, v in resume["consumed"][self.accelerator.process_index].items()}
+            self.consumed = {int(k): v for k, v in resume["consumed"][rank].items()}
             self.micro = resume["micro"]
+            self.next_worker = resume.get("next_worker", [0] * (rank + 1))[rank]
         else:
-            self.consumed, self.micro = {}, 0
+            self.consumed, self.micro, self.next_worker = {}, 0, 0
         self.epoch_now = epoch
         self.samples.set_epoch(epoch, dict(self.consumed))
         device = self.accelerator.device
         loader = torch.utils.data.DataLoader(self.samples, batch_size=self.args.train_batch_size, collate_fn=collate,
                                              num_workers=self.workers, pin_memory=device.type == "cuda")
-        return self._agreed(iter(loader))
+        return self._agreed(in_turn(iter(loader), self.workers, self.next_worker))
 
     def _agreed(self, batches):
         from accelerate.utils import send_to_device
@@ -164,13 +168,24 @@ class StreamBatches:
         while True:
             batch = next(batches, None)
             if not self._all_have(batch is not None):
+                if self.micro == 0:  # every process stops with the others here: no step could ever be taken
+                    fail(f"The stream gave {self._who} no sample in pass {self.epoch_now}: nothing to train on. Give "
+                         "each process samples of its own (more data, a larger --max_train_samples, or fewer "
+                         "processes), or check the log for samples skipped as unreadable.")
                 self.pass_micro = self.micro
                 return
-            self.consumed[int(batch.pop("worker")[0])] = int(batch.pop("position").max())
+            worker = int(batch.pop("worker")[0])
+            self.consumed[worker] = int(batch.pop("position").max())
+            self.next_worker = (worker + 1) % max(self.workers, 1)
             self.skipped += int(batch.pop("skipped").sum())
             self.micro += 1  # counted before the loop sees it: a checkpoint saved in its step includes it
             self.total_micro += 1
             yield self.micro - 1, send_to_device(batch, self.accelerator.device, non_blocking=True)
+
+    @property
+    def _who(self):
+        processes = self.accelerator.num_processes
+        return f"at least one of the {processes} processes" if processes > 1 else "the run"
 
     def _all_have(self, has_batch):
         if self.accelerator.num_processes == 1:
@@ -187,7 +202,8 @@ class StreamBatches:
 
         consumed = gather_object([{str(k): v for k, v in self.consumed.items()}])
         return {"epoch": self.epoch_now, "micro": self.micro, "total_micro": self.total_micro,
-                "workers": self.workers, "consumed": consumed, "pass_micro": self.pass_micro}
+                "workers": self.workers, "consumed": consumed, "pass_micro": self.pass_micro,
+                "next_worker": gather_object([self.next_worker])}
 
     def restore(self, position):
         if position is None:
@@ -209,3 +225,29 @@ class StreamBatches:
         if self.accelerator.num_processes == 1:
             return self.skipped
         return int(self.accelerator.reduce(torch.tensor(self.skipped, device=self.accelerator.device), "sum"))
+
+
+def in_turn(batches, workers, due):
+    """A DataLoader's batches in the order its workers take turns from worker `due` on. A fresh loader asks them in
+    turn from worker 0, while the run it resumes was due to ask worker `due` next; each batch waits for its
+    worker's turn. The loader passes over a worker that has run out; so a worker it skipped between two batches is
+    done, and loses its turn here too."""
+    if workers < 2 or due == 0:
+        yield from batches
+        return
+    waiting = {worker: collections.deque() for worker in range(workers)}
+    running, last = set(range(workers)), workers - 1
+    for batch in batches:
+        worker = int(batch["worker"][0])
+        running -= {(last + k) % workers for k in range(1, (worker - last) % workers or workers)}
+        running.add(worker)
+        waiting[worker].append(batch)
+        last = worker
+        while waiting[due] or due not in running:
+            if waiting[due]:
+                yield waiting[due].popleft()
+            due = (due + 1) % workers
+    while any(waiting.values()):  # the loader is done: every worker has run out
+        if waiting[due]:
+            yield waiting[due].popleft()
+        due = (due + 1) % workers

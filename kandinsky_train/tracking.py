@@ -5,7 +5,7 @@ step late, so that logging never makes the host wait for the GPU), and validatio
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,7 @@ class RunSummary:
     processes: int
     device: str
     precision: str
+    changes: list = field(default_factory=list)  # flags changed on resume (checkpoint.TrainState.changes)
 
 
 def device_name(device):

@@ -20,6 +20,16 @@ def run_validation(args, accelerator, stage, model, ema, step):
     return images
 
 
+def validations_due(args, step, end_of_epoch=None):
+    """(validation images, held-out evaluation) due at optimizer step `step`, or at the end of epoch `end_of_epoch`:
+    every --validation_steps steps; without it, at the end of an epoch, the images every --validation_epochs epochs
+    and the evaluation every epoch."""
+    if args.validation_steps:
+        due = end_of_epoch is None and step % args.validation_steps == 0
+        return due, due
+    return end_of_epoch is not None and end_of_epoch % args.validation_epochs == 0, end_of_epoch is not None
+
+
 def save_images(output_dir, images, step):
     folder = os.path.join(output_dir, "validation")
     needed = sum(image.width * image.height * 3 for _, image in images)  # uncompressed: PNG takes less

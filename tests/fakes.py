@@ -26,9 +26,7 @@ class FakeAccelerator:
         yield
 
     def save_state(self, folder):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "optimizer.bin"), "wb") as f:
-            f.write(b"state")
+        fake_reference_checkpoint(folder, "prior")  # placeholders of what accelerate and the model hooks write
         self.saved.append(folder)
 
     def unwrap_model(self, model):
@@ -66,4 +64,12 @@ def fake_reference_checkpoint(path, sub, ema=False, leave_out=()):
             os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
             with open(os.path.join(path, name), "wb") as f:
                 f.write(b"{}")
+    return path
+
+
+def fake_checkpoint(path, sub, step, leave_out=()):
+    """One of ours: the reference layout above (less `leave_out`) and training_state.json."""
+    fake_reference_checkpoint(path, sub, leave_out=leave_out)
+    with open(os.path.join(path, "training_state.json"), "w") as f:
+        f.write('{"global_step": %d}' % step)
     return path

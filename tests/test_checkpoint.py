@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import warnings_seen
-from fakes import FakeAccelerator, fake_reference_checkpoint
+from fakes import FakeAccelerator, fake_checkpoint, fake_reference_checkpoint
 from kandinsky_train import checkpoint, checkpoint_folders, model_state
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.errors import UserError
@@ -18,21 +18,16 @@ from kandinsky_train.errors import UserError
 PRIOR = Layout("prior")
 
 
-def make_checkpoint(folder, step, complete=True):
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    if complete:
-        (path / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": step}))
-    return path
-
-
 def test_latest_ignores_foreign_and_incomplete_folders(tmp_path):
     for name, complete in [("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False),
                            ("checkpoint-old", True), (".tmp-checkpoint-14", True), ("checkpoint-3-copy", True)]:
         (tmp_path / name).mkdir()
         if complete:
-            (tmp_path / name / checkpoint_folders.STATE_FILE).write_text(json.dumps({"global_step": 1}))
+            fake_checkpoint(tmp_path / name, "prior", 1)
+    # ours, complete when saved (training_state.json is written last), since damaged: not resumable either
+    fake_checkpoint(tmp_path / "checkpoint-16", "prior", 16, leave_out=["optimizer.bin"])
     assert [s for s, _ in checkpoint_folders.list_checkpoints(str(tmp_path), PRIOR)] == [2, 10]
+    assert PRIOR.missing(tmp_path / "checkpoint-16") == ["optimizer.bin"]
 
     class Args:
         output_dir, resume_from_checkpoint = str(tmp_path), "latest"
@@ -76,10 +71,17 @@ def test_train_state_round_trips_and_derives_the_epoch():
     assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (36, 5.5, 0)
     assert state.state_dict() == {"seed": 7, "steps_per_epoch": 4, "global_step": 9, "epoch": 2,
                                   "skipped_images": ["a.png"], "samples_seen": 36, "train_seconds": 5.5,
-                                  "counted_from_step": 0, "held_out": None, "stream": None}
+                                  "counted_from_step": 0, "held_out": None, "stream": None, "step_offset": 0,
+                                  "validation_due": [], "changes": []}
     # A checkpoint that recorded no figures (a reference script's): they count from its step on.
     restored.load_state_dict({"global_step": 6})
     assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (0, 0.0, 6)
+    # Another batch geometry since (here 2 steps an epoch, not 4): the epoch and its share done carry over, so step
+    # 9 at 4 an epoch (2 epochs and a quarter) is the start of epoch 2 at 2 an epoch (a quarter of 2 steps is none):
+    # 4 steps counted in epochs, from an offset of 5.
+    regrouped = checkpoint.TrainState(seed=7, steps_per_epoch=2)
+    regrouped.load_state_dict(state.state_dict())
+    assert (regrouped.global_step, regrouped.step_offset, regrouped.epoch_steps, regrouped.epoch) == (9, 5, 4, 2)
     # --streaming: no length, so the epoch is the one the stream's recorded position names
     position = {"epoch": 3, "micro": 1, "total_micro": 13, "workers": 0, "consumed": [{"0": 2}]}
     streamed = checkpoint.TrainState(seed=7, steps_per_epoch=None)

@@ -69,7 +69,8 @@ def test_a_v_prediction_adapter_is_saved_with_its_scheduler_and_the_card_sets_it
     assert DDPMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type == "v_prediction"
     code = re.search(r"```python\n(.*?)```", ModelCard.load(out / "README.md").text, re.S).group(1)
     code = code[:code.index("embeds = prior(")]  # the pipelines as the card builds them
-    for placeholder, path in (("path/to/prior", tiny["prior"]), ("path/to/decoder", tiny["decoder"])):
+    for placeholder, path in (("path/to/prior", tiny["prior"]), ("path/to/decoder", tiny["decoder"]),
+                              ("path/to/out", out)):  # the card names the output folder, not its local path
         code = code.replace(f'"{placeholder}"', f'"{path}"')
     scope = {}
     exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)

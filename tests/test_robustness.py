@@ -23,7 +23,7 @@ from kandinsky_train.errors import UserError, main_guard
 
 from conftest import (DECODER_SCRIPT, PRIOR_SCRIPT, REPO, base_args, checkpoints, launch, launch_command, offline_env,
                       read_state)
-from fakes import FakeAccelerator, fake_reference_checkpoint
+from fakes import FakeAccelerator, fake_checkpoint, fake_reference_checkpoint
 
 
 def state_of(checkpoint, sub):
@@ -189,8 +189,9 @@ def test_two_process_decoder_caches_its_shares_checkpoints_resumes_and_agrees(ti
     # CLIP image embeddings and MoVQ latents, of the training and the held-out set, one part per process
     assert len(list((tmp_path / "embedding_cache").glob("*/part-*-of-00002.safetensors"))) == 8
     assert "Reusing cached frozen outputs" in text and "Reusing cached CLIP image embeddings" in text
-    assert re.search(r"Held-out evaluation at step 3: eval_loss \S+ \(4 samples", text)  # the reduced figures
-    assert "Held-out evaluation at step 4: eval_loss" in text
+    # the reduced figures; step 2 ended epoch 1, whose evaluation the stop there left to the resumed run
+    assert re.search(r"Held-out evaluation at step 2: eval_loss \S+ \(4 samples", text)
+    assert "Held-out evaluation at step 3: eval_loss" in text and "Held-out evaluation at step 4: eval_loss" in text
     assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "unet" / "config.json").is_file() and (tmp_path / "model_index.json").is_file()
     records = trace(tmp_path / "trace.jsonl")
@@ -463,8 +464,10 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
     (mixed / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     earlier_run = tmp_path / "earlier_run"
     for step in (3, 12):
-        (earlier_run / f"checkpoint-{step}").mkdir(parents=True)
-        (earlier_run / f"checkpoint-{step}" / "training_state.json").write_text('{"global_step": %d}' % step)
+        fake_checkpoint(earlier_run / f"checkpoint-{step}", "unet", step)
+    damaged_run = tmp_path / "damaged_run"  # the newest lost a file after it was saved (a partial copy or sync)
+    fake_checkpoint(damaged_run / "checkpoint-4", "unet", 4)
+    fake_checkpoint(damaged_run / "checkpoint-8", "unet", 8, leave_out=["optimizer.bin"])
     reference_run = tmp_path / "reference_run"  # diffusers' reference script: no training_state.json
     fake_reference_checkpoint(reference_run / "checkpoint-500", "unet")
     fake_reference_checkpoint(reference_run / "checkpoint-1000", "unet", leave_out=["scheduler.bin", "unet/"])
@@ -500,6 +503,10 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
          r"holds checkpoint-1000, which is not a complete checkpoint \(it lacks scheduler.bin, unet/; perhaps the "
          r"half-written save of a run that was killed\), and this run would save its own checkpoint of that step "
          "there. Move it out of --output_dir"),
+        (DECODER_SCRIPT, {"--output_dir": damaged_run, "--resume_from_checkpoint": "latest"},
+         r"holds checkpoint-8, which was saved complete but now lacks optimizer.bin \(a partial copy or sync\?\), so "
+         r"it cannot be resumed \(the newest complete checkpoint is checkpoint-4\), .* Restore the missing files, or "
+         "move checkpoint-8 out of --output_dir to go on from checkpoint-4, then run again."),
         (DECODER_SCRIPT, {"--output_dir": reference_run, "--resume_from_checkpoint": "checkpoint-500",
                           "--use_ema": True},
          r"Checkpoint 'checkpoint-500' does not exist or is incomplete .*; it lacks unet_ema/\."),
@@ -533,6 +540,7 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
         assert not (tmp_path / "out").exists(), overrides
     assert sorted(p.name for p in earlier_run.iterdir()) == ["checkpoint-12", "checkpoint-3"]  # left alone
     assert sorted(p.name for p in reference_run.iterdir()) == ["checkpoint-1000", "checkpoint-500"]
+    assert sorted(p.name for p in damaged_run.iterdir()) == ["checkpoint-4", "checkpoint-8"]  # passed over, kept
     assert sorted(p.name for p in (reference_run / "checkpoint-1000").iterdir()) == [
         "optimizer.bin", "random_states_0.pkl"]
 

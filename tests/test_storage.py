@@ -78,7 +78,7 @@ def test_a_checkpoint_that_cannot_fit_is_not_started(small_disk):
     needed, free = re.match(f"Not enough disk space to write checkpoint-2 in {small_disk}: it needs about "
                             r"(\d+\.\d) KiB \(the size of checkpoint-1\), (\d+\.\d) KiB free\. Nothing was written\. "
                             "checkpoint-1 and the checkpoints before it are intact.", message).groups()
-    assert 585 < float(needed) < 600 and float(free) < float(needed)
+    assert 585 < float(needed) < 620 and float(free) < float(needed)  # optimizer.bin and small placeholders
     assert "--resume_from_checkpoint latest" in message and "\n" not in message
     assert sorted(os.listdir(small_disk)) == ["checkpoint-1"]
     assert read_state(small_disk / "checkpoint-1")["global_step"] == 1

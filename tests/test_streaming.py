@@ -110,11 +110,13 @@ def test_one_process_streams_an_image_folder_and_resumes_exactly(tiny, tmp_path)
     assert "Received SIGTERM: saved checkpoint-5" in stopped.stdout + stopped.stderr
     assert read_state(parts / "checkpoint-5")["stream"]["consumed"] == [{"0": 2}]  # one batch into epoch 1
 
+    # Refused before any folder is touched: checkpoint-5, newer than the one named, stays where it is.
     refused = launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{
-        "--resume_from_checkpoint": "latest", "--dataloader_num_workers": 1}), check=False)
+        "--resume_from_checkpoint": "checkpoint-3", "--dataloader_num_workers": 1}), check=False)
     assert refused.returncode != 0  # the launcher's code for the script's 2
     assert ("The checkpoint's stream position was recorded with 1 process(es) and 0 data-loader worker(s); resume "
             "--streaming with the same numbers") in refused.stderr
+    assert sorted(p.name for p in parts.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-5"]
     launch(DECODER_SCRIPT, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}))
     assert checkpoints(parts) == ["checkpoint-3", "checkpoint-5", "checkpoint-6"]
     assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(parts / "checkpoint-6", "unet"), ema=False)
@@ -142,3 +144,32 @@ def test_the_stream_order_is_the_seeds_and_the_epochs(shards):
     assert len(first) == 19 and first == order(0, 0)
     for other in (order(1, 0), order(0, 1)):
         assert other != first and sorted(other) == sorted(first)
+
+
+def test_two_workers_resume_at_an_odd_micro_batch_in_the_stopped_runs_turn(tiny, shards, tmp_path):
+    """A fresh DataLoader asks its workers in turn from worker 0; after 3 micro-batches the stopped run was due to
+    ask worker 1. The resumed run keeps the stopped run's turn: the same samples, the same weights."""
+    # 16 pictures in 4 shards, one process, 2 workers of 2 shards each, batches of 2: 8 micro-batches a pass
+    common = {"--train_data_dir": None, "--dataset_name": shards["parquet"], "--streaming": True,
+              "--shuffle_buffer_size": 3, "--dataloader_num_workers": 2, "--checkpointing_steps": 3}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=6, **common),
+           env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
+    assert read_state(whole / "checkpoint-3")["stream"]["next_worker"] == [1]
+    shutil.copytree(whole / "checkpoint-3", parts / "checkpoint-3")
+    launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=6, **common, **{"--resume_from_checkpoint": "latest"}),
+           env=offline_env(KANDINSKY_TRAIN_TRACE=str(tmp_path / "resumed.jsonl")))
+    assert [r["index"] for r in trace(tmp_path / "resumed.jsonl")] == [
+        r["index"] for r in trace(tmp_path / "whole.jsonl")][3:]
+    assert_same_state(state_of(whole / "checkpoint-6", "prior"), state_of(parts / "checkpoint-6", "prior"), ema=False)
+
+
+def test_a_stream_that_leaves_a_process_without_samples_is_refused(tiny, shards, tmp_path):
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=4, **{
+        "--train_data_dir": None, "--dataset_name": shards["parquet"], "--streaming": True,
+        "--max_train_samples": 1}), launcher=DDP, env=offline_env(ACCELERATE_USE_CPU="true"), check=False)
+    assert proc.returncode != 0
+    assert ("error: The stream gave at least one of the 2 processes no sample in pass 0: nothing to train on. Give "
+            "each process samples of its own (more data, a larger --max_train_samples, or fewer processes)"
+            ) in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "model_index.json").exists() and not checkpoints(tmp_path)
