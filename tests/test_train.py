@@ -124,7 +124,7 @@ def test_a_streamed_card_counts_the_passes_made_and_a_constant_schedule_has_no_w
     import tiny_kandinsky
     from huggingface_hub import ModelCard
 
-    shards = tiny_kandinsky.build_parquet_shards(tmp_path / "shards", num_shards=2, per_shard=4)
+    shards = tiny_kandinsky.build_parquet_shards(tmp_path / "shards", sizes=(4, 4))
     out = tmp_path / "out"
     launch(PRIOR_SCRIPT, base_args(tiny, out, steps=10, **{"--train_data_dir": None, "--dataset_name": shards,
                                                           "--streaming": True, "--lr_warmup_steps": 500}))
