@@ -94,8 +94,6 @@ class DecoderModels:
     image_processor: object
     image_encoder: torch.nn.Module
     validation_embeds: list  # (prompt, image_embeds, negative_image_embeds)
-    device: torch.device
-    weight_dtype: torch.dtype
 
 
 def load_models(args, accelerator):
@@ -127,8 +125,7 @@ def load_models(args, accelerator):
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     unet.train()
-    return DecoderModels(unet, movq, noise_scheduler, image_processor, image_encoder, validation_embeds, device,
-                         weight_dtype)
+    return DecoderModels(unet, movq, noise_scheduler, image_processor, image_encoder, validation_embeds)
 
 
 def prompt_embeddings(args, accelerator, image_encoder, image_processor):
@@ -164,13 +161,14 @@ class DecoderStage:
 
     def __init__(self, args, accelerator, models, shapes):
         self.args, self.accelerator, self.m, self.shapes = args, accelerator, models, shapes
+        self.device, self.dtype = accelerator.device, runtime.weight_dtype_of(accelerator)  # the frozen models'
         self.resample = images.RESAMPLING[args.image_interpolation_mode]
         # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
         with torch.no_grad():
             crop = models.image_processor.crop_size
             self.zero_embed = models.image_encoder(torch.zeros(1, 3, crop["height"], crop["width"],
-                                                               device=models.device,
-                                                               dtype=models.weight_dtype)).image_embeds
+                                                               device=self.device,
+                                                               dtype=self.dtype)).image_embeds
 
     def stage(self):
         from diffusers import UNet2DConditionModel
@@ -183,7 +181,7 @@ class DecoderStage:
             validate=self.validate, make_sample=self.make_sample, frozen_models=(m.movq,),
             cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
                        "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
-            image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, m.device, m.weight_dtype,
+            image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, self.device, self.dtype,
                                                  mirrored=args.random_flip),
             variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
             shapes=(lambda dataset: bucketing.assign(self.accelerator, dataset, args.image_column))
@@ -196,7 +194,7 @@ class DecoderStage:
                               flip=variant == 1)
 
     def encode(self, batch):  # the condition, the CLIP image embedding, is `image_embedding`'s (shared with the prior)
-        return {"latents": self.m.movq.encode(batch["pixel_values"].to(self.m.device, self.m.weight_dtype)).latents}
+        return {"latents": self.m.movq.encode(batch["pixel_values"].to(self.device, self.dtype)).latents}
 
     def validate(self, model):
         """The validation prompts' embeddings rendered by the UNet being trained, at each validation size."""
@@ -206,8 +204,8 @@ class DecoderStage:
         sizes = [(args.resolution, args.resolution)] + self.shapes.extra_sizes
         pipe = KandinskyV22Pipeline(unet=model, scheduler=m.noise_scheduler, movq=m.movq)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device=m.device).manual_seed(args.seed or 0)
-        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(m.device, m.movq):
+        generator = torch.Generator(device=self.device).manual_seed(args.seed or 0)
+        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(self.device, m.movq):
             return [(prompt if i == 0 else f"{prompt} ({width}x{height})",
                      validation.render(pipe, args, embeds, negative, generator, (width, height)))
                     for prompt, embeds, negative in m.validation_embeds for i, (width, height) in enumerate(sizes)]

@@ -83,8 +83,6 @@ class PriorModels:
     inference_scheduler: object  # UnCLIPScheduler: validation, eval_cosine and the saved pipeline
     noise_scheduler: object  # DDPMScheduler: training
     decoder_pipe: object
-    device: torch.device
-    weight_dtype: torch.dtype
 
 
 def load_models(args, accelerator):
@@ -124,7 +122,7 @@ def load_models(args, accelerator):
     prior.train()
     return PriorModels(prior, tokenizer, image_processor, text_encoder.to(device), image_encoder.to(device),
                        inference_scheduler, DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
-                       decoder_pipe, device, weight_dtype)
+                       decoder_pipe)
 
 
 class PriorStage:
@@ -136,8 +134,9 @@ class PriorStage:
         from diffusers import UnCLIPScheduler
 
         self.args, self.accelerator, self.m = args, accelerator, models
-        self.clip_mean = models.prior.clip_mean.detach().to(models.device)
-        self.clip_std = models.prior.clip_std.detach().to(models.device)
+        self.device, self.dtype = accelerator.device, runtime.weight_dtype_of(accelerator)  # the frozen models'
+        self.clip_mean = models.prior.clip_mean.detach().to(self.device)
+        self.clip_std = models.prior.clip_std.detach().to(self.device)
         # The unconditional input that classifier-free guidance uses at inference: the empty caption.
         with torch.no_grad():
             self.uncond = self.encode(self.tokens([""]))
@@ -151,7 +150,7 @@ class PriorStage:
             name=STAGE, subfolder="prior", model=m.prior, model_cls=PriorTransformer, encode=self.encode,
             loss=self.loss, validate=self.validate, make_sample=self.make_sample, frozen_models=(m.text_encoder,),
             cache_key={"caption_column": args.caption_column, "tokenizer_len": len(m.tokenizer)},
-            image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, m.device, m.weight_dtype),
+            image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, self.device, self.dtype),
             columns=(args.caption_column,),
             variants=lambda dataset: data.caption_counts(dataset, args.caption_column),
             held_out=HeldOutHooks(predict=self.predict, noised="image_embeds", cosine=self.eval_cosine,
@@ -169,12 +168,12 @@ class PriorStage:
                 **{key: value[0] for key, value in tokens.items()}}
 
     def encode(self, batch):  # the image embedding, the target, is `image_embedding`'s (shared with the decoder's)
-        text = self.m.text_encoder(batch["text_input_ids"].to(self.m.device))
+        text = self.m.text_encoder(batch["text_input_ids"].to(self.device))
         return {"prompt_embeds": text.text_embeds, "text_hidden_states": text.last_hidden_state,
-                "text_mask": batch["text_mask"].to(self.m.device)}
+                "text_mask": batch["text_mask"].to(self.device)}
 
     def loss(self, model, features, generator):
-        device, scheduler = self.m.device, self.m.noise_scheduler
+        device, scheduler = self.device, self.m.noise_scheduler
         features = {k: v.to(device, non_blocking=True) for k, v in features.items()}
         image_embeds = features["image_embeds"]
         bsz = image_embeds.shape[0]
@@ -206,10 +205,10 @@ class PriorStage:
         """What the prior is for, without rendering: the caption's image embedding after a short denoising from
         fixed noise (each sample's generator, no guidance), against the true one."""
         scheduler = self.eval_scheduler
-        scheduler.set_timesteps(EVAL_DENOISING_STEPS, device=self.m.device)
+        scheduler.set_timesteps(EVAL_DENOISING_STEPS, device=self.device)
         timesteps = scheduler.timesteps
         true = features["image_embeds"]
-        latents = scheduler.init_noise_sigma * fixed_noise(generators, true.shape[1:]).to(self.m.device, true.dtype)
+        latents = scheduler.init_noise_sigma * fixed_noise(generators, true.shape[1:]).to(self.device, true.dtype)
         for i, t in enumerate(timesteps):
             following = timesteps[i + 1] if i + 1 < len(timesteps) else None
             latents = scheduler.step(self.denoise(model, latents, t, features), timestep=t, sample=latents,
@@ -226,10 +225,10 @@ class PriorStage:
                                          tokenizer=m.tokenizer, scheduler=m.inference_scheduler,
                                          image_processor=m.image_processor)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device=m.device).manual_seed(args.seed or 0)
+        generator = torch.Generator(device=self.device).manual_seed(args.seed or 0)
         images = []
         decoder = m.decoder_pipe
-        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(m.device, m.text_encoder,
+        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(self.device, m.text_encoder,
                                                                             m.image_encoder, decoder.unet,
                                                                             decoder.movq):
             for prompt in args.validation_prompts:

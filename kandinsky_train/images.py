@@ -34,9 +34,9 @@ def _open(value):
     """A dataset image cell (PIL image, {path, bytes} dict or path) as a PIL image, not decoded yet."""
     if isinstance(value, Image.Image):
         return value
-    if isinstance(value, dict):
-        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-    if isinstance(value, (bytes, bytearray, memoryview)):  # a binary column (not a datasets.Image) of files
+    if isinstance(value, dict):  # datasets' Image cell: the file's bytes, else its path
+        value = value.get("bytes") or value["path"]
+    if isinstance(value, (bytes, bytearray, memoryview)):  # also a binary column (not a datasets.Image) of files
         return Image.open(io.BytesIO(value))
     return Image.open(value)
 
