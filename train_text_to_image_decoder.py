@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kandinsky_train import (buckets, checks, cli, diffusion, errors, holdout, hub, images, loop, preemption, runtime,
-                             storage, streaming, validation)
+from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, holdout, hub, images, loop, preemption,
+                             runtime, storage, streaming, validation)
 from kandinsky_train.model_card import hub_id, output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
@@ -27,27 +27,52 @@ def parse_args(input_args=None):
     cli.add_common_arguments(parser, STAGE)
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="Use xformers' memory-efficient attention in the UNet.")
+    # The inpainting and depth-ControlNet decoders (diffusers' names for their columns and validation inputs)
+    parser.add_argument("--decoder_type", type=str, default="auto", choices=["auto", *decoders.DECODER_TYPES],
+                        help="Which Kandinsky 2.2 decoder --pretrained_decoder_model_name_or_path is. Default: read "
+                        "from its UNet's configuration (9 input channels: inpainting; an image_hint embedding: "
+                        "ControlNet); naming one makes a different model an error.")
+    parser.add_argument("--mask_column", type=str, default=None,
+                        help="Inpainting: the column of masks, white where the picture is repainted, cropped, "
+                        "resized and mirrored with the picture. Without it, masks are drawn for each sample and "
+                        "epoch from --seed (see --random_mask_full_prob, --random_mask_stroke_prob).")
+    parser.add_argument("--random_mask_full_prob", type=float, default=0.25,
+                        help="Inpainting without --mask_column: the share of drawn masks that repaint the whole "
+                        "picture (Stable Diffusion's inpainting models trained with 25%%), so the model still "
+                        "generates from nothing.")
+    parser.add_argument("--random_mask_stroke_prob", type=float, default=0.35,
+                        help="Inpainting without --mask_column: the share of drawn masks made of thick random "
+                        "strokes (LaMa-style); the rest are a random rectangle or ellipse.")
+    parser.add_argument("--conditioning_image_column", type=str, default="conditioning_image",
+                        help="ControlNet: the column of hint pictures (depth maps), of the picture's size, cropped, "
+                        "resized and mirrored with it.")
+    parser.add_argument("--validation_image", type=str, default=None, nargs="+",
+                        help="Inpainting and ControlNet: the picture to repaint (inpainting) or the hint "
+                        "(ControlNet) of each --validation_prompts entry, or one for all of them.")
+    parser.add_argument("--validation_mask_image", type=str, default=None, nargs="+",
+                        help="Inpainting: the mask (white = repaint) of each --validation_image, or one for all.")
     args = parser.parse_args(input_args)
     return cli.finish_args(args)
 
 
 def main(args):
     checks.check_args(args, STAGE)
-    shapes = check_models_and_shapes(args)
+    decoder, shapes = check_models_and_shapes(args)
     accelerator = runtime.make_accelerator(args)
     hub_repo_id = hub.create_repo(args, accelerator)
     if hub.upload_missing(args, accelerator, hub_repo_id):  # a finished run whose upload was cut short
         return
     dataset, report = streaming.training_data(args, accelerator)
     dataset, held_out = holdout.held_out_data(args, accelerator, dataset)
+    dataset, held_out = decoder.check_data(dataset, held_out)  # the inpainting masks' or ControlNet hints' column
     models = load_models(args, accelerator)
-    decoder = DecoderStage(args, accelerator, models, shapes)
-    trained = loop.train(args, accelerator, decoder.stage(), dataset, report, hub_repo_id, held_out)
+    stage = DecoderStage(args, accelerator, models, shapes, decoder)
+    trained = loop.train(args, accelerator, stage.stage(), dataset, report, hub_repo_id, held_out)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         preemption.finishing("the final save")
-        save_final(args, accelerator, trained, models.noise_scheduler, hub_repo_id)
+        save_final(args, accelerator, trained, models.noise_scheduler, hub_repo_id, decoder)
     accelerator.end_training()
 
 
@@ -61,6 +86,7 @@ class Shapes:
 
 
 def check_models_and_shapes(args):
+    """(the decoder, decoders.TextToImage or a subclass; Shapes), from the models' configurations."""
     from diffusers import UNet2DConditionModel, VQModel
 
     extra_sizes = buckets.parse_shapes(args.validation_resolutions, "--validation_resolutions") \
@@ -73,6 +99,7 @@ def check_models_and_shapes(args):
     with errors.loading("MoVQ and UNet configurations", "--pretrained_decoder_model_name_or_path", decoder_path):
         movq_config = VQModel.load_config(decoder_path, subfolder="movq", cache_dir=args.cache_dir)
         unet_config = UNet2DConditionModel.load_config(decoder_path, subfolder="unet", cache_dir=args.cache_dir)
+    decoder = decoders.resolve(args, unet_config, decoder_path)
     multiple = buckets.size_multiple(movq_config, unet_config)
     buckets.check_resolution(args.resolution, multiple)
     render_multiple = buckets.render_multiple(movq_config)
@@ -80,7 +107,7 @@ def check_models_and_shapes(args):
         if width % render_multiple or height % render_multiple:
             errors.fail(f"--validation_resolutions {width}x{height}: the pipeline renders sides in multiples of "
                         f"{render_multiple} (MoVQ's factor squared); choose such sides.")
-    return Shapes(buckets.Buckets.from_args(args, multiple) if args.enable_bucket else None, extra_sizes)
+    return decoder, Shapes(buckets.Buckets.from_args(args, multiple) if args.enable_bucket else None, extra_sizes)
 
 
 @dataclass
@@ -159,8 +186,8 @@ class DecoderStage:
     MoVQ's latents are what the UNet learns to denoise, conditioned on the CLIP image embedding (the zero image's for
     dropped conditions); validation renders the prompts' embeddings at --resolution and --validation_resolutions."""
 
-    def __init__(self, args, accelerator, models, shapes):
-        self.args, self.accelerator, self.m, self.shapes = args, accelerator, models, shapes
+    def __init__(self, args, accelerator, models, shapes, decoder):
+        self.args, self.accelerator, self.m, self.shapes, self.decoder = args, accelerator, models, shapes, decoder
         self.device, self.dtype = accelerator.device, runtime.weight_dtype_of(accelerator)  # the frozen models'
         self.resample = images.RESAMPLING[args.image_interpolation_mode]
         # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
@@ -173,55 +200,63 @@ class DecoderStage:
     def stage(self):
         from diffusers import UNet2DConditionModel
 
-        args, m, bucketing = self.args, self.m, self.shapes.bucketing
+        args, m, bucketing, decoder = self.args, self.m, self.shapes.bucketing, self.decoder
+        objective = dict(noise_scheduler=m.noise_scheduler, decoder=decoder)
         return Stage(
             name=STAGE, subfolder="unet", model=m.unet, model_cls=UNet2DConditionModel, encode=self.encode,
-            loss=functools.partial(compute_loss, args=args, noise_scheduler=m.noise_scheduler,
-                                   zero_embed=self.zero_embed),
-            validate=self.validate, make_sample=self.make_sample, frozen_models=(m.movq,),
+            loss=functools.partial(compute_loss, args=args, zero_embed=self.zero_embed, **objective),
+            validate=self.validate, make_sample=self.make_sample, frozen_models=(m.movq,), columns=decoder.columns,
             cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
-                       "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None},
+                       "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None,
+                       **decoder.cache_key},
             image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, self.device, self.dtype,
                                                  mirrored=args.random_flip),
             variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
             shapes=(lambda dataset: bucketing.assign(self.accelerator, dataset, args.image_column))
             if bucketing else None,
-            held_out=HeldOutHooks(predict=functools.partial(predict, noise_scheduler=m.noise_scheduler),
-                                  noised="latents", num_train_timesteps=m.noise_scheduler.config.num_train_timesteps))
+            held_out=HeldOutHooks(predict=functools.partial(predict, **objective), noised="latents",
+                                  num_train_timesteps=m.noise_scheduler.config.num_train_timesteps))
 
     def make_sample(self, image, row, variant, shape):  # version 1: mirrored (--random_flip); shape: the bucket's
-        return decoder_sample(image, shape or self.args.resolution, self.resample, self.m.image_processor,
-                              flip=variant == 1)
+        size = shape or self.args.resolution
+        sample = decoder_sample(image, size, self.resample, self.m.image_processor)
+        sample.update(self.decoder.sample_inputs(image, row, size, self.resample))
+        return {key: value.flip(-1) for key, value in sample.items()} if variant == 1 else sample
 
     def encode(self, batch):  # the condition, the CLIP image embedding, is `image_embedding`'s (shared with the prior)
-        return {"latents": self.m.movq.encode(batch["pixel_values"].to(self.device, self.dtype)).latents}
+        latents = self.m.movq.encode(batch["pixel_values"].to(self.device, self.dtype)).latents
+        return {"latents": latents, **self.decoder.encode_inputs(batch, latents)}
 
     def validate(self, model):
         """The validation prompts' embeddings rendered by the UNet being trained, at each validation size."""
-        from diffusers import KandinskyV22Pipeline
+        import diffusers
 
         args, m = self.args, self.m
         sizes = [(args.resolution, args.resolution)] + self.shapes.extra_sizes
-        pipe = KandinskyV22Pipeline(unet=model, scheduler=m.noise_scheduler, movq=m.movq)
+        pipeline_class = getattr(diffusers, self.decoder.pipeline_class)
+        pipe = pipeline_class(unet=model, scheduler=m.noise_scheduler, movq=m.movq)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=self.device).manual_seed(args.seed or 0)
         with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(self.device, m.movq):
             return [(prompt if i == 0 else f"{prompt} ({width}x{height})",
-                     validation.render(pipe, args, embeds, negative, generator, (width, height)))
-                    for prompt, embeds, negative in m.validation_embeds for i, (width, height) in enumerate(sizes)]
+                     validation.render(pipe, args, embeds, negative, generator, (width, height),
+                                       **self.decoder.validation_inputs(number // args.num_validation_images,
+                                                                        (width, height))))
+                    for number, (prompt, embeds, negative) in enumerate(m.validation_embeds)
+                    for i, (width, height) in enumerate(sizes)]
 
 
 def decoder_sample(image, size, resample, image_processor, flip=False):
     """What the decoder trains on for one picture: its pixels centre-cropped and resized to `size` (a side, or
     (width, height)), in [-1, 1], and CLIP's view of it; both mirrored left to right with `flip`, after the crop,
-    where diffusers' Stable Diffusion script flips."""
+    where diffusers' Stable Diffusion script flips (make_sample mirrors the decoder's other inputs with them)."""
     pixels = np.asarray(images.center_crop_resize(image, size, resample), dtype=np.float32) / 127.5 - 1.0
     sample = {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1),
               "clip_pixel_values": clip_pixels(image_processor, image)}
     return {key: value.flip(-1) for key, value in sample.items()} if flip else sample
 
 
-def compute_loss(model, features, generator, *, args, noise_scheduler, zero_embed):
+def compute_loss(model, features, generator, *, args, noise_scheduler, decoder, zero_embed):
     """The decoder's diffusion loss on a batch of MoVQ latents and CLIP image embeddings. It draws from `generator`
     in this order: conditioning dropout, noise, timesteps, then --noise_offset's shift and --input_perturbation's
     extra noise, so that a run without those options draws what it always drew."""
@@ -242,14 +277,15 @@ def compute_loss(model, features, generator, *, args, noise_scheduler, zero_embe
     if args.input_perturbation:  # the input sees more noise than the target accounts for
         model_noise = noise + args.input_perturbation * torch.randn(latents.shape, device=device,
                                                                     generator=generator, dtype=latents.dtype)
-    pred, target = predict(model, {"latents": latents, "image_embeds": image_embeds}, noise, timesteps,
-                           noise_scheduler=noise_scheduler, input_noise=model_noise)
+    pred, target = predict(model, {**features, "latents": latents, "image_embeds": image_embeds}, noise, timesteps,
+                           noise_scheduler=noise_scheduler, decoder=decoder, input_noise=model_noise)
     return diffusion.diffusion_loss(pred, target, noise_scheduler, timesteps, args.snr_gamma)
 
 
-def predict(model, features, noise, timesteps, *, noise_scheduler, input_noise=None):
+def predict(model, features, noise, timesteps, *, noise_scheduler, decoder, input_noise=None):
     """The UNet's prediction from noised latents, and its target (training and held-out loss). input_noise: what
-    noises the input where it differs from the noise the target is made of (--input_perturbation)."""
+    noises the input where it differs from the noise the target is made of (--input_perturbation). The decoder
+    adds its own inputs (masked latents and mask, a hint) to the noised latents."""
     latents = features["latents"]
     noisy = noise_scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     if noisy.device.type == "cuda":
@@ -261,23 +297,26 @@ def predict(model, features, noise, timesteps, *, noise_scheduler, input_noise=N
     else:
         target = latents
     # The UNet also predicts the variance in its last 4 channels; only the first 4 are trained.
-    pred = model(noisy, timesteps, None, added_cond_kwargs={"image_embeds": features["image_embeds"]}).sample
+    sample, added = decoder.unet_inputs(noisy, features)
+    pred = model(sample, timesteps, None, added_cond_kwargs={"image_embeds": features["image_embeds"], **added}).sample
     return pred[:, :4], target
 
 
-def save_final(args, accelerator, trained, scheduler, hub_repo_id):
-    """OUTPUT_DIR becomes a KandinskyV22Pipeline folder (or a LoRA adapter file with --use_lora, and the scheduler
-    it was trained with when --prediction_type is given). When the prior is a Hub model, the card names it, so that
+def save_final(args, accelerator, trained, scheduler, hub_repo_id, decoder):
+    """OUTPUT_DIR becomes the decoder's pipeline folder (KandinskyV22Pipeline, KandinskyV22InpaintPipeline or
+    KandinskyV22ControlnetPipeline; or a LoRA adapter file with --use_lora, and the scheduler it was trained with
+    when --prediction_type is given). When the prior is a Hub model, the card names it, so that
     AutoPipelineForText2Image loads the pair from OUTPUT_DIR alone; a local prior folder is only described (a path
     would leak and load nowhere else)."""
-    from diffusers import KandinskyV22Pipeline, VQModel
+    import diffusers
+    from diffusers import VQModel
 
     decoder_path, prior_path = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
     output = output_name(args, hub_repo_id)
 
     def pipeline(unet):
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored
-        return KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
+        return getattr(diffusers, decoder.pipeline_class)(unet=unet, scheduler=scheduler, movq=movq)
 
     storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
     # An adapter loads into the stock decoder, whose scheduler predicts what the base model was trained to: the
@@ -285,7 +324,8 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id):
     own_scheduler = args.use_lora and args.prediction_type is not None
     if own_scheduler:
         scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
-    pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0])
+    pair = dict(prior=snippet_name(prior_path), prompt=(args.validation_prompts or ["a photo"])[0],
+                decoder_class=decoder.pipeline_class, decoder_inputs=decoder.snippet_inputs())
     snippet = (pair_snippet(decoder=snippet_name(decoder_path), decoder_lora=output, **pair,
                             decoder_scheduler=output if own_scheduler else None) if args.use_lora
                else pair_snippet(decoder=output, **pair))

@@ -12,6 +12,8 @@ order a run meets them:
     hub         the Hub repository, background checkpoint uploads, the final upload (alone, when only it is missing)
     data        the training data set, checked; the held-out set; samples and batches  (images: PIL decoding, crops)
     stage       what a script plugs into the loop; the CLIP image embedding both stages compute alike
+    decoders    the three decoders (text-to-image, inpainting, depth ControlNet): the UNet's extra inputs,
+                their data columns, their pipeline
     loop        the training loop: restore, step, log, checkpoint, validate and evaluate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
       fingerprints  what a cache entry is keyed on: the frozen weights, the picture files as they are now
@@ -22,11 +24,11 @@ order a run meets them:
       ema         --use_ema
       flag_changes  flags whose values a checkpoint holds too (learning rate, optimizer, EMA decay): on resume
                   the command line's win, said in one line and noted in the model card
-      diffusion   the loss (Min-SNR) and the per-micro-batch seed
       memory      the weights' dtypes; --fused_backward_pass, --full_bf16: the optimizer steps one tensor at a time
       tracking    TensorBoard / W&B figures and images
       validation  validation images
       evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise
+      diffusion   the loss (Min-SNR); the seeds per micro-batch and per sample
       preemption  a clean stop on SIGTERM / Ctrl-C
       storage     a full disk: free space checked before large writes, ENOSPC as one line
       faults      for testing only: fault injection, a trace of the data order, torch.compile's backend

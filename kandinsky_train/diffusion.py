@@ -33,6 +33,13 @@ def diffusion_loss(pred, target, noise_scheduler, timesteps, snr_gamma):
     return (loss * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
 
 
+def sample_seeds(seed, epoch, indices):
+    """One seed per sample of a batch (`indices`: the samples' indices), a function of (seed, epoch, sample) alone:
+    what a stage draws per sample from it (the inpainting decoder's masks) is the same on resume and whatever the
+    number of processes or the batch a sample lands in."""
+    return torch.tensor([step_seed(seed, "sample", epoch, int(index)) for index in indices], dtype=torch.int64)
+
+
 def step_seed(seed, rank, epoch, batch_index):
     """A seed per (process, epoch, micro-batch): the noise is a function of the position in training, so a resumed
     run draws exactly what an uninterrupted one draws, with no random state to save."""

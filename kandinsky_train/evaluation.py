@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import collate
+from .diffusion import sample_seeds
 from .ema import ema_weights
 
 NUM_TIMESTEPS = 4  # per sample: the loss depends on the timestep far more than on the sample
@@ -83,8 +84,10 @@ class HeldOutEvaluation:
         device, hooks = self.accelerator.device, self.hooks
         sums = torch.zeros(4, dtype=torch.float64)
         for batch in self.loader:
-            generators = [sample_generator(i) for i in batch.pop("index").tolist()]
+            indices = batch.pop("index")
+            generators = [sample_generator(i) for i in indices.tolist()]
             features = self.encode(batch) if self.encode is not None else batch
+            features["sample_seed"] = sample_seeds(0, 0, indices)  # the same draws at every evaluation
             features = {key: value.to(device) for key, value in features.items()}
             noised = features[hooks.noised]
             noise = fixed_noise(generators, noised.shape[1:]).to(device, noised.dtype)

@@ -16,7 +16,7 @@ from . import checkpoint, checkpoint_folders, faults, flag_changes, model_state,
 from .cache import frozen_outputs
 from .batches import make_batches
 from .data import TrainingSamples, training_samples
-from .diffusion import step_seed
+from .diffusion import sample_seeds, step_seed
 from .errors import fail
 from .ema import ema_device, ema_step, make_ema
 from .evaluation import HeldOutEvaluation
@@ -171,11 +171,13 @@ class Trainer:
         accelerator = self.accelerator
         self.generator.manual_seed(step_seed(self.state.seed, accelerator.process_index, epoch, batch_index))
         with accelerator.accumulate(self.model):
-            self.state.samples_seen += len(batch.pop("index")) * accelerator.num_processes
+            indices = batch.pop("index")
+            self.state.samples_seen += len(indices) * accelerator.num_processes
             if self.encode is not None:
                 with torch.no_grad():
                     # contiguous, as cached tensors are: the layout decides which kernels run
                     batch = {k: v.contiguous() for k, v in self.encode(batch).items()}
+            batch["sample_seed"] = sample_seeds(self.state.seed, epoch, indices)
             loss = self.stage.loss(self.model, batch, self.generator)
             accelerator.backward(loss)  # with --fused_backward_pass, the weights are stepped in here
             if accelerator.sync_gradients:

@@ -32,25 +32,30 @@ def output_name(args, repo_id):
     return repo_id or args.hub_model_id or snippet_name(args.output_dir)
 
 
-def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, decoder_scheduler=None):
+def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, decoder_scheduler=None,
+                 decoder_class="KandinskyV22Pipeline", decoder_inputs=((), ())):
     """Code that generates with a prior and a decoder (Hub ids or folders; a LoRA adapter on either): two
     pipelines, the prior's image embeddings handed to the decoder. Loading them together through
     AutoPipelineForText2Image with `prior_*` components prints a warning with the whole model in it.
     decoder_scheduler: where the decoder's scheduler is saved (`scheduler/` beside an adapter trained with another
-    --prediction_type than the stock decoder's), to replace the stock one."""
-    imports = "DDPMScheduler, KandinskyV22Pipeline" if decoder_scheduler else "KandinskyV22Pipeline"
+    --prediction_type than the stock decoder's), to replace the stock one. decoder_class, decoder_inputs: the
+    pipeline of the inpainting or ControlNet decoder, and (lines that prepare its inputs, its call's arguments
+    beside the embeddings)."""
+    setup, arguments = decoder_inputs
+    imports = ("DDPMScheduler, " if decoder_scheduler else "") + decoder_class
     lines = ["import torch", f"from diffusers import {imports}, KandinskyV22PriorPipeline", "",
              f'prior = KandinskyV22PriorPipeline.from_pretrained("{prior}", dtype=torch.float16).to("cuda")',
-             f'decoder = KandinskyV22Pipeline.from_pretrained("{decoder}", dtype=torch.float16).to("cuda")']
+             f'decoder = {decoder_class}.from_pretrained("{decoder}", dtype=torch.float16).to("cuda")']
     for model, adapter in (("prior.prior", prior_lora), ("decoder.unet", decoder_lora)):
         if adapter:
             lines.append(f'{model}.load_lora_adapter("{adapter}", prefix=None, '
                          'weight_name="pytorch_lora_weights.safetensors")')
     if decoder_scheduler:  # the objective the adapter was trained with (v-prediction)
         lines.append(f'decoder.scheduler = DDPMScheduler.from_pretrained("{decoder_scheduler}", subfolder="scheduler")')
-    return "\n".join(lines + [
+    return "\n".join(lines + list(setup) + [
         f'embeds = prior("{prompt}")',
         "image = decoder(image_embeds=embeds.image_embeds,",
+        *[f"                {argument}," for argument in arguments],
         "                negative_image_embeds=embeds.negative_image_embeds).images[0]"])
 
 

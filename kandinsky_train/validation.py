@@ -41,11 +41,11 @@ def save_images(output_dir, images, step):
             image.save(path)
 
 
-def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator, size=None):
+def render(decoder_pipe, args, image_embeds, negative_image_embeds, generator, size=None, **inputs):
     """One validation image from image embeddings, at the validation step count and at (width, height) `size`,
-    by default the training resolution."""
+    by default the training resolution; `inputs`: the inpainting or ControlNet decoder's (image and mask, hint)."""
     width, height = size or (args.resolution, args.resolution)
     return decoder_pipe(image_embeds=image_embeds, negative_image_embeds=negative_image_embeds,
                         height=height, width=width,
                         num_inference_steps=args.validation_inference_steps,
-                        guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
+                        guidance_scale=args.validation_guidance_scale, generator=generator, **inputs).images[0]

@@ -62,6 +62,27 @@ def tiny(tmp_path_factory):
     return {k: Path(v) for k, v in tiny_kandinsky.build_all(str(root)).items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory):
+    """A tiny inpainting decoder (UNet in_channels 9) and a parquet data set with a `mask` column (white = repaint)."""
+    import tiny_kandinsky
+
+    root = tmp_path_factory.mktemp("tiny-inpaint")
+    return {"decoder": Path(tiny_kandinsky.build_tiny_decoder(root / "decoder", decoder_type="inpaint")),
+            "data": Path(tiny_kandinsky.build_paired_dataset(root / "data", "mask"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tmp_path_factory):
+    """A tiny depth-ControlNet decoder (addition_embed_type image_hint) and a parquet data set with a
+    `conditioning_image` column."""
+    import tiny_kandinsky
+
+    root = tmp_path_factory.mktemp("tiny-controlnet")
+    return {"decoder": Path(tiny_kandinsky.build_tiny_decoder(root / "decoder", decoder_type="controlnet")),
+            "data": Path(tiny_kandinsky.build_paired_dataset(root / "data", "hint"))}
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(size): a folder on a fresh tmpfs of that size ("1m"), unmounted after the test; or a skip that says why

@@ -15,6 +15,7 @@ from PIL import Image
 import train_text_to_image_decoder as decoder
 import train_text_to_image_prior as prior
 from kandinsky_train.cli import DECODER_OPTIONS
+from kandinsky_train.decoders import TextToImage
 from kandinsky_train.errors import UserError
 from kandinsky_train.images import RESAMPLING, center_crop_resize
 
@@ -136,7 +137,7 @@ def run_loss(generator_seed=5, prediction_type="epsilon", **options):
 
     loss = decoder.compute_loss(model, {"latents": latents, "image_embeds": embeds},
                                 torch.Generator().manual_seed(generator_seed), args=args, noise_scheduler=scheduler,
-                                zero_embed=torch.zeros(1, 32))
+                                decoder=TextToImage(args), zero_embed=torch.zeros(1, 32))
     assert torch.equal(seen["timesteps"], timesteps)
     return loss.item(), torch.equal(seen["noisy"], scheduler.add_noise(latents, noisy_input, timesteps)), seen
 

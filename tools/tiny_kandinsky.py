@@ -98,12 +98,22 @@ def build_tiny_prior(path, seed=0):
     return str(path)
 
 
-def build_tiny_decoder(path, seed=0):
-    from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+DECODER_UNETS = {  # decoder type -> (pipeline class, UNet input channels, addition_embed_type), as the Hub's repos
+    "text2img": ("KandinskyV22Pipeline", 4, "image"),
+    "inpaint": ("KandinskyV22InpaintPipeline", 9, "image"),  # noisy latents, masked latents, mask
+    "controlnet": ("KandinskyV22ControlnetPipeline", 8, "image_hint"),  # noisy latents, the hint's 4 features
+}
 
+
+def build_tiny_decoder(path, seed=0, decoder_type="text2img"):
+    """A tiny decoder repo of `decoder_type` (see DECODER_UNETS); the same MoVQ and scheduler for every type."""
+    import diffusers
+    from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
+
+    pipeline_class, in_channels, addition_embed_type = DECODER_UNETS[decoder_type]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=8, addition_embed_type="image",
+        in_channels=in_channels, out_channels=8, addition_embed_type=addition_embed_type,
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(16, 32), layers_per_block=1,
@@ -118,7 +128,7 @@ def build_tiny_decoder(path, seed=0):
     scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               num_train_timesteps=1000, prediction_type="epsilon",
                               steps_offset=1, thresholding=False, variance_type="fixed_small")
-    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(str(path))
+    getattr(diffusers, pipeline_class)(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(str(path))
     return str(path)
 
 
@@ -180,6 +190,40 @@ def _write_parquet(file, drawn, image_column="image", caption_column="text", nam
             caption_column: [caption for _, caption in drawn]}
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(file))
+
+
+def paired_picture(image, kind, rng):
+    """The picture's partner of `kind`: an inpainting mask (white = repaint: a random box, in L mode) or a
+    ControlNet hint (a grey "depth map" that darkens left to right, with the picture's shape's outline brighter),
+    of the picture's size."""
+    width, height = image.size
+    if kind == "mask":
+        mask = Image.new("L", (width, height), 0)
+        left, top = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        ImageDraw.Draw(mask).rectangle([left, top, left + width // 3, top + height // 3], fill=255)
+        return mask
+    depth = np.linspace(220, 40, width, dtype=np.float32)[None, :].repeat(height, 0)
+    grey = np.asarray(image.convert("L"), np.float32)
+    return Image.fromarray(np.clip(0.6 * depth + 0.4 * grey, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def build_paired_dataset(path, kind, num_images=8, size=64, seed=0, column=None):
+    """A local parquet data set (data/train-*.parquet) of pictures, captions and a paired picture column of `kind`
+    ("mask": column `mask`; "hint": column `conditioning_image`), for the inpainting and ControlNet decoders."""
+    import datasets
+
+    column = column or {"mask": "mask", "hint": "conditioning_image"}[kind]
+    rng = np.random.default_rng(seed + 400)
+    drawn = [_draw(i, size, rng) for i in range(num_images)]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  column: datasets.Image()})
+    rows = {"image": [{"bytes": _encoded(image, "PNG"), "path": None} for image, _ in drawn],
+            "text": [caption for _, caption in drawn],
+            column: [{"bytes": _encoded(paired_picture(image, kind, rng), "PNG"), "path": None} for image, _ in drawn]}
+    file = Path(path) / "data" / "train-00000-of-00001.parquet"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(file))
+    return str(path)
 
 
 def build_parquet_dataset(path, num_images=8, size=64, seed=0, image_column="img", caption_column="caption"):

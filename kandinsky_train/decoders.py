@@ -1,0 +1,129 @@
+# Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
+"""The three Kandinsky 2.2 decoders the decoder script trains: text-to-image, inpainting and depth ControlNet. They
+share the MoVQ, the CLIP image condition and the noise objective; they differ in what the UNet takes beside the
+noisy latents, in the data columns that feed it, and in the pipeline that renders and loads them. Which one a UNet
+is comes from its configuration (`detect`); --decoder_type only makes a disagreement an error."""
+
+from .errors import fail
+
+DECODER_TYPES = ("text2img", "inpaint", "controlnet")
+
+
+def detect(unet_config):
+    """The decoder a UNet configuration belongs to: 9 input channels (noisy latents, masked latents, mask) is the
+    inpainting UNet; an `image_hint` addition embedding is the ControlNet UNet (its 8 input channels are the noisy
+    latents and the hint's features, which the UNet concatenates itself)."""
+    if unet_config.get("addition_embed_type") == "image_hint":
+        return "controlnet"
+    if unet_config.get("in_channels") == 9:
+        return "inpaint"
+    return "text2img"
+
+
+def resolve(args, unet_config, source):
+    """The decoder of --pretrained_decoder_model_name_or_path (`source`, for the error), checked against
+    --decoder_type and against the flags that only one decoder takes."""
+    found = detect(unet_config)
+    if args.decoder_type not in ("auto", found):
+        fail(f"--decoder_type {args.decoder_type}: the UNet of {source!r} is {article(DESCRIPTIONS[found])} "
+             f"(in_channels {unet_config.get('in_channels')}, addition_embed_type "
+             f"{unet_config.get('addition_embed_type')!r}). Give the matching decoder, or --decoder_type {found}.")
+    decoder = {"text2img": TextToImage, "inpaint": Inpainting, "controlnet": ControlNet}[found](args)
+    decoder.check_flags()
+    return decoder
+
+
+DESCRIPTIONS = {"text2img": "text-to-image decoder", "inpaint": "inpainting decoder",
+                "controlnet": "depth-ControlNet decoder"}
+
+
+def article(noun):
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+class TextToImage:
+    """The text-to-image decoder: the UNet denoises MoVQ latents conditioned on the CLIP image embedding alone.
+    The other decoders override what they add."""
+
+    name = "text2img"
+    pipeline_class = "KandinskyV22Pipeline"  # renders validation images and loads the final save
+    auto_pipeline = "AutoPipelineForText2Image"
+
+    def __init__(self, args):
+        self.args = args
+
+    @property
+    def description(self):
+        return DESCRIPTIONS[self.name]
+
+    @property
+    def columns(self):
+        """The data set's columns read beside the picture."""
+        return ()
+
+    @property
+    def cache_key(self):
+        """What, beside the picture, the cached frozen outputs depend on (nothing for text-to-image, so that caches
+        written before the other decoders existed stay valid)."""
+        return {}
+
+    def check_flags(self):
+        """One-line errors for flags of another decoder (before any data or weight loads)."""
+        given = [flag for flag, value in (("--mask_column", self.args.mask_column),
+                                          ("--validation_mask_image", self.args.validation_mask_image))
+                 if value is not None and self.name != "inpaint"]
+        given += [flag for flag, value in (("--validation_image", self.args.validation_image),)
+                  if value is not None and self.name == "text2img"]
+        if given:
+            fail(f"{given[0]} is for the {'inpainting' if 'mask' in given[0] else 'inpainting or ControlNet'} "
+                 f"decoder; --pretrained_decoder_model_name_or_path is {article(self.description)}.")
+
+    def check_data(self, dataset, held_out):
+        """(dataset, held_out) with the extra columns checked (present, readable, of the picture's size) before any
+        weight loads, and left undecoded as data.undecoded leaves the pictures. held_out: a holdout.HeldOut or
+        None; `dataset` is a datasets IterableDataset with --streaming (checked as it streams)."""
+        return dataset, held_out
+
+    def sample_inputs(self, image, row, size, resample):
+        """The picture-aligned inputs of one sample beside its pixels (a mask, a hint), centre-cropped and resized
+        like the picture to `size` ((width, height) or a side), as CHW tensors; the caller mirrors them with it."""
+        return {}
+
+    def encode_inputs(self, batch, latents):
+        """The inputs `unet_inputs` reads, from a batch of samples and the batch's MoVQ latents (cacheable)."""
+        return {}
+
+    def unet_inputs(self, noisy, features):
+        """(the UNet's `sample`, its added_cond_kwargs beside `image_embeds`) for noisy latents on the device;
+        `features` holds encode_inputs' outputs (where the batch was read: move them to noisy's device) and
+        `sample_seed`, one seed per sample that is a function of (--seed, epoch, sample) alone (loop.py), for
+        what is drawn anew each epoch."""
+        return noisy, {}
+
+    def validation_inputs(self, number, size):
+        """The pipeline's keyword arguments beside the embeddings for the `number`-th validation prompt at
+        (width, height) `size`."""
+        return {}
+
+    def snippet_inputs(self):
+        """The model card's code: (lines that prepare the pipeline's inputs, its call's arguments beside the
+        embeddings), e.g. ((), ("hint=hint",))."""
+        return (), ()
+
+
+class Inpainting(TextToImage):
+    """The inpainting decoder (kandinsky-2-2-decoder-inpaint): the UNet's input is Kandinsky's
+    cat([noisy latents, latents * keep, keep]), `keep` 1 where the picture is kept."""
+
+    name = "inpaint"
+    pipeline_class = "KandinskyV22InpaintPipeline"
+    auto_pipeline = "AutoPipelineForInpainting"
+
+
+class ControlNet(TextToImage):
+    """The depth-ControlNet decoder (kandinsky-2-2-controlnet-depth): the UNet also takes a hint, a 3-channel
+    picture in [0, 1] at the picture's pixel size, in added_cond_kwargs."""
+
+    name = "controlnet"
+    pipeline_class = "KandinskyV22ControlnetPipeline"
+    auto_pipeline = None  # no AutoPipeline maps the ControlNet decoder

@@ -1,0 +1,46 @@
+"""The three Kandinsky 2.2 decoders (issue 21): which one a UNet is comes from its configuration; a flag or a
+--decoder_type that does not fit it is refused in one line before anything is written. The inpainting and
+ControlNet decoders' training is tested in test_inpainting.py and test_controlnet.py."""
+
+import re
+
+import pytest
+
+from conftest import base_args
+from test_robustness import run_in_process
+
+
+def test_the_decoder_type_is_read_from_the_unet_configuration():
+    from kandinsky_train.decoders import detect
+
+    real = {"in_channels": 4, "addition_embed_type": "image"}  # kandinsky-2-2-decoder's
+    assert detect(real) == "text2img"
+    assert detect({**real, "in_channels": 9}) == "inpaint"  # kandinsky-2-2-decoder-inpaint's
+    assert detect({**real, "in_channels": 8, "addition_embed_type": "image_hint"}) == "controlnet"
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ("text2img", {"--decoder_type": "inpaint"},
+     r"--decoder_type inpaint: the UNet of .* is a text-to-image decoder \(in_channels 4, addition_embed_type "
+     r"'image'\). Give the matching decoder, or --decoder_type text2img."),
+    ("text2img", {"--mask_column": "mask"},
+     "--mask_column is for the inpainting decoder; --pretrained_decoder_model_name_or_path is a text-to-image "
+     "decoder."),
+    ("text2img", {"--validation_image": "x.png"},
+     "--validation_image is for the inpainting or ControlNet decoder; .* is a text-to-image decoder."),
+    ("controlnet", {"--decoder_type": "text2img"},
+     r"the UNet of .* is a depth-ControlNet decoder \(in_channels 8, addition_embed_type 'image_hint'\)"),
+    ("controlnet", {"--validation_mask_image": "m.png"}, "--validation_mask_image is for the inpainting decoder"),
+    ("inpaint", {"--decoder_type": "controlnet"}, r"is an inpainting decoder \(in_channels 9,"),
+])
+def test_a_flag_or_type_that_does_not_fit_the_decoder_is_refused(tiny, tiny_inpaint, tiny_controlnet, tmp_path,
+                                                                  capsys, model, overrides, message):
+    import train_text_to_image_decoder
+
+    decoder = {"text2img": tiny["decoder"], "inpaint": tiny_inpaint["decoder"],
+               "controlnet": tiny_controlnet["decoder"]}[model]
+    args = base_args(tiny, tmp_path / "out", **{"--pretrained_decoder_model_name_or_path": decoder, **overrides})
+    error = run_in_process(train_text_to_image_decoder, args, capsys)
+    lines = [line for line in error.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and re.search(message, lines[0]), error[-2000:]
+    assert not (tmp_path / "out").exists()
