@@ -4,7 +4,10 @@ share the MoVQ, the CLIP image condition and the noise objective; they differ in
 noisy latents, in the data columns that feed it, and in the pipeline that renders and loads them. Which one a UNet
 is comes from its configuration (`detect`); --decoder_type only makes a disagreement an error."""
 
+import numpy as np
+
 from .errors import fail
+from .images import center_crop_resize, image_size, open_rgb
 
 DECODER_TYPES = ("text2img", "inpaint", "controlnet")
 
@@ -127,3 +130,56 @@ class ControlNet(TextToImage):
     name = "controlnet"
     pipeline_class = "KandinskyV22ControlnetPipeline"
     auto_pipeline = None  # no AutoPipeline maps the ControlNet decoder
+
+
+# The picture-aligned columns of the inpainting and ControlNet decoders (a mask, a hint): shared checks and crops.
+
+def check_paired_column(args, dataset, held_out, column, flag, what):
+    """(dataset, held_out) with `column`, named by `flag`, checked and left undecoded: it must be a column of each
+    set, and each of its pictures (`what`: "mask", "conditioning image") must have its picture's size, since it is
+    cropped and resized with it. A streamed set is checked as it streams (`paired_picture`)."""
+    from .data import data_folder, undecoded
+
+    checked = []
+    for name, data in (("the training data", dataset), ("the held-out data", held_out and held_out.dataset)):
+        if data is None:
+            checked.append(None)
+            continue
+        columns = data.column_names or []
+        if column not in columns:
+            fail(f"{flag} {column!r} is not a column of {name}; its columns are: {', '.join(columns)}.")
+        data = undecoded(data, column, data_folder(args))
+        if not args.streaming:
+            _check_sizes(data, args.image_column, column, what, name)
+        checked.append(data)
+    if held_out is not None:
+        held_out.dataset = checked[1]
+    return checked[0], held_out
+
+
+def _check_sizes(dataset, image_column, column, what, name):
+    pictures = dataset.map(_sizes_of, input_columns=[image_column, column], batched=True, batch_size=256,
+                           remove_columns=dataset.column_names, desc=f"Checking each {what}'s size")
+    bad = [i for i, same in enumerate(pictures["same"]) if not same]
+    if bad:
+        first = bad[0]
+        fail(f"{len(bad)} {what}(s) of {name} are not the size of their picture (row {first}: picture "
+             f"{pictures['picture'][first]}, {what} {pictures['paired'][first]}); the {what} is cropped and resized "
+             "with the picture, so it must match it pixel for pixel.")
+
+
+def _sizes_of(images, paired):
+    picture = [image_size(value) for value in images]
+    other = [image_size(value) for value in paired]
+    return {"same": [a == b for a, b in zip(picture, other)], "picture": [f"{w}x{h}" for w, h in picture],
+            "paired": [f"{w}x{h}" for w, h in other]}
+
+
+def paired_picture(image, row, column, size, resample, what):
+    """The `column` picture of a sample's row, centre-cropped and resized as the sample's picture `image` is, as an
+    HxWx3 uint8 array; a picture of another size (a streamed set's, unchecked before) stops the run in one line."""
+    paired = open_rgb(row[column])
+    if paired.size != image.size:
+        fail(f"A {what} of {paired.size[0]}x{paired.size[1]} pairs with a picture of {image.size[0]}x"
+             f"{image.size[1]} (column {column!r}); it must match its picture pixel for pixel.")
+    return np.asarray(center_crop_resize(paired, size, resample))
