@@ -14,6 +14,8 @@ order a run meets them:
     stage       what a script plugs into the loop; the CLIP image embedding both stages compute alike
     decoders    the three decoders (text-to-image, inpainting, depth ControlNet): the UNet's extra inputs,
                 their data columns, their pipeline
+      inpainting  the inpainting decoder's masks: read as the pipeline reads them, drawn per sample and epoch,
+                  grown by a latent pixel as the pipeline grows them
     loop        the training loop: restore, step, log, checkpoint, validate and evaluate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
       fingerprints  what a cache entry is keyed on: the frozen weights, the picture files as they are now

@@ -6,8 +6,9 @@ is comes from its configuration (`detect`); --decoder_type only makes a disagree
 
 import numpy as np
 
+from . import inpainting
 from .errors import fail
-from .images import center_crop_resize, image_size, open_rgb
+from .images import RESAMPLING, center_crop_resize, image_size, open_rgb
 
 DECODER_TYPES = ("text2img", "inpaint", "controlnet")
 
@@ -122,6 +123,65 @@ class Inpainting(TextToImage):
     pipeline_class = "KandinskyV22InpaintPipeline"
     auto_pipeline = "AutoPipelineForInpainting"
 
+    @property
+    def columns(self):
+        return (self.args.mask_column,) if self.args.mask_column else ()
+
+    @property
+    def cache_key(self):  # drawn masks are not cached: the cache then holds what text-to-image caches
+        return {"mask_column": self.args.mask_column} if self.args.mask_column else {}
+
+    def check_flags(self):
+        super().check_flags()
+        args = self.args
+        for flag, value in (("--random_mask_full_prob", args.random_mask_full_prob),
+                            ("--random_mask_stroke_prob", args.random_mask_stroke_prob)):
+            if not 0 <= value <= 1:
+                fail(f"{flag} {value}: a share of the drawn masks, between 0 and 1.")
+        if args.random_mask_full_prob + args.random_mask_stroke_prob > 1:
+            fail(f"--random_mask_full_prob {args.random_mask_full_prob} and --random_mask_stroke_prob "
+                 f"{args.random_mask_stroke_prob} add up to more than 1: they are shares of the same drawn masks.")
+        if args.validation_prompts and (args.validation_image is None or args.validation_mask_image is None):
+            fail("--validation_prompts on the inpainting decoder needs --validation_image and "
+                 "--validation_mask_image: the picture each prompt repaints and its mask (white = repaint), one per "
+                 "prompt or one for all.")
+        self.validation_pictures = {flag: check_validation_pictures(args, flag, values) for flag, values in (
+            ("--validation_image", args.validation_image), ("--validation_mask_image", args.validation_mask_image))}
+
+    def check_data(self, dataset, held_out):
+        if not self.args.mask_column:
+            return dataset, held_out
+        return check_paired_column(self.args, dataset, held_out, self.args.mask_column, "--mask_column", "mask")
+
+    def sample_inputs(self, image, row, size, resample):
+        if not self.args.mask_column:
+            return {}
+        mask = paired_picture(image, row, self.args.mask_column, size, resample, "mask")
+        return {"mask_pixels": inpainting.repaint_pixels(mask)}
+
+    def encode_inputs(self, batch, latents):
+        if not self.args.mask_column:
+            return {}
+        return {"repaint": inpainting.to_latent_grid(batch["mask_pixels"], latents.shape[-2:])}
+
+    def unet_inputs(self, noisy, features):
+        repaint = features["repaint"] if self.args.mask_column else inpainting.draw_masks(
+            features["sample_seed"].tolist(), noisy.shape[-2:], self.args.random_mask_full_prob,
+            self.args.random_mask_stroke_prob)
+        return inpainting.unet_input(noisy, features["latents"], repaint), {}
+
+    def validation_inputs(self, number, size):
+        resample = RESAMPLING[self.args.image_interpolation_mode]
+        picture, mask = (validation_picture(self.validation_pictures[flag], number, size, resample)
+                         for flag in ("--validation_image", "--validation_mask_image"))
+        return {"image": picture, "mask_image": mask}
+
+    def snippet_inputs(self):
+        return (("from diffusers.utils import load_image", "",
+                 'image = load_image("picture.png")  # the picture to repaint',
+                 'mask = load_image("mask.png")  # white: repainted, black: kept; the picture\'s size'),
+                ("image=image", "mask_image=mask"))
+
 
 class ControlNet(TextToImage):
     """The depth-ControlNet decoder (kandinsky-2-2-controlnet-depth): the UNet also takes a hint, a 3-channel
@@ -183,3 +243,30 @@ def paired_picture(image, row, column, size, resample, what):
         fail(f"A {what} of {paired.size[0]}x{paired.size[1]} pairs with a picture of {image.size[0]}x"
              f"{image.size[1]} (column {column!r}); it must match its picture pixel for pixel.")
     return np.asarray(center_crop_resize(paired, size, resample))
+
+
+# The validation pictures of the inpainting and ControlNet decoders (--validation_image, --validation_mask_image).
+
+def check_validation_pictures(args, flag, paths):
+    """The pictures of `flag` (one per --validation_prompts entry, or one for all) opened as RGB, so that a count
+    that does not fit or a file that does not read stops the run before any model loads; [] without the flag."""
+    if paths is None:
+        return []
+    if not args.validation_prompts:
+        fail(f"{flag} pairs with --validation_prompts, which is not given.")
+    if len(paths) not in (1, len(args.validation_prompts)):
+        fail(f"{flag}: {len(paths)} pictures for {len(args.validation_prompts)} --validation_prompts; give one per "
+             "prompt, or one for all of them.")
+    pictures = []
+    for path in paths:
+        try:
+            pictures.append(open_rgb(path))
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            fail(f"{flag} {path!r} cannot be read as a picture: {type(error).__name__}: {error}")
+    return pictures
+
+
+def validation_picture(pictures, number, size, resample):
+    """The picture for the `number`-th validation prompt, centre-cropped and resized to (width, height) `size` as
+    the training pictures are."""
+    return center_crop_resize(pictures[number if len(pictures) > 1 else 0], size, resample)
