@@ -177,10 +177,10 @@ class Inpainting(TextToImage):
         return {"image": picture, "mask_image": mask}
 
     def snippet_inputs(self):
-        return (("from diffusers.utils import load_image", "",
-                 'image = load_image("picture.png")  # the picture to repaint',
-                 'mask = load_image("mask.png")  # white: repainted, black: kept; the picture\'s size'),
-                ("image=image", "mask_image=mask"))
+        return (("", "from diffusers.utils import load_image",
+                 'picture = load_image("picture.png")  # the picture to repaint',
+                 'mask = load_image("mask.png")  # white: repainted, black: kept'),
+                ("image=picture", "mask_image=mask"))
 
 
 class ControlNet(TextToImage):

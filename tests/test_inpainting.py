@@ -1,0 +1,298 @@
+"""The inpainting decoder (issue 21): the UNet's 9 input channels built in training are the ones
+KandinskyV22InpaintPipeline builds; a run with a mask column or with drawn masks resumes mid-epoch bit-exactly (and
+cached equals uncached); its output loads and inpaints as the model card says; drawn masks depend on the sample's
+seed alone and cover the advertised shares; bad input gets one line; the masked region's loss drops."""
+
+import io
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DECODER_SCRIPT, base_args, launch
+from test_buckets import resume_from
+from test_robustness import run_in_process
+from test_train import max_change, weights
+
+
+def inpaint_args(tiny, tiny_inpaint, output_dir, steps=4, **overrides):
+    return base_args(tiny, output_dir, steps=steps, **{
+        "--pretrained_decoder_model_name_or_path": tiny_inpaint["decoder"], "--train_data_dir": None,
+        "--dataset_name": tiny_inpaint["data"], **overrides})
+
+
+def data_rows(tiny_inpaint):
+    """The tiny inpainting set's (picture, mask) pairs, as PIL images."""
+    import datasets
+
+    table = datasets.load_dataset("parquet", data_files=str(tiny_inpaint["data"] / "data" / "*.parquet"))["train"]
+    return [(row["image"].convert("RGB"), row["mask"]) for row in table]
+
+
+def noise_mask(seed, size=64):
+    """A mask of random grey levels: its threshold and its nearest-neighbour sampling decide each latent pixel."""
+    grey = np.random.default_rng(seed).integers(0, 145, (size, size), dtype=np.uint8)  # 12% at 128 or more
+    return Image.fromarray(grey, "L")
+
+
+# --- the UNet's input, as the pipeline builds it ---------------------------------------------------------------
+
+def test_the_vectorised_growth_is_the_pipelines_prepare_mask():
+    from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask
+
+    from kandinsky_train.inpainting import grow
+
+    generator = torch.Generator().manual_seed(0)
+    for height, width, density in [(8, 8, 0.1), (9, 13, 0.3), (16, 12, 0.05), (5, 7, 0.6), (6, 6, 0.0)]:
+        repaint = (torch.rand(3, 1, height, width, generator=generator) < density).to(torch.uint8)
+        keep = prepare_mask((1 - repaint).float())  # the pipeline's keep mask, grown by its loop
+        assert torch.equal(~grow(repaint), keep.bool()), (height, width, density)
+
+
+@pytest.mark.parametrize("which", ["data set mask", "grey noise mask"])
+def test_the_training_input_is_the_one_the_pipeline_gives_the_unet(tiny, tiny_inpaint, which):
+    """For a picture and mask at the training size, channels 4:9 of the UNet's input (the latents where kept, and
+    keep) built by the training code equal those the pipeline builds (a spy UNet records them)."""
+    from diffusers import KandinskyV22InpaintPipeline
+    from transformers import CLIPImageProcessor
+
+    import train_text_to_image_decoder as script
+    from kandinsky_train import decoders
+    from kandinsky_train.images import RESAMPLING
+
+    picture, mask = data_rows(tiny_inpaint)[3]  # 64x64: the pipeline does not crop
+    mask = noise_mask(3) if which == "grey noise mask" else mask
+    pipe = KandinskyV22InpaintPipeline.from_pretrained(tiny_inpaint["decoder"])
+    seen, forward = [], pipe.unet.forward
+    pipe.unet.forward = lambda *args, **kwargs: seen.append(kwargs["sample"]) or forward(*args, **kwargs)
+    pipe(image_embeds=torch.randn(1, 32), negative_image_embeds=torch.zeros(1, 32), image=picture, mask_image=mask,
+         height=64, width=64, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+
+    args = script.parse_args(list(map(str, inpaint_args(tiny, tiny_inpaint, "-", **{"--mask_column": "mask"}))))
+    decoder = decoders.Inpainting(args)
+    processor = CLIPImageProcessor.from_pretrained(tiny["prior"], subfolder="image_processor")
+    sample = script.decoder_sample(picture, 64, RESAMPLING[args.image_interpolation_mode], processor)
+    sample.update(decoder.sample_inputs(picture, {"mask": mask}, 64, RESAMPLING[args.image_interpolation_mode]))
+    batch = {key: torch.stack([value]) for key, value in sample.items()}  # as collate makes them
+    with torch.no_grad():
+        latents = pipe.movq.encode(batch["pixel_values"]).latents
+        built, added = decoder.unet_inputs(torch.zeros_like(latents), {"latents": latents,
+                                                                        **decoder.encode_inputs(batch, latents)})
+    assert added == {} and built.shape == seen[0].shape == (1, 9, 8, 8)
+    keep = built[:, 8]
+    assert 0 < keep.sum() < keep.numel()  # some kept, some repainted: the comparison means something
+    assert torch.equal(built[:, 8], seen[0][:, 8])  # keep: same polarity, grid and growth
+    # The latents where kept: MoVQ rounds the pipeline's pixels (laid out channels-last) a little differently.
+    torch.testing.assert_close(built[:, 4:8], seen[0][:, 4:8], rtol=0, atol=1e-4)
+    assert torch.equal(built[:, 4:8] == 0, seen[0][:, 4:8] == 0)
+
+
+# --- drawn masks ---------------------------------------------------------------------------------------------
+
+def test_drawn_masks_depend_on_the_sample_seed_alone():
+    """A sample's mask is a function of (--seed, epoch, sample): the same in any batch, on any process (each takes
+    a slice of the samples), after a resume; another epoch draws another."""
+    from kandinsky_train.diffusion import sample_seeds
+    from kandinsky_train.inpainting import draw_masks
+
+    def masks(epoch, indices):
+        return draw_masks(sample_seeds(7, epoch, indices).tolist(), (8, 12), 0.25, 0.35)
+
+    whole = masks(2, range(16))
+    assert whole.shape == (16, 1, 8, 12) and whole.dtype == torch.uint8
+    for rank in range(2):  # two processes' shares, in batches of 3
+        share = list(range(16))[rank::2]
+        parts = torch.cat([masks(2, share[i:i + 3]) for i in range(0, len(share), 3)])
+        assert torch.equal(parts, whole[rank::2])
+    assert torch.equal(masks(2, [11, 4]), whole[[11, 4]])
+    assert not torch.equal(masks(3, range(16)), whole)
+
+
+@pytest.mark.parametrize("full, strokes", [(0.25, 0.35), (0.1, 0.6), (0.0, 1.0)])
+def test_drawn_masks_cover_the_advertised_shares(full, strokes):
+    from kandinsky_train.inpainting import draw
+
+    drawn = [draw(seed, 16, 24, full, strokes) for seed in range(3000)]
+    kinds = [kind for kind, _ in drawn]
+    assert abs(kinds.count("full") / 3000 - full) < 0.03
+    assert abs(kinds.count("strokes") / 3000 - strokes) < 0.03
+    assert all(mask.shape == (16, 24) and mask.all() == (kind == "full") and mask.any() for kind, mask in drawn)
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+
+MASKED = {"--mask_column": "mask", "--random_flip": True, "--checkpointing_steps": 3, "--learning_rate": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def masked_run(tiny, tiny_inpaint, tmp_path_factory):
+    """16 steps (4 epochs of 8 pictures, batch 2) with the data set's masks, mirrored, a checkpoint every 3 steps,
+    and validation images inpainted at the end."""
+    root = tmp_path_factory.mktemp("masked")
+    noise_mask(5).save(root / "mask.png")
+    data_rows(tiny_inpaint)[0][0].save(root / "picture.png")
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, root / "whole", steps=16, **MASKED, **{
+        "--validation_prompts": ["a red circle", "a blue square"], "--validation_image": root / "picture.png",
+        "--validation_mask_image": root / "mask.png", "--validation_epochs": 100}))
+    return root
+
+
+def test_a_masked_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tiny, tiny_inpaint, masked_run,
+                                                                            tmp_path):
+    """checkpoint-3 lies in the middle of the first epoch; resumed from it, the run ends with the uninterrupted
+    weights; resumed from it with --cache_embeddings (the masks on the latent grid cached with the latents, per
+    mirrored version), its checkpoint-6 is the uninterrupted run's."""
+    from test_robustness import assert_same_state, state_of
+
+    whole = masked_run / "whole"
+    assert [Image.open(whole / "validation" / f"step-000016-0{i}.png").size for i in range(2)] == [(64, 64)] * 2
+    parts = resume_from(whole, "checkpoint-3", tmp_path / "parts")
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, parts, steps=16, **MASKED, **{
+        "--resume_from_checkpoint": "latest"}))
+    assert max_change(weights(whole / "unet"), weights(parts / "unet")) == 0
+    assert max_change(weights(tiny_inpaint["decoder"] / "unet"), weights(whole / "unet")) > 0
+    cached = resume_from(whole, "checkpoint-3", tmp_path / "cached")
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, cached, steps=6, **MASKED, **{
+        "--resume_from_checkpoint": "latest", "--cache_embeddings": True}))
+    assert list((cached / "embedding_cache").iterdir())
+    assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(cached / "checkpoint-6", "unet"), ema=False)
+
+
+def test_the_output_inpaints_as_its_model_card_says(tiny, masked_run):
+    """The saved folder is a KandinskyV22InpaintPipeline that AutoPipelineForInpainting also loads (with the prior's
+    components), and the card's code runs as written (on the CPU, at a tiny size)."""
+    from diffusers import AutoPipelineForInpainting, KandinskyV22PriorPipeline
+
+    whole = masked_run / "whole"
+    code = re.search(r"```python\n(.*?)```", (whole / "README.md").read_text(), re.S).group(1)
+    for name, path in (("path/to/prior", tiny["prior"]), ("path/to/whole", whole),
+                       ("picture.png", masked_run / "picture.png"), ("mask.png", masked_run / "mask.png")):
+        assert f'"{name}"' in code, name
+        code = code.replace(f'"{name}"', f'"{path}"')
+    code = code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32").replace(
+        "embeds.negative_image_embeds)", "embeds.negative_image_embeds, height=64, width=64, num_inference_steps=2)")
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert type(scope["decoder"]).__name__ == "KandinskyV22InpaintPipeline" and scope["image"].size == (64, 64)
+
+    prior = KandinskyV22PriorPipeline.from_pretrained(tiny["prior"])
+    pipe = AutoPipelineForInpainting.from_pretrained(
+        whole, **{f"prior_{name}": component for name, component in prior.components.items()})
+    image = pipe("a red circle", image=Image.open(masked_run / "picture.png"), mask_image=noise_mask(5),
+                 height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2).images[0]
+    assert type(pipe).__name__ == "KandinskyV22InpaintCombinedPipeline" and image.size == (64, 64)
+
+
+def test_a_run_with_drawn_masks_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tiny, tiny_inpaint, tmp_path):
+    common = {"--checkpointing_steps": 3, "--random_mask_full_prob": 0.2, "--random_mask_stroke_prob": 0.4}
+    whole = tmp_path / "whole"
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, whole, steps=6, **common))
+    parts = resume_from(whole, "checkpoint-3", tmp_path / "parts")
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, parts, steps=6, **common, **{
+        "--resume_from_checkpoint": "latest"}))
+    assert max_change(weights(whole / "unet"), weights(parts / "unet")) == 0
+
+
+def masked_loss(unet_folder, tiny, tiny_inpaint):
+    """The noise prediction's mean squared error inside the repainted (grown) region, over the tiny set's pictures
+    with their masks, at fixed timesteps and noise."""
+    from diffusers import UNet2DConditionModel, VQModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from kandinsky_train.images import center_crop_resize
+    from kandinsky_train.inpainting import grow, repaint_pixels, to_latent_grid, unet_input
+
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    movq = VQModel.from_pretrained(tiny_inpaint["decoder"], subfolder="movq")
+    processor = CLIPImageProcessor.from_pretrained(tiny["prior"], subfolder="image_processor")
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny["prior"], subfolder="image_encoder")
+    pictures, masks = zip(*[(center_crop_resize(picture, 64), center_crop_resize(mask, 64))  # as training does
+                            for picture, mask in data_rows(tiny_inpaint)])
+    pixels = torch.stack([torch.from_numpy(np.asarray(p, np.float32) / 127.5 - 1).permute(2, 0, 1) for p in pictures])
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        latents = movq.encode(pixels).latents
+        repaint = to_latent_grid(torch.stack([repaint_pixels(np.asarray(m.convert("RGB"))) for m in masks]),
+                                 latents.shape[-2:])
+        embeds = encoder(**processor(list(pictures), return_tensors="pt")).image_embeds
+        region = grow(repaint).expand_as(latents)
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.full((len(pictures),), t)
+            scale = (1 - t / 1000) ** 0.5  # any fixed noising will do: both UNets see the same inputs
+            noisy = scale * latents + (1 - scale ** 2) ** 0.5 * noise
+            pred = unet(unet_input(noisy, latents, repaint), timesteps, None,
+                        added_cond_kwargs={"image_embeds": embeds}).sample[:, :4]
+            total += ((pred - noise)[region] ** 2).mean().item()
+    return total / 5
+
+
+def test_fine_tuning_lowers_the_loss_inside_the_masks(tiny, tiny_inpaint, masked_run):
+    before = masked_loss(tiny_inpaint["decoder"] / "unet", tiny, tiny_inpaint)
+    after = masked_loss(masked_run / "whole" / "unet", tiny, tiny_inpaint)
+    assert after < 0.8 * before, (before, after)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def with_a_small_mask(tiny_inpaint, folder):
+    """The tiny inpainting set with row 2's mask 32x32 (its picture is 64x64)."""
+    import datasets
+
+    table = datasets.load_dataset("parquet", data_files=str(tiny_inpaint["data"] / "data" / "*.parquet"))["train"]
+    table = table.cast_column("mask", datasets.Image(decode=False))
+    small = io.BytesIO()
+    Image.new("L", (32, 32), 255).save(small, "PNG")
+    masks = list(table["mask"])
+    masks[2] = {"bytes": small.getvalue(), "path": None}
+    table = table.remove_columns("mask").add_column("mask", masks).cast_column("mask", datasets.Image())
+    (folder / "data").mkdir(parents=True)
+    table.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"--mask_column": "mask", "--dataset_name": "SMALL_MASK"},
+     r"^error: 1 mask\(s\) of the training data are not the size of their picture \(row 2: picture 80x64, mask "
+     r"32x32\); the mask is cropped and resized with the picture"),
+    ({"--mask_column": "masks"}, r"^error: --mask_column 'masks' is not a column of the training data; its columns "
+     r"are: image, text, mask\.$"),
+    ({"--random_mask_full_prob": 1.5}, r"^error: --random_mask_full_prob 1.5: a share of the drawn masks, between 0 "
+     r"and 1\.$"),
+    ({"--random_mask_stroke_prob": -0.1}, r"^error: --random_mask_stroke_prob -0.1: a share"),
+    ({"--random_mask_full_prob": 0.6, "--random_mask_stroke_prob": 0.5},
+     r"^error: --random_mask_full_prob 0.6 and --random_mask_stroke_prob 0.5 add up to more than 1"),
+    ({"--validation_prompts": ["a", "b"]}, r"^error: --validation_prompts on the inpainting decoder needs "
+     r"--validation_image and --validation_mask_image"),
+    ({"--validation_prompts": ["a", "b"], "--validation_image": "PICTURE"}, "needs --validation_image and "
+     "--validation_mask_image"),
+    ({"--validation_prompts": ["a", "b", "c"], "--validation_image": ["PICTURE", "PICTURE"],
+      "--validation_mask_image": "PICTURE"},
+     r"^error: --validation_image: 2 pictures for 3 --validation_prompts; give one per prompt, or one for all"),
+    ({"--validation_prompts": ["a"], "--validation_image": "PICTURE", "--validation_mask_image": "MISSING"},
+     r"^error: --validation_mask_image '.*missing\.png' cannot be read as a picture: FileNotFoundError"),
+    ({"--validation_image": "PICTURE", "--validation_mask_image": "PICTURE"},
+     r"^error: --validation_image pairs with --validation_prompts, which is not given\.$"),
+])
+def test_bad_inpainting_input_is_one_line_and_writes_nothing(tiny, tiny_inpaint, tmp_path, capsys, overrides,
+                                                             message):
+    import train_text_to_image_decoder
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "picture.png")
+    names = {"SMALL_MASK": lambda: with_a_small_mask(tiny_inpaint, tmp_path / "small"),
+             "PICTURE": lambda: tmp_path / "picture.png", "MISSING": lambda: tmp_path / "missing.png"}
+
+    def resolve(value):
+        return [resolve(v) for v in value] if isinstance(value, list) else (
+            names[value]() if value in names else value)
+
+    args = inpaint_args(tiny, tiny_inpaint, tmp_path / "out", **{k: resolve(v) for k, v in overrides.items()})
+    error = run_in_process(train_text_to_image_decoder, args, capsys)
+    lines = [line for line in error.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and re.search(message, lines[0]), error[-2000:]
+    assert not (tmp_path / "out").exists()
+    shutil.rmtree(tmp_path / "small", ignore_errors=True)
