@@ -4,6 +4,9 @@ share the MoVQ, the CLIP image condition and the noise objective; they differ in
 noisy latents, in the data columns that feed it, and in the pipeline that renders and loads them. Which one a UNet
 is comes from its configuration (`detect`); --decoder_type only makes a disagreement an error."""
 
+import argparse
+import os
+
 import numpy as np
 
 from . import inpainting
@@ -198,23 +201,36 @@ def check_paired_column(args, dataset, held_out, column, flag, what):
     """(dataset, held_out) with `column`, named by `flag`, checked and left undecoded: it must be a column of each
     set, and each of its pictures (`what`: "mask", "conditioning image") must have its picture's size, since it is
     cropped and resized with it. A streamed set is checked as it streams (`paired_picture`)."""
-    from .data import data_folder, undecoded
+    from .data import undecoded
 
     checked = []
-    for name, data in (("the training data", dataset), ("the held-out data", held_out and held_out.dataset)):
+    separate = held_out is not None and held_out.split is None  # --validation_data_dir / _dataset_name
+    for name, data, folder in (("the training data", dataset, paths_folder(args.dataset_name, args.train_data_dir)),
+                               ("the held-out data", held_out and held_out.dataset,
+                                paths_folder(args.validation_dataset_name, args.validation_data_dir) if separate
+                                else paths_folder(args.dataset_name, args.train_data_dir))):
         if data is None:
             checked.append(None)
             continue
         columns = data.column_names or []
         if column not in columns:
             fail(f"{flag} {column!r} is not a column of {name}; its columns are: {', '.join(columns)}.")
-        data = undecoded(data, column, data_folder(args))
+        data = undecoded(data, column, folder)
         if not args.streaming:
             _check_sizes(data, args.image_column, column, what, name)
         checked.append(data)
     if held_out is not None:
         held_out.dataset = checked[1]
     return checked[0], held_out
+
+
+def paths_folder(dataset_name, data_dir):
+    """Where a paired column of file paths is resolved: a local data set's folder, or an image folder (whose
+    metadata.jsonl names the mask or hint files beside the picture's `file_name`); None for a Hub data set."""
+    from .data import data_folder
+
+    folder = data_folder(argparse.Namespace(dataset_name=dataset_name))
+    return folder or (os.path.abspath(data_dir) if data_dir else None)
 
 
 def _check_sizes(dataset, image_column, column, what, name):

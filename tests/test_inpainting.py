@@ -4,6 +4,7 @@ cached equals uncached); its output loads and inpaints as the model card says; d
 seed alone and cover the advertised shares; bad input gets one line; the masked region's loss drops."""
 
 import io
+import json
 import re
 import shutil
 
@@ -124,17 +125,33 @@ def test_drawn_masks_cover_the_advertised_shares(full, strokes):
 
 # --- runs ----------------------------------------------------------------------------------------------------
 
-MASKED = {"--mask_column": "mask", "--random_flip": True, "--checkpointing_steps": 3, "--learning_rate": 2e-3}
+def masked(root):
+    """The masked run's flags: its image folder's masks, mirrored, a checkpoint every 3 steps."""
+    return {"--train_data_dir": root / "data", "--dataset_name": None, "--mask_column": "mask", "--random_flip": True,
+            "--checkpointing_steps": 3, "--learning_rate": 2e-3}
+
+
+def image_folder(tiny_inpaint, folder):
+    """The tiny inpainting set as an image folder whose metadata.jsonl names each mask's file, in a subfolder."""
+    (folder / "masks").mkdir(parents=True)
+    lines = []
+    for number, (picture, mask) in enumerate(data_rows(tiny_inpaint)):
+        picture.save(folder / f"{number}.png")
+        mask.save(folder / "masks" / f"{number}.png")
+        lines.append(json.dumps({"file_name": f"{number}.png", "text": "a shape", "mask": f"masks/{number}.png"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def masked_run(tiny, tiny_inpaint, tmp_path_factory):
-    """16 steps (4 epochs of 8 pictures, batch 2) with the data set's masks, mirrored, a checkpoint every 3 steps,
-    and validation images inpainted at the end."""
+    """16 steps (4 epochs of 8 pictures, batch 2) with the data set's masks (an image folder naming their files),
+    mirrored, a checkpoint every 3 steps, and validation images inpainted at the end."""
     root = tmp_path_factory.mktemp("masked")
     noise_mask(5).save(root / "mask.png")
     data_rows(tiny_inpaint)[0][0].save(root / "picture.png")
-    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, root / "whole", steps=16, **MASKED, **{
+    image_folder(tiny_inpaint, root / "data")
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, root / "whole", steps=16, **masked(root), **{
         "--validation_prompts": ["a red circle", "a blue square"], "--validation_image": root / "picture.png",
         "--validation_mask_image": root / "mask.png", "--validation_epochs": 100}))
     return root
@@ -150,12 +167,12 @@ def test_a_masked_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tiny
     whole = masked_run / "whole"
     assert [Image.open(whole / "validation" / f"step-000016-0{i}.png").size for i in range(2)] == [(64, 64)] * 2
     parts = resume_from(whole, "checkpoint-3", tmp_path / "parts")
-    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, parts, steps=16, **MASKED, **{
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, parts, steps=16, **masked(masked_run), **{
         "--resume_from_checkpoint": "latest"}))
     assert max_change(weights(whole / "unet"), weights(parts / "unet")) == 0
     assert max_change(weights(tiny_inpaint["decoder"] / "unet"), weights(whole / "unet")) > 0
     cached = resume_from(whole, "checkpoint-3", tmp_path / "cached")
-    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, cached, steps=6, **MASKED, **{
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, cached, steps=6, **masked(masked_run), **{
         "--resume_from_checkpoint": "latest", "--cache_embeddings": True}))
     assert list((cached / "embedding_cache").iterdir())
     assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(cached / "checkpoint-6", "unet"), ema=False)
