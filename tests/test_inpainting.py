@@ -313,3 +313,19 @@ def test_bad_inpainting_input_is_one_line_and_writes_nothing(tiny, tiny_inpaint,
     assert len(lines) == 1 and re.search(message, lines[0]), error[-2000:]
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tmp_path / "small", ignore_errors=True)
+
+
+def test_a_streamed_set_trains_on_its_masks_and_stops_at_one_of_another_size(tiny, tiny_inpaint, tmp_path, capsys):
+    """--streaming reads the mask column beside the pictures (not as a caption: no sample skipped); a streamed mask
+    of another size than its picture, unchecked before, stops the run in one line when it comes."""
+    import train_text_to_image_decoder
+
+    streamed = {"--mask_column": "mask", "--streaming": True}
+    proc = launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, tmp_path / "out", steps=2, **streamed))
+    assert "Skipping" not in proc.stdout + proc.stderr and (tmp_path / "out" / "unet").is_dir()
+    small = with_a_small_mask(tiny_inpaint, tmp_path / "small")
+    args = inpaint_args(tiny, tiny_inpaint, tmp_path / "bad", steps=8, **streamed, **{"--dataset_name": small})
+    error = run_in_process(train_text_to_image_decoder, args, capsys)
+    # (the line follows the progress bar's, which main_guard does not end first)
+    assert re.findall(r"error: .*", error) == ["error: A mask of 32x32 pairs with a picture of 80x64 (column 'mask'); "
+                                               "it must match its picture pixel for pixel."]
