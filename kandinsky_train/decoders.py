@@ -5,9 +5,10 @@ noisy latents, in the data columns that feed it, and in the pipeline that render
 is comes from its configuration (`detect`); --decoder_type only makes a disagreement an error."""
 
 import numpy as np
+import torch
 
-from .errors import fail
-from .images import center_crop_resize, image_size, open_rgb
+from .errors import fail, reason
+from .images import RESAMPLING, center_crop_resize, image_size, open_rgb
 
 DECODER_TYPES = ("text2img", "inpaint", "controlnet")
 
@@ -130,6 +131,77 @@ class ControlNet(TextToImage):
     name = "controlnet"
     pipeline_class = "KandinskyV22ControlnetPipeline"
     auto_pipeline = None  # no AutoPipeline maps the ControlNet decoder
+    what = "conditioning image"
+
+    @property
+    def columns(self):
+        return (self.args.conditioning_image_column,)
+
+    @property
+    def cache_key(self):
+        return {"conditioning_image_column": self.args.conditioning_image_column}
+
+    def check_flags(self):
+        """--validation_prompts each need a hint: --validation_image, one per prompt or one for all, readable."""
+        super().check_flags()
+        prompts, hints = self.args.validation_prompts, self.args.validation_image
+        if prompts and not hints:
+            fail("The ControlNet decoder renders --validation_prompts from a hint: give --validation_image, the "
+                 "conditioning image (depth map) of each prompt, or one for all of them.")
+        check_validation_pictures(prompts, hints, "--validation_image")
+
+    def check_data(self, dataset, held_out):
+        return check_paired_column(self.args, dataset, held_out, self.args.conditioning_image_column,
+                                   "--conditioning_image_column", self.what)
+
+    def sample_inputs(self, image, row, size, resample):
+        # uint8, as compact in the samples and the cache as the picture's file; [0, 1] only on the device
+        hint = paired_picture(image, row, self.args.conditioning_image_column, size, resample, self.what)
+        return {"hint": torch.from_numpy(hint.copy()).permute(2, 0, 1)}
+
+    def encode_inputs(self, batch, latents):
+        return {"hint": batch["hint"]}
+
+    def unet_inputs(self, noisy, features):
+        return noisy, {"hint": hint_values(features["hint"].to(noisy.device), noisy.dtype)}
+
+    def validation_inputs(self, number, size):
+        hints = self.args.validation_image
+        hint = open_rgb(hints[number if len(hints) > 1 else 0])
+        resample = RESAMPLING[self.args.image_interpolation_mode]
+        pixels = torch.from_numpy(np.asarray(center_crop_resize(hint, size, resample)).copy()).permute(2, 0, 1)
+        return {"hint": hint_values(pixels[None], torch.float32)}
+
+    def snippet_inputs(self):
+        side = self.args.resolution
+        return (("import numpy as np", "from diffusers.utils import load_image", "",
+                 f'depth = load_image("depth.png").resize(({side}, {side}))  # the hint: a depth map of the picture',
+                 "hint = torch.from_numpy(np.array(depth)).permute(2, 0, 1)[None].div(255)"
+                 '.to("cuda", torch.float16)'),
+                ("hint=hint", f"height={side}", f"width={side}"))
+
+
+def hint_values(pixels, dtype):
+    """A uint8 hint (N x 3 x H x W) as the ControlNet UNet takes it: exactly pixels / 255 (what the pipeline's
+    example passes), computed in float32 and then cast, as a user's `.float() / 255.0` then `.half()` is."""
+    return (pixels.float() / 255.0).to(dtype)
+
+
+def check_validation_pictures(prompts, pictures, flag):
+    """`flag`'s pictures pair with --validation_prompts: one per prompt or one for all, each a readable picture;
+    one line otherwise, before any weight loads."""
+    if not pictures:
+        return
+    if not prompts:
+        fail(f"{flag} goes with --validation_prompts, which is not given.")
+    if len(pictures) not in (1, len(prompts)):
+        fail(f"{flag} has {len(pictures)} pictures for {len(prompts)} --validation_prompts: give one for each "
+             "prompt, or one for all of them.")
+    for path in pictures:
+        try:
+            open_rgb(path)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            fail(f"{flag} {path!r} cannot be read as a picture: {reason(error)}")
 
 
 # The picture-aligned columns of the inpainting and ControlNet decoders (a mask, a hint): shared checks and crops.

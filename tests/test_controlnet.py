@@ -1,0 +1,251 @@
+"""The depth-ControlNet decoder (issue 21): the hint that reaches the UNet in training is the one the pipeline passes
+for the same picture, mirrored and bucketed with it; a run resumes exactly, cached or not; the output and a LoRA
+adapter load in KandinskyV22ControlnetPipeline and render from a hint; bad input is one line."""
+
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+
+from conftest import DECODER_SCRIPT, base_args, checkpoints, launch, offline_env
+from test_robustness import assert_same_state, run_in_process, state_of
+
+# Records the hint and image embedding of every training forward pass of the UNet, then runs the script given.
+SPY = '''
+import atexit, os, runpy, sys
+import torch
+from diffusers import UNet2DConditionModel
+
+seen, forward = [], UNet2DConditionModel.forward
+
+def spy(self, *args, added_cond_kwargs=None, **kwargs):
+    if torch.is_grad_enabled():  # training steps, not validation
+        seen.append({key: value.detach().clone() for key, value in added_cond_kwargs.items()})
+    return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+UNet2DConditionModel.forward = spy
+atexit.register(lambda: torch.save(seen, os.environ["SPY_OUTPUT"]))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def controlnet_args(tiny, tiny_controlnet, output_dir, steps=4, **overrides):
+    return base_args(tiny, output_dir, steps, **{
+        "--pretrained_decoder_model_name_or_path": tiny_controlnet["decoder"], "--train_data_dir": None,
+        "--dataset_name": tiny_controlnet["data"], **overrides})
+
+
+def rows(data):
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=str(data / "data" / "*.parquet"), split="train")
+
+
+@pytest.fixture(scope="module")
+def hint_file(tiny_controlnet, tmp_path_factory):
+    """The conditioning image of the tiny set's first picture, as a file (a validation or inference hint)."""
+    path = tmp_path_factory.mktemp("hint") / "depth.png"
+    rows(tiny_controlnet["data"])[0]["conditioning_image"].save(path)
+    return path
+
+
+def pipeline_hint(pipe, hint_picture):
+    """What KandinskyV22ControlnetPipeline hands its UNet for a hint picture converted as its documentation does
+    (uint8 HWC -> float / 255 -> CHW)."""
+    from diffusers import UNet2DConditionModel
+
+    hint = torch.from_numpy(np.array(hint_picture)).float() / 255.0
+    received, forward = [], UNet2DConditionModel.forward
+
+    def spy(self, *args, added_cond_kwargs=None, **kwargs):
+        received.append(added_cond_kwargs["hint"])
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    UNet2DConditionModel.forward = spy
+    try:
+        pipe(image_embeds=torch.randn(1, 32), negative_image_embeds=torch.zeros(1, 32), hint=hint.permute(2, 0, 1)[None],
+             height=hint_picture.height, width=hint_picture.width, num_inference_steps=1, output_type="pt")
+    finally:
+        UNet2DConditionModel.forward = forward
+    return received[0][:1]  # the guided half is the same hint again
+
+
+def test_the_hint_in_training_is_the_pipelines_mirrored_with_the_picture_and_a_lora_adapter_renders(
+        tiny, tiny_controlnet, hint_file, tmp_path):
+    """One epoch of 8 pictures of three shapes, --random_flip, LoRA: each hint the UNet got equals what the pipeline
+    passes for that picture's conditioning image, centre-cropped as the picture is, or for its mirror exactly when
+    the CLIP image embedding is the mirrored picture's. The adapter (attention only: the hint block stays the base's) loads into the pipeline, changes what
+    it renders, and the card's code runs."""
+    from diffusers import KandinskyV22ControlnetPipeline
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from kandinsky_train.images import center_crop_resize
+    from kandinsky_train.stage import clip_pixels
+
+    spy, out = tmp_path / "spy.py", tmp_path / "out"
+    spy.write_text(SPY)
+    launch(str(spy), [DECODER_SCRIPT, *controlnet_args(tiny, tiny_controlnet, out, steps=4, **{
+        "--random_flip": True, "--use_lora": True, "--validation_prompts": "a red circle",
+        "--validation_image": hint_file})],
+        env=offline_env(SPY_OUTPUT=str(tmp_path / "seen.pt"), KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl")))
+    seen = torch.load(tmp_path / "seen.pt")
+    order = [i for line in (tmp_path / "trace.jsonl").read_text().splitlines() for i in json.loads(line)["index"]]
+    assert sorted(order) == list(range(8)) and len(seen) == 4
+    hints = torch.cat([step["hint"] for step in seen])
+    embeds = torch.cat([step["image_embeds"] for step in seen])
+
+    pipe = KandinskyV22ControlnetPipeline.from_pretrained(tiny_controlnet["decoder"])
+    pipe.set_progress_bar_config(disable=True)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny["prior"], subfolder="image_encoder")
+    processor = CLIPImageProcessor.from_pretrained(tiny["prior"], subfolder="image_processor")
+    data, mirrored = rows(tiny_controlnet["data"]), []
+    for index, hint, embed in zip(order, hints, embeds):
+        picture, hint_picture = data[index]["image"].convert("RGB"), data[index]["conditioning_image"].convert("RGB")
+        with torch.no_grad():
+            versions = encoder(torch.stack([clip_pixels(processor, picture),
+                                            clip_pixels(processor, ImageOps.mirror(picture))])).image_embeds
+        flip = bool((versions[1] - embed).norm() < (versions[0] - embed).norm())
+        hint_picture = center_crop_resize(hint_picture, 64, Image.BICUBIC)  # as the picture: the set's vary
+        expected = pipeline_hint(pipe, ImageOps.mirror(hint_picture) if flip else hint_picture)
+        assert hint.dtype == torch.float32 and torch.equal(hint[None], expected), (index, flip)
+        mirrored.append(flip)
+    assert True in mirrored and False in mirrored  # both versions were drawn
+
+    adapter = load_file(out / "pytorch_lora_weights.safetensors")
+    assert adapter and not any("input_hint_block" in key for key in adapter)
+    hint = torch.from_numpy(np.array(Image.open(hint_file))).permute(2, 0, 1)[None] / 255
+    call = dict(image_embeds=torch.randn(1, 32, generator=torch.Generator().manual_seed(0)),
+                negative_image_embeds=torch.zeros(1, 32), hint=hint, height=64, width=64, num_inference_steps=2,
+                output_type="pt")
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.unet.load_lora_adapter(str(out), prefix=None, weight_name="pytorch_lora_weights.safetensors")
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert (before - after).abs().max() > 1e-6, "the adapter did not change the output"
+    assert Image.open(out / "validation" / "step-000004-00.png").size == (64, 64)
+    card_renders(ModelCard.load(out / "README.md").text, tiny, tiny_controlnet, out, hint_file)
+
+
+def card_renders(card, tiny, tiny_controlnet, out, hint_file):
+    """The model card's code as a user runs it, on the CPU, with the tiny models and a hint of the tiny set."""
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "KandinskyV22ControlnetPipeline.from_pretrained" in code and "hint=hint" in code
+    for placeholder, path in (("path/to/prior", tiny["prior"]), ("path/to/decoder", tiny_controlnet["decoder"]),
+                              (f"path/to/{out.name}", out), ("depth.png", hint_file)):
+        code = code.replace(f'"{placeholder}"', f'"{path}"')
+    scope = {}
+    exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
+    assert scope["image"].size == (64, 64)
+
+
+def paired_folder(folder, sizes):
+    """An image folder whose metadata pairs each picture with a conditioning image of its size
+    (`conditioning_image_file_name`, which datasets reads as an Image column): landscape, portrait and square."""
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True)
+    lines = []
+    for i, (width, height) in enumerate(sizes):
+        picture = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        depth = np.linspace(0, 255, width, dtype=np.float32)[None].repeat(height, 0) * rng.uniform(0.3, 1)
+        picture.save(folder / f"{i}.png")
+        Image.fromarray(depth.astype(np.uint8)).save(folder / f"{i}-depth.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "conditioning_image_file_name": f"{i}-depth.png",
+                                 "text": f"picture {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    return folder
+
+
+def test_a_bucketed_run_resumed_mid_epoch_with_the_cache_ends_as_the_whole_run_and_its_output_renders(
+        tiny, tiny_controlnet, tmp_path):
+    """8 pictures of three shapes in buckets, batch 2, --random_flip: checkpoint-3 lies mid-epoch. A run resumed
+    from it with --cache_embeddings (the hints cached as uint8) ends with the uninterrupted, uncached run's weights:
+    resuming and caching change nothing. The saved pipeline renders from a hint of another shape, and validation
+    renders each prompt with its hint."""
+    from diffusers import KandinskyV22ControlnetPipeline
+
+    data = paired_folder(tmp_path / "data", [(96, 64)] * 3 + [(64, 96)] * 3 + [(64, 64)] * 2)
+    common = {"--dataset_name": None, "--train_data_dir": data, "--enable_bucket": True, "--random_flip": True,
+              "--checkpointing_steps": 3}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    hints = [data / "0-depth.png", data / "3-depth.png"]
+    launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, whole, steps=6, **common, **{
+        "--validation_prompts": ["a red circle", "a blue square"], "--validation_image": hints}))
+    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, resumed, steps=6, **common, **{
+        "--resume_from_checkpoint": "latest", "--cache_embeddings": True}))
+    assert checkpoints(resumed) == ["checkpoint-3", "checkpoint-6"]
+    assert_same_state(state_of(whole / "checkpoint-6", "unet"), state_of(resumed / "checkpoint-6", "unet"), ema=False)
+    parts = [safe_open(str(part), "pt") for part in (resumed / "embedding_cache").glob("*/part-*.safetensors")]
+    stored = [part.get_tensor("hint") for part in parts if "hint" in part.keys()]
+    assert stored and all(hint.dtype == torch.uint8 for hint in stored)
+
+    pipe = KandinskyV22ControlnetPipeline.from_pretrained(whole)
+    depth = torch.from_numpy(np.array(Image.open(data / "0-depth.png").convert("RGB").resize((128, 64))))
+    image = pipe(image_embeds=torch.randn(1, 32), negative_image_embeds=torch.zeros(1, 32), height=64, width=128,
+                 hint=depth.permute(2, 0, 1)[None] / 255, num_inference_steps=2).images[0]
+    assert image.size == (128, 64)
+    assert len(list((whole / "validation").glob("step-000006-*.png"))) == 2
+
+
+@pytest.fixture(scope="module")
+def odd_sized(tiny_controlnet, tmp_path_factory):
+    """The tiny ControlNet set with row 5's conditioning image at half its picture's size."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("odd-sized")
+    data = rows(tiny_controlnet["data"]).cast_column("conditioning_image", datasets.Image(decode=False))
+    small = Image.open(io.BytesIO(data[5]["conditioning_image"]["bytes"])).resize((32, 32))
+    small.save(folder / "small.png")
+    column = [{"bytes": None, "path": str(folder / "small.png")} if i == 5 else cell
+              for i, cell in enumerate(data["conditioning_image"])]
+    data = data.remove_columns("conditioning_image").add_column("conditioning_image", column,
+                                                                feature=datasets.Image())
+    (folder / "data").mkdir()
+    data.to_parquet(str(folder / "data" / "train.parquet"))
+    return folder
+
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("odd size", {}, "1 conditioning image(s) of the training data are not the size of their picture (row 5: "
+     "picture 80x64, conditioning image 32x32); the conditioning image is cropped and resized with the picture, so "
+     "it must match it pixel for pixel."),
+    ("missing column", {"--conditioning_image_column": "depth"},
+     "--conditioning_image_column 'depth' is not a column of the training data; its columns are: image, text, "
+     "conditioning_image."),
+    ("no hint", {"--validation_prompts": "a red circle"},
+     "The ControlNet decoder renders --validation_prompts from a hint: give --validation_image, the conditioning "
+     "image (depth map) of each prompt, or one for all of them."),
+    ("counts", {"--validation_prompts": ["a", "b", "c"], "--validation_image": ["HINT", "HINT"]},
+     "--validation_image has 2 pictures for 3 --validation_prompts: give one for each prompt, or one for all of "
+     "them."),
+    ("unreadable", {"--validation_prompts": "a", "--validation_image": "NOTES"},
+     "--validation_image 'NOTES' cannot be read as a picture: "),
+    ("no prompts", {"--validation_image": "HINT"}, "--validation_image goes with --validation_prompts, which is not "
+     "given."),
+])
+def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controlnet, odd_sized, hint_file, tmp_path,
+                                                             capsys, case, overrides, message):
+    import train_text_to_image_decoder
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    files = {"HINT": str(hint_file), "NOTES": str(notes)}
+    overrides = {key: [files.get(v, v) for v in value] if isinstance(value, list) else files.get(value, value)
+                 for key, value in overrides.items()}
+    message = message.replace("'NOTES'", repr(str(notes)))
+    if case == "odd size":
+        overrides["--dataset_name"] = odd_sized
+    args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", **overrides)
+    error = run_in_process(train_text_to_image_decoder, args, capsys)
+    lines = [line for line in error.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), error[-2000:]
+    assert not (tmp_path / "out").exists()
