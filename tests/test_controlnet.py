@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors import safe_open
 
-from conftest import DECODER_SCRIPT, base_args, checkpoints, launch, offline_env
+from conftest import DECODER_SCRIPT, REPO, base_args, checkpoints, launch, offline_env
 from test_robustness import assert_same_state, run_in_process, state_of
 
 # Records the hint and image embedding of every training forward pass of the UNet, then runs the script given.
@@ -194,6 +194,20 @@ def test_a_bucketed_run_resumed_mid_epoch_with_the_cache_ends_as_the_whole_run_a
                  hint=depth.permute(2, 0, 1)[None] / 255, num_inference_steps=2).images[0]
     assert image.size == (128, 64)
     assert len(list((whole / "validation").glob("step-000006-*.png"))) == 2
+    readme_recipe_renders(tiny, whole, data / "0-depth.png")
+
+
+def readme_recipe_renders(tiny, output, depth):
+    """The README's ControlNet inference code as a user runs it, on the CPU, at a tiny size, with the tiny prior."""
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme[readme.index("### The depth-ControlNet decoder"):], re.S).group(1)
+    for name, path in (("kandinsky-community/kandinsky-2-2-prior", tiny["prior"]),
+                       ("kandi2-controlnet-rooms", output), ("room-depth.png", depth)):
+        assert f'"{name}"' in code
+        code = code.replace(f'"{name}"', f'"{path}"')
+    scope = {}
+    exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32").replace("768", "64"), scope)
+    assert scope["image"].size == (64, 64)
 
 
 @pytest.fixture(scope="module")
