@@ -175,17 +175,20 @@ def test_a_bucketed_run_resumed_mid_epoch_with_the_cache_ends_as_the_whole_run_a
         tiny, tiny_controlnet, tmp_path):
     """8 pictures of three shapes in buckets, batch 2, --random_flip: checkpoint-3 lies mid-epoch. A run resumed
     from it with --cache_embeddings (the hints cached as uint8) ends with the uninterrupted, uncached run's weights:
-    resuming and caching change nothing. The saved pipeline renders from a hint of another shape, and validation
-    renders each prompt with its hint."""
+    resuming and caching change nothing. The held-out set (its own hints) is evaluated; the saved pipeline renders
+    from a hint of another shape, and validation renders each prompt with its hint."""
     from diffusers import KandinskyV22ControlnetPipeline
 
     data = paired_folder(tmp_path / "data", [(96, 64)] * 3 + [(64, 96)] * 3 + [(64, 64)] * 2)
+    held_out = shutil.copytree(data, tmp_path / "held_out")
     common = {"--dataset_name": None, "--train_data_dir": data, "--enable_bucket": True, "--random_flip": True,
-              "--checkpointing_steps": 3}
+              "--checkpointing_steps": 3, "--validation_data_dir": held_out}
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     hints = [data / "0-depth.png", data / "3-depth.png"]
-    launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, whole, steps=6, **common, **{
+    proc = launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, whole, steps=6, **common, **{
         "--validation_prompts": ["a red circle", "a blue square"], "--validation_image": hints}))
+    evaluated = re.findall(r"Held-out evaluation at step (\d+): eval_loss", proc.stdout + proc.stderr)
+    assert evaluated[0] == "0" and evaluated[-1] == "6", evaluated
     shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
     launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, resumed, steps=6, **common, **{
         "--resume_from_checkpoint": "latest", "--cache_embeddings": True}))
@@ -242,6 +245,8 @@ def odd_sized(tiny_controlnet, tmp_path_factory):
     ("missing column", {"--conditioning_image_column": "depth"},
      "--conditioning_image_column 'depth' is not a column of the training data; its columns are: image, text, "
      "conditioning_image."),
+    ("held-out set without hints", {"--validation_data_dir": "IMAGES"},
+     "--conditioning_image_column 'conditioning_image' is not a column of the held-out data; its columns are: "),
     ("no hint", {"--validation_prompts": "a red circle"},
      "The ControlNet decoder renders --validation_prompts from a hint: give --validation_image, the conditioning "
      "image (depth map) of each prompt, or one for all of them."),
@@ -259,7 +264,7 @@ def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controln
 
     notes = tmp_path / "notes.png"
     notes.write_text("not a picture")
-    files = {"HINT": str(hint_file), "NOTES": str(notes)}
+    files = {"HINT": str(hint_file), "NOTES": str(notes), "IMAGES": str(tiny["images"])}
     overrides = {key: [files.get(v, v) for v in value] if isinstance(value, list) else files.get(value, value)
                  for key, value in overrides.items()}
     message = message.replace("'NOTES'", repr(str(notes)))
