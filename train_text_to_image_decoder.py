@@ -245,7 +245,6 @@ class DecoderStage:
                     for number, (prompt, embeds, negative) in enumerate(m.validation_embeds)
                     for i, (width, height) in enumerate(sizes)]
 
-
     def validation_inputs(self, number, size):
         """The decoder's inputs of a validation prompt, its tensors on the device: the pipeline moves a ControlNet
         hint there only when it guides (--validation_guidance_scale above 1)."""

@@ -156,8 +156,8 @@ class ControlNet(TextToImage):
 
     def sample_inputs(self, image, row, size, resample):
         # uint8, as compact in the samples and the cache as the picture's file; [0, 1] only on the device
-        hint = paired_picture(image, row, self.args.conditioning_image_column, size, resample, self.what)
-        return {"hint": torch.from_numpy(hint.copy()).permute(2, 0, 1)}
+        return {"hint": channels_first(paired_picture(image, row, self.args.conditioning_image_column, size,
+                                                      resample, self.what))}
 
     def encode_inputs(self, batch, latents):
         return {"hint": batch["hint"]}
@@ -169,7 +169,7 @@ class ControlNet(TextToImage):
         hints = self.args.validation_image
         hint = open_rgb(hints[number if len(hints) > 1 else 0])
         resample = RESAMPLING[self.args.image_interpolation_mode]
-        pixels = torch.from_numpy(np.asarray(center_crop_resize(hint, size, resample)).copy()).permute(2, 0, 1)
+        pixels = channels_first(np.asarray(center_crop_resize(hint, size, resample)))
         return {"hint": hint_values(pixels[None], torch.float32)}
 
     def snippet_inputs(self):
@@ -179,6 +179,11 @@ class ControlNet(TextToImage):
                  "hint = torch.from_numpy(np.array(depth)).permute(2, 0, 1)[None].div(255)"
                  '.to("cuda", torch.float16)'),
                 ("hint=hint", f"height={side}", f"width={side}"))
+
+
+def channels_first(pixels):
+    """An H x W x 3 uint8 array as a 3 x H x W tensor of its own."""
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def hint_values(pixels, dtype):
