@@ -238,6 +238,17 @@ def odd_sized(tiny_controlnet, tmp_path_factory):
     return folder
 
 
+def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_in_one_line(
+        tiny, tiny_controlnet, odd_sized, tmp_path):
+    """--streaming checks each hint's size as its row comes (rows 0 to 4 train first, in the stream's order)."""
+    proc = launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
+        "--dataset_name": odd_sized, "--streaming": True, "--shuffle_buffer_size": 1}), check=False)
+    lines = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].endswith("error: A conditioning image of 32x32 pairs with a picture of 80x64 (column "
+                             "'conditioning_image'); it must match its picture pixel for pixel."), lines
+
+
 @pytest.mark.parametrize("case, overrides, message", [
     ("odd size", {}, "1 conditioning image(s) of the training data are not the size of their picture (row 5: "
      "picture 80x64, conditioning image 32x32); the conditioning image is cropped and resized with the picture, so "
