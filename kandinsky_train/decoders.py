@@ -237,6 +237,10 @@ def check_paired_column(args, dataset, held_out, column, flag, what):
 def _check_sizes(dataset, image_column, column, what, name):
     pictures = dataset.map(_sizes_of, input_columns=[image_column, column], batched=True, batch_size=256,
                            remove_columns=dataset.column_names, desc=f"Checking each {what}'s size")
+    unread = [i for i, why in enumerate(pictures["unreadable"]) if why]
+    if unread:
+        fail(f"{len(unread)} {what}(s) of {name} cannot be read (row {unread[0]}: "
+             f"{pictures['unreadable'][unread[0]]}); fix or drop those rows.")
     bad = [i for i, same in enumerate(pictures["same"]) if not same]
     if bad:
         first = bad[0]
@@ -247,9 +251,16 @@ def _check_sizes(dataset, image_column, column, what, name):
 
 def _sizes_of(images, paired):
     picture = [image_size(value) for value in images]
-    other = [image_size(value) for value in paired]
+    other, unreadable = [], []
+    for value in paired:
+        try:
+            other.append(image_size(value))
+            unreadable.append("")
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            other.append((0, 0))
+            unreadable.append(reason(error))
     return {"same": [a == b for a, b in zip(picture, other)], "picture": [f"{w}x{h}" for w, h in picture],
-            "paired": [f"{w}x{h}" for w, h in other]}
+            "paired": [f"{w}x{h}" for w, h in other], "unreadable": unreadable}
 
 
 def paired_picture(image, row, column, size, resample, what):

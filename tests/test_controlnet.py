@@ -222,27 +222,29 @@ def readme_recipe_renders(tiny, output, depth):
 
 @pytest.fixture(scope="module")
 def odd_sized(tiny_controlnet, tmp_path_factory):
-    """The tiny ControlNet set with row 5's conditioning image at half its picture's size."""
+    """The tiny ControlNet set with row 5's conditioning image at 32x32 ("odd"), and with row 2's not a picture
+    ("unreadable")."""
     import datasets
 
-    folder = tmp_path_factory.mktemp("odd-sized")
+    root = tmp_path_factory.mktemp("odd-sized")
     data = rows(tiny_controlnet["data"]).cast_column("conditioning_image", datasets.Image(decode=False))
-    small = Image.open(io.BytesIO(data[5]["conditioning_image"]["bytes"])).resize((32, 32))
-    small.save(folder / "small.png")
-    column = [{"bytes": None, "path": str(folder / "small.png")} if i == 5 else cell
-              for i, cell in enumerate(data["conditioning_image"])]
-    data = data.remove_columns("conditioning_image").add_column("conditioning_image", column,
-                                                                feature=datasets.Image())
-    (folder / "data").mkdir()
-    data.to_parquet(str(folder / "data" / "train.parquet"))
-    return folder
+    small = io.BytesIO()
+    Image.open(io.BytesIO(data[5]["conditioning_image"]["bytes"])).resize((32, 32)).save(small, "PNG")
+    for folder, row, cell in (("odd", 5, small.getvalue()), ("unreadable", 2, b"not a picture")):
+        column = [{"bytes": cell, "path": None} if i == row else value
+                  for i, value in enumerate(data["conditioning_image"])]
+        changed = data.remove_columns("conditioning_image").add_column("conditioning_image", column,
+                                                                       feature=datasets.Image())
+        (root / folder / "data").mkdir(parents=True)
+        changed.to_parquet(str(root / folder / "data" / "train.parquet"))
+    return root
 
 
 def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_in_one_line(
         tiny, tiny_controlnet, odd_sized, tmp_path):
     """--streaming checks each hint's size as its row comes (rows 0 to 4 train first, in the stream's order)."""
     proc = launch(DECODER_SCRIPT, controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
-        "--dataset_name": odd_sized, "--streaming": True, "--shuffle_buffer_size": 1}), check=False)
+        "--dataset_name": odd_sized / "odd", "--streaming": True, "--shuffle_buffer_size": 1}), check=False)
     lines = [line for line in proc.stderr.splitlines() if "error: " in line]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].endswith("error: A conditioning image of 32x32 pairs with a picture of 80x64 (column "
@@ -253,6 +255,8 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     ("odd size", {}, "1 conditioning image(s) of the training data are not the size of their picture (row 5: "
      "picture 80x64, conditioning image 32x32); the conditioning image is cropped and resized with the picture, so "
      "it must match it pixel for pixel."),
+    ("unreadable", {}, "1 conditioning image(s) of the training data cannot be read (row 2: cannot identify image "
+     "file"),
     ("missing column", {"--conditioning_image_column": "depth"},
      "--conditioning_image_column 'depth' is not a column of the training data; its columns are: image, text, "
      "conditioning_image."),
@@ -264,7 +268,7 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     ("counts", {"--validation_prompts": ["a", "b", "c"], "--validation_image": ["HINT", "HINT"]},
      "--validation_image has 2 pictures for 3 --validation_prompts: give one for each prompt, or one for all of "
      "them."),
-    ("unreadable", {"--validation_prompts": "a", "--validation_image": "NOTES"},
+    ("unreadable hint", {"--validation_prompts": "a", "--validation_image": "NOTES"},
      "--validation_image 'NOTES' cannot be read as a picture: "),
     ("no prompts", {"--validation_image": "HINT"}, "--validation_image goes with --validation_prompts, which is not "
      "given."),
@@ -279,8 +283,8 @@ def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controln
     overrides = {key: [files.get(v, v) for v in value] if isinstance(value, list) else files.get(value, value)
                  for key, value in overrides.items()}
     message = message.replace("'NOTES'", repr(str(notes)))
-    if case == "odd size":
-        overrides["--dataset_name"] = odd_sized
+    if case in ("odd size", "unreadable"):
+        overrides["--dataset_name"] = odd_sized / ("unreadable" if case == "unreadable" else "odd")
     args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", **overrides)
     error = run_in_process(train_text_to_image_decoder, args, capsys)
     lines = [line for line in error.splitlines() if line.startswith("error: ")]
