@@ -266,7 +266,10 @@ def _sizes_of(images, paired):
 def paired_picture(image, row, column, size, resample, what):
     """The `column` picture of a sample's row, centre-cropped and resized as the sample's picture `image` is, as an
     HxWx3 uint8 array; a picture of another size (a streamed set's, unchecked before) stops the run in one line."""
-    paired = open_rgb(row[column])
+    try:
+        paired = open_rgb(row[column])
+    except Exception as error:  # a streamed set's, unchecked before; or a file damaged past its header
+        fail(f"A {what} of column {column!r} cannot be read: {reason(error)}")
     if paired.size != image.size:
         fail(f"A {what} of {paired.size[0]}x{paired.size[1]} pairs with a picture of {image.size[0]}x"
              f"{image.size[1]} (column {column!r}); it must match its picture pixel for pixel.")
