@@ -240,10 +240,16 @@ class DecoderStage:
         with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(self.device, m.movq):
             return [(prompt if i == 0 else f"{prompt} ({width}x{height})",
                      validation.render(pipe, args, embeds, negative, generator, (width, height),
-                                       **self.decoder.validation_inputs(number // args.num_validation_images,
-                                                                        (width, height))))
+                                       **self.validation_inputs(number // args.num_validation_images,
+                                                                (width, height))))
                     for number, (prompt, embeds, negative) in enumerate(m.validation_embeds)
                     for i, (width, height) in enumerate(sizes)]
+
+    def validation_inputs(self, number, size):
+        """The decoder's inputs of a validation prompt, its tensors on the device: the pipeline moves a ControlNet
+        hint there only when it guides (--validation_guidance_scale above 1)."""
+        inputs = self.decoder.validation_inputs(number, size)
+        return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
 
 
 def decoder_sample(image, size, resample, image_processor, flip=False):

@@ -16,6 +16,8 @@ order a run meets them:
                 their data columns, their pipeline
       inpainting  the inpainting decoder's masks: read as the pipeline reads them, drawn per sample and epoch,
                   grown by a latent pixel as the pipeline grows them
+      paired_pictures  masks and hints paired with the training pictures (a column, checked and cropped with
+                  them), the validation pictures paired with the prompts
     loop        the training loop: restore, step, log, checkpoint, validate and evaluate, finish
       cache       --cache_embeddings: the frozen models' outputs, computed once (CLIP image embeddings: for both stages)
       fingerprints  what a cache entry is keyed on: the frozen weights, the picture files as they are now

@@ -4,14 +4,13 @@ share the MoVQ, the CLIP image condition and the noise objective; they differ in
 noisy latents, in the data columns that feed it, and in the pipeline that renders and loads them. Which one a UNet
 is comes from its configuration (`detect`); --decoder_type only makes a disagreement an error."""
 
-import argparse
-import os
-
 import numpy as np
+import torch
 
 from . import inpainting
 from .errors import fail
-from .images import RESAMPLING, center_crop_resize, image_size, open_rgb
+from .images import RESAMPLING
+from .paired_pictures import check_paired_column, check_validation_pictures, paired_picture, validation_picture
 
 DECODER_TYPES = ("text2img", "inpaint", "controlnet")
 
@@ -193,96 +192,59 @@ class ControlNet(TextToImage):
     name = "controlnet"
     pipeline_class = "KandinskyV22ControlnetPipeline"
     auto_pipeline = None  # no AutoPipeline maps the ControlNet decoder
+    what = "conditioning image"
+
+    @property
+    def columns(self):
+        return (self.args.conditioning_image_column,)
+
+    @property
+    def cache_key(self):
+        return {"conditioning_image_column": self.args.conditioning_image_column}
+
+    def check_flags(self):
+        """--validation_prompts each need a hint: --validation_image, one per prompt or one for all, readable."""
+        super().check_flags()
+        prompts, hints = self.args.validation_prompts, self.args.validation_image
+        if prompts and not hints:
+            fail("The ControlNet decoder renders --validation_prompts from a hint: give --validation_image, the "
+                 "conditioning image (depth map) of each prompt, or one for all of them.")
+        self.hints = check_validation_pictures(self.args, "--validation_image", hints)
+
+    def check_data(self, dataset, held_out):
+        return check_paired_column(self.args, dataset, held_out, self.args.conditioning_image_column,
+                                   "--conditioning_image_column", self.what)
+
+    def sample_inputs(self, image, row, size, resample):
+        # uint8, as compact in the samples and the cache as the picture's file; [0, 1] only on the device
+        return {"hint": channels_first(paired_picture(image, row, self.args.conditioning_image_column, size,
+                                                      resample, self.what))}
+
+    def encode_inputs(self, batch, latents):
+        return {"hint": batch["hint"]}
+
+    def unet_inputs(self, noisy, features):
+        return noisy, {"hint": hint_values(features["hint"].to(noisy.device), noisy.dtype)}
+
+    def validation_inputs(self, number, size):
+        hint = validation_picture(self.hints, number, size, RESAMPLING[self.args.image_interpolation_mode])
+        return {"hint": hint_values(channels_first(np.asarray(hint))[None], torch.float32)}
+
+    def snippet_inputs(self):
+        side = self.args.resolution
+        return (("import numpy as np", "from diffusers.utils import load_image", "",
+                 f'depth = load_image("depth.png").resize(({side}, {side}))  # the hint: a depth map of the picture',
+                 "hint = torch.from_numpy(np.array(depth)).permute(2, 0, 1)[None].div(255)"
+                 '.to("cuda", torch.float16)'),
+                ("hint=hint", f"height={side}", f"width={side}"))
 
 
-# The picture-aligned columns of the inpainting and ControlNet decoders (a mask, a hint): shared checks and crops.
-
-def check_paired_column(args, dataset, held_out, column, flag, what):
-    """(dataset, held_out) with `column`, named by `flag`, checked and left undecoded: it must be a column of each
-    set, and each of its pictures (`what`: "mask", "conditioning image") must have its picture's size, since it is
-    cropped and resized with it. A streamed set is checked as it streams (`paired_picture`)."""
-    from .data import undecoded
-
-    checked = []
-    separate = held_out is not None and held_out.split is None  # --validation_data_dir / _dataset_name
-    for name, data, folder in (("the training data", dataset, paths_folder(args.dataset_name, args.train_data_dir)),
-                               ("the held-out data", held_out and held_out.dataset,
-                                paths_folder(args.validation_dataset_name, args.validation_data_dir) if separate
-                                else paths_folder(args.dataset_name, args.train_data_dir))):
-        if data is None:
-            checked.append(None)
-            continue
-        columns = data.column_names or []
-        if column not in columns:
-            fail(f"{flag} {column!r} is not a column of {name}; its columns are: {', '.join(columns)}.")
-        data = undecoded(data, column, folder)
-        if not args.streaming:
-            _check_sizes(data, args.image_column, column, what, name)
-        checked.append(data)
-    if held_out is not None:
-        held_out.dataset = checked[1]
-    return checked[0], held_out
+def channels_first(pixels):
+    """An H x W x 3 uint8 array as a 3 x H x W tensor of its own."""
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
-def paths_folder(dataset_name, data_dir):
-    """Where a paired column of file paths is resolved: a local data set's folder, or an image folder (whose
-    metadata.jsonl names the mask or hint files beside the picture's `file_name`); None for a Hub data set."""
-    from .data import data_folder
-
-    folder = data_folder(argparse.Namespace(dataset_name=dataset_name))
-    return folder or (os.path.abspath(data_dir) if data_dir else None)
-
-
-def _check_sizes(dataset, image_column, column, what, name):
-    pictures = dataset.map(_sizes_of, input_columns=[image_column, column], batched=True, batch_size=256,
-                           remove_columns=dataset.column_names, desc=f"Checking each {what}'s size")
-    bad = [i for i, same in enumerate(pictures["same"]) if not same]
-    if bad:
-        first = bad[0]
-        fail(f"{len(bad)} {what}(s) of {name} are not the size of their picture (row {first}: picture "
-             f"{pictures['picture'][first]}, {what} {pictures['paired'][first]}); the {what} is cropped and resized "
-             "with the picture, so it must match it pixel for pixel.")
-
-
-def _sizes_of(images, paired):
-    picture = [image_size(value) for value in images]
-    other = [image_size(value) for value in paired]
-    return {"same": [a == b for a, b in zip(picture, other)], "picture": [f"{w}x{h}" for w, h in picture],
-            "paired": [f"{w}x{h}" for w, h in other]}
-
-
-def paired_picture(image, row, column, size, resample, what):
-    """The `column` picture of a sample's row, centre-cropped and resized as the sample's picture `image` is, as an
-    HxWx3 uint8 array; a picture of another size (a streamed set's, unchecked before) stops the run in one line."""
-    paired = open_rgb(row[column])
-    if paired.size != image.size:
-        fail(f"A {what} of {paired.size[0]}x{paired.size[1]} pairs with a picture of {image.size[0]}x"
-             f"{image.size[1]} (column {column!r}); it must match its picture pixel for pixel.")
-    return np.asarray(center_crop_resize(paired, size, resample))
-
-
-# The validation pictures of the inpainting and ControlNet decoders (--validation_image, --validation_mask_image).
-
-def check_validation_pictures(args, flag, paths):
-    """The pictures of `flag` (one per --validation_prompts entry, or one for all) opened as RGB, so that a count
-    that does not fit or a file that does not read stops the run before any model loads; [] without the flag."""
-    if paths is None:
-        return []
-    if not args.validation_prompts:
-        fail(f"{flag} pairs with --validation_prompts, which is not given.")
-    if len(paths) not in (1, len(args.validation_prompts)):
-        fail(f"{flag}: {len(paths)} pictures for {len(args.validation_prompts)} --validation_prompts; give one per "
-             "prompt, or one for all of them.")
-    pictures = []
-    for path in paths:
-        try:
-            pictures.append(open_rgb(path))
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            fail(f"{flag} {path!r} cannot be read as a picture: {type(error).__name__}: {error}")
-    return pictures
-
-
-def validation_picture(pictures, number, size, resample):
-    """The picture for the `number`-th validation prompt, centre-cropped and resized to (width, height) `size` as
-    the training pictures are."""
-    return center_crop_resize(pictures[number if len(pictures) > 1 else 0], size, resample)
+def hint_values(pixels, dtype):
+    """A uint8 hint (N x 3 x H x W) as the ControlNet UNet takes it: exactly pixels / 255 (what the pipeline's
+    example passes), computed in float32 and then cast, as a user's `.float() / 255.0` then `.half()` is."""
+    return (pixels.float() / 255.0).to(dtype)

@@ -81,7 +81,8 @@ class StreamSamples(torch.utils.data.IterableDataset):
     def __init__(self, stream, args, stage, seed):
         self.stream = stream.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size)
         self.image_column, self.stage, self.seed = args.image_column, stage, seed
-        self.caption_column = getattr(args, "caption_column", None)  # the prior's; the decoder reads no caption
+        # The prior's caption column; the decoder's other columns are pictures (a hint, a mask) make_sample checks.
+        self.caption_column = getattr(args, "caption_column", None)
         self.epoch, self.skip = 0, {}
 
     def set_epoch(self, epoch, skip=None):
@@ -106,10 +107,10 @@ class StreamSamples(torch.utils.data.IterableDataset):
     def _sample(self, row, position):
         value = row[self.image_column]
         name = row.get("__key__") or image_name(value)
-        for column in self.stage.columns:  # the prior's captions; the decoders' masks or hints are pictures
-            if column == self.caption_column and captions(row[column]) is None:
-                logger.warning(f"Skipping sample {name}: missing or non-string caption in column {column!r}")
-                return None
+        column = self.caption_column
+        if column in self.stage.columns and captions(row[column]) is None:
+            logger.warning(f"Skipping sample {name}: missing or non-string caption in column {column!r}")
+            return None
         try:
             image = open_rgb(value)
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
