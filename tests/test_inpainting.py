@@ -278,7 +278,7 @@ def with_a_small_mask(tiny_inpaint, folder):
       "--validation_mask_image": "PICTURE"},
      r"^error: --validation_image: 2 pictures for 3 --validation_prompts; give one per prompt, or one for all"),
     ({"--validation_prompts": ["a"], "--validation_image": "PICTURE", "--validation_mask_image": "MISSING"},
-     r"^error: --validation_mask_image '.*missing\.png' cannot be read as a picture: FileNotFoundError"),
+     r"^error: --validation_mask_image '.*missing\.png' cannot be read as a picture: .*No such file or directory"),
     ({"--validation_image": "PICTURE", "--validation_mask_image": "PICTURE"},
      r"^error: --validation_image pairs with --validation_prompts, which is not given\.$"),
 ])
