@@ -43,7 +43,11 @@ def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, dec
     beside the embeddings)."""
     setup, arguments = decoder_inputs
     imports = ("DDPMScheduler, " if decoder_scheduler else "") + decoder_class
-    lines = ["import torch", f"from diffusers import {imports}, KandinskyV22PriorPipeline", "",
+    setup_imports = [line for line in setup if line.startswith(("import ", "from "))]  # at the top, as usual
+    setup = [line for line in setup if line and line not in setup_imports]
+    lines = [*sorted(["import torch", *(line for line in setup_imports if line.startswith("import "))]),
+             f"from diffusers import {imports}, KandinskyV22PriorPipeline",
+             *(line for line in setup_imports if line.startswith("from ")), "",
              f'prior = KandinskyV22PriorPipeline.from_pretrained("{prior}", dtype=torch.float16).to("cuda")',
              f'decoder = {decoder_class}.from_pretrained("{decoder}", dtype=torch.float16).to("cuda")']
     for model, adapter in (("prior.prior", prior_lora), ("decoder.unet", decoder_lora)):
