@@ -14,7 +14,7 @@ import torch
 
 from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, holdout, hub, images, loop, preemption,
                              runtime, storage, streaming, validation)
-from kandinsky_train.model_card import hub_id, output_name, pair_snippet, snippet_name
+from kandinsky_train.model_card import TAGS, hub_id, output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
 STAGE = "decoder"
@@ -339,8 +339,12 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id, decoder):
         f"Generate with the Kandinsky 2.2 prior it was trained with, a local model folder "
         f"`{os.path.basename(os.path.normpath(prior_path))}` (or one fine-tuned from it): the code below expects it "
         f"at `{pair['prior']}`."]
-    hub.publish(args, accelerator, STAGE, decoder_path, snippet, trained.images, hub_repo_id, trained.summary,
-                extra_yaml={"prior": [prior_path]} if hub_id(prior_path) else None, notes=notes)
+    extra_yaml = {"prior": [prior_path]} if hub_id(prior_path) else {}
+    if decoder.tags:
+        extra_yaml["tags"] = [*TAGS, *decoder.tags]
+    title = STAGE if decoder.name == "text2img" else decoder.description  # "inpainting decoder"...
+    hub.publish(args, accelerator, title, decoder_path, snippet, trained.images, hub_repo_id, trained.summary,
+                extra_yaml=extra_yaml or None, notes=notes)
 
 
 if __name__ == "__main__":

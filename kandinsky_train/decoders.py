@@ -54,6 +54,7 @@ class TextToImage:
     name = "text2img"
     pipeline_class = "KandinskyV22Pipeline"  # renders validation images and loads the final save
     auto_pipeline = "AutoPipelineForText2Image"
+    tags = ()  # the model card's tags beside the text-to-image ones
 
     def __init__(self, args):
         self.args = args
@@ -124,6 +125,7 @@ class Inpainting(TextToImage):
     name = "inpaint"
     pipeline_class = "KandinskyV22InpaintPipeline"
     auto_pipeline = "AutoPipelineForInpainting"
+    tags = ("inpainting",)
 
     @property
     def columns(self):
@@ -192,6 +194,7 @@ class ControlNet(TextToImage):
     name = "controlnet"
     pipeline_class = "KandinskyV22ControlnetPipeline"
     auto_pipeline = None  # no AutoPipeline maps the ControlNet decoder
+    tags = ("controlnet",)
     what = "conditioning image"
 
     @property

@@ -74,9 +74,8 @@ def write_model_card(args, stage_title, base_model, inference_snippet, images, s
         license="apache-2.0",  # the license of Kandinsky 2.2
         base_model=hub_id(base_model),  # the Hub only accepts model ids here
         datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
-        tags=TAGS,
         library_name="diffusers",
-        **(extra_yaml or {}),
+        **{"tags": TAGS, **(extra_yaml or {})},  # a stage may name more tags
     )
     dataset = hub_id(args.dataset_name) if args.dataset_name else None
     lines = [f"# {stage_title} fine-tuned from {public_name(base_model)}", "",

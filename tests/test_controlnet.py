@@ -131,7 +131,9 @@ def test_the_hint_in_training_is_the_pipelines_mirrored_with_the_picture_and_a_l
     pipe.unet.load_lora_adapter(str(out), prefix=None, weight_name="pytorch_lora_weights.safetensors")
     after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert (before - after).abs().max() > 1e-6, "the adapter did not change the output"
-    card_renders(ModelCard.load(out / "README.md").text, tiny, tiny_controlnet, out, hint_file)
+    card = ModelCard.load(out / "README.md")
+    assert "controlnet" in card.data.tags and card.text.startswith("\n# Kandinsky 2.2 depth-ControlNet decoder LoRA")
+    card_renders(card.text, tiny, tiny_controlnet, out, hint_file)
 
 
 def card_renders(card, tiny, tiny_controlnet, out, hint_file):

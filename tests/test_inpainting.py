@@ -177,7 +177,9 @@ def check_the_output(tiny, root):
     from diffusers import AutoPipelineForInpainting, KandinskyV22PriorPipeline
 
     whole = root / "whole"
-    code = re.search(r"```python\n(.*?)```", (whole / "README.md").read_text(), re.S).group(1)
+    card = (whole / "README.md").read_text()
+    assert "\n# Kandinsky 2.2 inpainting decoder fine-tuned from " in card and "- inpainting\n" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     for name, path in (("path/to/prior", tiny["prior"]), ("path/to/whole", whole),
                        ("picture.png", root / "picture.png"), ("mask.png", root / "mask.png")):
         assert f'"{name}"' in code, name
