@@ -14,6 +14,7 @@ from fakes import FakeAccelerator, fake_checkpoint, fake_reference_checkpoint
 from kandinsky_train import checkpoint, checkpoint_folders, model_state
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.errors import UserError
+from kandinsky_train.output_dir import check_output_dir
 
 PRIOR = Layout("prior")
 
@@ -84,6 +85,15 @@ def test_an_fp16_run_needs_the_gradient_scalers_file(tmp_path, monkeypatch):
     assert Layout.of(Args, "decoder").missing(tmp_path / "checkpoint-4") == ["scaler.pt"]
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert Layout.of(Args, "decoder").missing(tmp_path / "checkpoint-4") == []
+    # resumed with `latest` in fp16, a bf16 run's checkpoint is refused with what to do, before anything loads
+    Args.mixed_precision, Args.resume_from_checkpoint = "fp16", "latest"
+    for flag in ("pretrained_prior_model_name_or_path", "pretrained_decoder_model_name_or_path", "train_data_dir",
+                 "dataset_name", "validation_data_dir"):
+        setattr(Args, flag, None)
+    with pytest.raises(UserError, match=r"holds checkpoint-4, which has no scaler.pt \(fp16's loss scale\) that this "
+                                        r"fp16 run needs to resume: it was saved in another precision \(resume with "
+                                        r"that --mixed_precision\) or lost the file"):
+        check_output_dir(Args, "decoder")
 
 
 def test_train_state_round_trips_and_derives_the_epoch():
