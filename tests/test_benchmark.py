@@ -34,7 +34,7 @@ def assert_measured(record, steps):
 def test_quick_benchmark_measures_variants_side_by_side_with_the_reference(work, tmp_path):
     """One stage (the decoder: the prior runs through the same code), the reference and two variants of ours, as
     the GPU session ran them, then a recipe, compared with the reference: each row with the FLOPs of a sample (no
-    MFU on a CPU). (The other recipe, and one whose flags a checkout lacks, in the gpu_check test below.)"""
+    MFU on a CPU). (The other recipe, or the note of a checkout that lacks its flags, in the gpu_check test below.)"""
     out = tmp_path / "r.jsonl"
     proc = subprocess.run([sys.executable, "benchmarks/benchmark.py", "--quick", "--stage", "decoder",
                            "--work_dir", str(work), "--out", str(out), "--reference_dir", str(REPO),
@@ -66,9 +66,10 @@ def test_reference_dir_without_the_scripts_is_refused(tmp_path):
 
 def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_what_did_not_run(work, tmp_path):
     """benchmarks/gpu_check.py --quick, both parts on the tiny decoder: the profile of one optimizer step (its
-    top-20 table and busy share), the recipes through benchmark.py (one whose flags this checkout lacks skipped with
-    a note that names them), the cached/uncached loss curves, a smoke run whose saved pipeline renders; then part 1
-    again with half a second's budget: cut in its first item, the rest listed as not run, and still the summary."""
+    top-20 table and busy share), a recipe through benchmark.py (skipped with a note that names the flags a checkout
+    lacks; the other recipe in the benchmark test above), the cached/uncached loss curves, a smoke run whose saved
+    pipeline renders; then part 1 again with half a second's budget: cut in its first item, the rest listed as not
+    run, and still the summary."""
     out = tmp_path / "out"
 
     def gpu_check(*args):
@@ -78,9 +79,12 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         return proc.stdout
 
+    help_text = subprocess.run([sys.executable, "train_text_to_image_decoder.py", "--help"], cwd=REPO,
+                               capture_output=True, text=True).stdout
+    missing = [flag for flag in ("--full_bf16", "--fused_backward_pass") if flag not in help_text]
     summary = gpu_check("--part", "1", "--budget_s", "600")
-    assert "| profile, decoder, cpu-fp32 | ok |\n| recipe, decoder, low-memory |" in summary
-    assert "| recipe, decoder, fastest | ok |" in summary
+    assert f"| profile, decoder, cpu-fp32 | ok |\n| recipe, decoder, low-memory | {'skipped' if missing else 'ok'} |" \
+        in summary
     part1 = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
     profile = part1[0]
     assert profile["check"] == "profile" and profile["ok"] and profile["step"] == 4 and profile["clock"] == "cpu"
@@ -90,19 +94,14 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
     assert len(rows) == 20 and any("aten::convolution" in row for row in rows)
     assert (out / "profile-decoder-cpu-fp32.txt").read_text() == profile["top20"]
     assert (out / "profile-decoder-cpu-fp32.txt.trace.json.gz").stat().st_size > 0
-    fastest = next(r for r in part1 if r.get("label") == "fastest recipe")
-    assert fastest["samples_per_second"] > 0 and fastest["flops_per_sample"] > 0
     low_memory = next(r for r in part1 if r.get("label") == "low-memory recipe")
-    help_text = subprocess.run([sys.executable, "train_text_to_image_decoder.py", "--help"], cwd=REPO,
-                               capture_output=True, text=True).stdout
-    missing = [flag for flag in ("--full_bf16", "--fused_backward_pass") if flag not in help_text]
     if missing:  # issue 24's memory flags, not in every checkout
         assert low_memory["skipped"] == f"skipped: this checkout's script does not accept {', '.join(missing)}"
     else:
         assert_measured(low_memory, steps=2)
         assert low_memory["against"] == "cpu-fp32" and "--fused_backward_pass --full_bf16" in low_memory["script_args"]
     assert [r["item"] for r in part1 if "outcome" in r] == [
-        ["profile", "decoder", "cpu-fp32"], ["recipe", "decoder", "low-memory"], ["recipe", "decoder", "fastest"]]
+        ["profile", "decoder", "cpu-fp32"], ["recipe", "decoder", "low-memory"]]
 
     summary = gpu_check("--part", "2", "--budget_s", "600")
     assert "| curves, decoder, cache | ok |" in summary and "| smoke, decoder, fp16 | ok |" in summary
@@ -117,4 +116,4 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
     assert "| profile, decoder, cpu-fp32 | cut at 0.5 s |\n| recipe, decoder, low-memory | not run: out of time |" \
         in summary
     outcomes = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
-    assert [r["outcome"] for r in outcomes] == ["cut at 0.5 s"] + ["not run: out of time"] * 2
+    assert [r["outcome"] for r in outcomes] == ["cut at 0.5 s", "not run: out of time"]
