@@ -30,7 +30,7 @@ order a run meets them:
                   the command line's win, said in one line and noted in the model card
       memory      the weights' dtypes; --fused_backward_pass, --full_bf16: the optimizer steps one tensor at a time
       tracking    TensorBoard / W&B figures and images
-      validation  validation images
+      validation  validation images; when they and the held-out evaluation are due (and owed after a stop)
       evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise
       diffusion   the loss (Min-SNR); the seeds per micro-batch and per sample
       preemption  a clean stop on SIGTERM / Ctrl-C

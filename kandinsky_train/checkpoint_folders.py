@@ -21,29 +21,39 @@ MODEL_FOLDERS = {"prior": "prior", "decoder": "unet"}  # the trained model's fol
 # The pipelines each stage's final save writes as OUTPUT_DIR/model_index.json.
 STAGE_PIPELINES = {"prior": ("KandinskyV22PriorPipeline",), "decoder": ("KandinskyV22Pipeline",)}
 RESUME_FILES = ("optimizer.bin", "scheduler.bin", "random_states_*.pkl")  # what accelerate's load_state reads
+SCALER_FILE = "scaler.pt"  # fp16's loss scale: accelerate saves it, and its load_state reads it, with fp16 only
 
 
 @dataclass(frozen=True)
 class Layout:
     """What a checkpoint of this run holds beside accelerate's files: the trained model in SUBFOLDER/ (its adapters
-    in SUBFOLDER_lora/ with --use_lora) and, with --use_ema, its EMA in SUBFOLDER_ema/."""
+    in SUBFOLDER_lora/ with --use_lora), with --use_ema its EMA in SUBFOLDER_ema/, and with fp16 (`scaler`) the
+    gradient scaler's scaler.pt."""
 
     subfolder: str
     ema: bool = False
     lora: bool = False
+    scaler: bool = False
 
     @classmethod
     def of(cls, args, stage_name):
-        return cls(MODEL_FOLDERS[stage_name], ema=args.use_ema, lora=args.use_lora)
+        return cls(MODEL_FOLDERS[stage_name], ema=args.use_ema, lora=args.use_lora,
+                   scaler=mixed_precision(args) == "fp16")
 
     def missing(self, path):
         """What the folder lacks for this run to resume from it; [] when it is a complete checkpoint. (The one
         place that says why a folder is not resumable: a further condition joins here.)"""
-        missing = [name for name in RESUME_FILES if not glob.glob(os.path.join(glob.escape(path), name))]
+        needed = RESUME_FILES + ((SCALER_FILE,) if self.scaler else ())
+        missing = [name for name in needed if not glob.glob(os.path.join(glob.escape(path), name))]
         sub = self.subfolder
         models = {f"{sub}_lora": False} if self.lora else {sub: True, **({f"{sub}_ema": True} if self.ema else {})}
         return missing + [f"{name}/" for name, config in models.items()
                           if not _holds_model(os.path.join(path, name), config)]
+
+
+def mixed_precision(args):
+    """The mixed precision accelerate will use: the flag, else `accelerate launch`'s setting or its config file's."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
 def _holds_model(folder, config):

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets, tracker_names
+from .checkpoint_folders import mixed_precision
 from .errors import fail
 from .output_dir import check_output_dir
 from .images import IMAGE_EXTENSIONS
@@ -162,7 +163,7 @@ def _check_memory_levers(args):
     if levers and args.optimizer == "prodigy":
         fail(f"Conflicting flags: {levers[0]} steps each weight tensor on its own, and Prodigy estimates its step size "
              "from all of them together; use --optimizer adamw or adafactor, or drop one of them.")
-    precision = _precision(args)
+    precision = mixed_precision(args)
     if args.full_bf16 and precision != "bf16":
         fail(f"--full_bf16 needs --mixed_precision bf16 (this run's is {precision}): the bf16 weights need bf16 "
              "autocast around them.")
@@ -195,16 +196,11 @@ def _check_packages(args):
         fail("--use_lora needs peft: pip install peft")
 
 
-def _precision(args):
-    """The mixed precision accelerate will use: the flag, else `accelerate launch`'s setting or its config file's."""
-    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-
-
 def _check_precision(args):
     """fp16 autocast needs a GPU: on the CPU the first step fails with a dtype mismatch (bf16 works there)."""
     import torch
 
-    precision = _precision(args)
+    precision = mixed_precision(args)
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not (
         torch.cuda.is_available() or torch.backends.mps.is_available()
         or (hasattr(torch, "xpu") and torch.xpu.is_available()))

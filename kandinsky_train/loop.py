@@ -26,7 +26,7 @@ from .preemption import StopRequest, finishing
 from .runtime import (check_ranks_agree, compile_model, console_through_progress_bars, make_lr_scheduler,
                       make_optimizer, set_schedule_position, weight_dtype_of)
 from .streaming import StreamBatches, StreamSamples
-from .validation import run_validation, validations_due
+from .validation import Validations
 
 
 @dataclass
@@ -93,8 +93,9 @@ class Trainer:
             self.model = compile_model(self.model)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
+        self.validations = Validations(args, accelerator, stage, self.model, self.ema, self.evaluation, self.state,
+                                       self.max_steps)
         self.grad_norm = None
-        self.shown, self.evaluated_at = None, None  # the last validation (step, images), the last evaluation's step
         self.clock = time.monotonic()
 
     def frozen_outputs(self, dataset, held_out, seed):
@@ -123,17 +124,17 @@ class Trainer:
                              disable=not self.accelerator.is_local_main_process)
         self.meter = tracking.StepMeter(self.accelerator, self.args.train_batch_size)
         self.logger = tracking.LaggedLogger(self.accelerator, self.progress)
-        self.validate_at_start()
+        self.validations.at_start()
         for epoch in range(self.state.epoch, self.num_epochs):
             if self.done:
                 break
             for batch_index, batch in self.epoch_batches(epoch):
                 if self.train_step(batch, epoch, batch_index):
                     self.end_optimizer_step()
-                    self.validate_when_due()
+                    self.validations.when_due()
                 if self.done:
                     break
-            self.validate_when_due(end_of_epoch=epoch)
+            self.validations.when_due(end_of_epoch=epoch)
         return self.finish()
 
     def restore(self):
@@ -198,7 +199,7 @@ class Trainer:
         self.progress.update(1)
         stopping = self.stop.requested(self.accelerator)
         if stopping:  # what this step still owes falls to the resumed run
-            self.state.validation_due = self.due_at_stop()
+            self.state.validation_due = self.validations.due_at_stop()
         if stopping or self.state.global_step % self.args.checkpointing_steps == 0:
             self.save_checkpoint()
         if stopping:
@@ -242,46 +243,6 @@ class Trainer:
                           if last else "No checkpoint was saved before it: start again ")
              + "with a lower --learning_rate (with --mixed_precision fp16, bf16 or a lower --max_grad_norm can help).")
 
-    def validate_when_due(self, end_of_epoch=None):
-        self.run_validations(*self.due(end_of_epoch))
-
-    def due(self, end_of_epoch=None):
-        """(validation images, held-out evaluation) due now; the last step's are finish()'s."""
-        return (False, False) if self.done else validations_due(self.args, self.state.global_step, end_of_epoch)
-
-    def due_at_stop(self):
-        """What a stop at this step leaves undone: the step's validation and, at the last step of an epoch, the
-        epoch's (a stream's resumed run reaches the end of its pass itself)."""
-        due = self.due()
-        if self.state.steps_per_epoch and self.state.epoch_steps % self.state.steps_per_epoch == 0:
-            due = [a or b for a, b in zip(due, self.due(end_of_epoch=self.state.epoch))]
-        return [name for name, flag in zip(("images", "evaluate"), due) if flag]
-
-    def run_validations(self, images, evaluate):
-        if images:
-            self.validate()
-        if evaluate:
-            self.evaluate()
-
-    def validate(self):
-        self.shown = self.state.global_step, run_validation(self.args, self.accelerator, self.stage,
-                                                            self.accelerator.unwrap_model(self.model), self.ema,
-                                                            self.state.global_step)
-        return self.shown[1]
-
-    def evaluate(self):
-        if self.evaluation is not None:
-            self.evaluation.run(self.accelerator.unwrap_model(self.model), self.ema, self.state.global_step)
-            self.evaluated_at = self.state.global_step
-
-    def validate_at_start(self):
-        """A new run's held-out curve starts at step 0, with the weights it starts from; a resumed run first does
-        what a stop at its checkpoint's step left undone."""
-        if self.state.global_step == 0:
-            self.evaluate()
-        due, self.state.validation_due = self.state.validation_due, []
-        self.run_validations("images" in due, "evaluate" in due)
-
     def finish(self):
         saved = checkpoint_folders.list_checkpoints(self.args.output_dir, self.layout)
         self.stop.training_ended(f"Training reached step {self.state.global_step}; the last checkpoint is "
@@ -292,10 +253,7 @@ class Trainer:
         check_ranks_agree(self.accelerator, self.model)
         finishing("the final validation")
         faults.at("finish")
-        step = self.state.global_step  # a stream that ran out of passes has validated its last step already
-        final_images = self.shown[1] if self.shown and self.shown[0] == step else self.validate()
-        if self.evaluated_at != step:
-            self.evaluate()
+        final_images = self.validations.at_finish()
         self.report_skipped()
         finishing("the checkpoint uploads")
         self.uploads.wait()

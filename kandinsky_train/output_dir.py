@@ -7,8 +7,8 @@ import json
 import os
 import tempfile
 
-from .checkpoint_folders import (CHECKPOINT_RE, STAGE_PIPELINES, Layout, is_reference, named_checkpoint, scan, stage_of,
-                                 step_of)
+from .checkpoint_folders import (CHECKPOINT_RE, SCALER_FILE, STAGE_PIPELINES, Layout, is_reference, named_checkpoint,
+                                 scan, stage_of, step_of)
 from .errors import fail
 
 
@@ -41,6 +41,11 @@ def _check_checkpoints(args, stage):
     for step, path, missing in incomplete:
         if step > start:  # this run would save its own checkpoint of that step over it
             name, lacks = os.path.basename(path), ", ".join(missing)
+            if missing == [SCALER_FILE]:  # only an fp16 run saves it: most likely another precision's checkpoint
+                fail(f"--output_dir {args.output_dir!r} holds {name}, which has no {SCALER_FILE} (fp16's loss scale) "
+                     "that this fp16 run needs to resume: it was saved in another precision (resume with that "
+                     "--mixed_precision) or lost the file (restore it), and this run would save its own checkpoint "
+                     "of that step there.")
             if not is_reference(path):  # training_state.json is written last: the save was complete once
                 newest = os.path.basename(complete[-1][1]) if complete else None
                 fail(f"--output_dir {args.output_dir!r} holds {name}, which was saved complete but now lacks {lacks} "

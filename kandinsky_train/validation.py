@@ -1,6 +1,7 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """Validation images: the stage renders its prompts with the weights to show (EMA when on), on the main process
-only; the images go to the trackers and to OUTPUT_DIR/validation."""
+only; the images go to the trackers and to OUTPUT_DIR/validation. And the cadence of the loop's validations: the
+images and the held-out evaluation, when each is due, what a stop leaves owing, and the final ones."""
 
 import os
 
@@ -18,6 +19,67 @@ def run_validation(args, accelerator, stage, model, ema, step):
     log_images(accelerator, images, step)
     save_images(args.output_dir, images, step)
     return images
+
+
+class Validations:
+    """The training loop's validation images and held-out evaluation (`evaluation`, a HeldOutEvaluation, or None) of
+    `model` (the prepared one) at the run's position (`state`, a TrainState): when due (every --validation_steps
+    steps, or at the end of an epoch), owed by a stop, at the start of a run and at its end (`max_steps`)."""
+
+    def __init__(self, args, accelerator, stage, model, ema, evaluation, state, max_steps):
+        self.args, self.accelerator, self.stage, self.model, self.ema = args, accelerator, stage, model, ema
+        self.evaluation, self.state, self.max_steps = evaluation, state, max_steps
+        self.shown, self.evaluated_at = None, None  # the last validation (step, images), the last evaluation's step
+
+    def at_start(self):
+        """A new run's held-out curve starts at step 0, with the weights it starts from; a resumed run first does
+        what a stop at its checkpoint's step left undone."""
+        if self.state.global_step == 0:
+            self.evaluate()
+        due, self.state.validation_due = self.state.validation_due, []
+        self.run("images" in due, "evaluate" in due)
+
+    def when_due(self, end_of_epoch=None):
+        self.run(*self.due(end_of_epoch))
+
+    def due(self, end_of_epoch=None):
+        """(validation images, held-out evaluation) due now; the last step's are at_finish()'s."""
+        if self.state.global_step >= self.max_steps:
+            return False, False
+        return validations_due(self.args, self.state.global_step, end_of_epoch)
+
+    def due_at_stop(self):
+        """What a stop at this step leaves undone: the step's validation and, at the last step of an epoch, the
+        epoch's (a stream's resumed run reaches the end of its pass itself)."""
+        due = self.due()
+        if self.state.steps_per_epoch and self.state.epoch_steps % self.state.steps_per_epoch == 0:
+            due = [a or b for a, b in zip(due, self.due(end_of_epoch=self.state.epoch))]
+        return [name for name, flag in zip(("images", "evaluate"), due) if flag]
+
+    def at_finish(self):
+        """The final validation images (those of this step if shown already: a stream that ran out of passes has
+        validated its last step) and the final evaluation, unless done at this step."""
+        step = self.state.global_step
+        images = self.shown[1] if self.shown and self.shown[0] == step else self.validate()
+        if self.evaluated_at != step:
+            self.evaluate()
+        return images
+
+    def run(self, images, evaluate):
+        if images:
+            self.validate()
+        if evaluate:
+            self.evaluate()
+
+    def validate(self):
+        step, model = self.state.global_step, self.accelerator.unwrap_model(self.model)
+        self.shown = step, run_validation(self.args, self.accelerator, self.stage, model, self.ema, step)
+        return self.shown[1]
+
+    def evaluate(self):
+        if self.evaluation is not None:
+            self.evaluation.run(self.accelerator.unwrap_model(self.model), self.ema, self.state.global_step)
+            self.evaluated_at = self.state.global_step
 
 
 def validations_due(args, step, end_of_epoch=None):

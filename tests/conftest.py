@@ -53,13 +53,27 @@ def checkpoints(output_dir):
     return sorted((p.name for p in Path(output_dir).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
 
 
+def built_once(tmp_path_factory, name, build):
+    """{name: path} of build(folder), run once per test session: pytest-xdist's workers share the first one's
+    folders (a lock and a file of the paths in the session's folder, above each worker's)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(json.dumps({k: str(v) for k, v in build(root / name).items()}))
+    return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Tiny prior + decoder repos, an image folder and a parquet dataset, built once per session."""
     import tiny_kandinsky
 
-    root = tmp_path_factory.mktemp("tiny")
-    return {k: Path(v) for k, v in tiny_kandinsky.build_all(str(root)).items()}
+    return built_once(tmp_path_factory, "tiny", lambda root: tiny_kandinsky.build_all(str(root)))
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +81,9 @@ def tiny_inpaint(tmp_path_factory):
     """A tiny inpainting decoder (UNet in_channels 9) and a parquet data set with a `mask` column (white = repaint)."""
     import tiny_kandinsky
 
-    root = tmp_path_factory.mktemp("tiny-inpaint")
-    return {"decoder": Path(tiny_kandinsky.build_tiny_decoder(root / "decoder", decoder_type="inpaint")),
-            "data": Path(tiny_kandinsky.build_paired_dataset(root / "data", "mask"))}
+    return built_once(tmp_path_factory, "tiny-inpaint", lambda root: {
+        "decoder": tiny_kandinsky.build_tiny_decoder(root / "decoder", decoder_type="inpaint"),
+        "data": tiny_kandinsky.build_paired_dataset(root / "data", "mask")})
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +92,9 @@ def tiny_controlnet(tmp_path_factory):
     `conditioning_image` column."""
     import tiny_kandinsky
 
-    root = tmp_path_factory.mktemp("tiny-controlnet")
-    return {"decoder": Path(tiny_kandinsky.build_tiny_decoder(root / "decoder", decoder_type="controlnet")),
-            "data": Path(tiny_kandinsky.build_paired_dataset(root / "data", "hint"))}
+    return built_once(tmp_path_factory, "tiny-controlnet", lambda root: {
+        "decoder": tiny_kandinsky.build_tiny_decoder(root / "decoder", decoder_type="controlnet"),
+        "data": tiny_kandinsky.build_paired_dataset(root / "data", "hint")})
 
 
 @pytest.fixture

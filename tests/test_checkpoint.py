@@ -14,6 +14,7 @@ from fakes import FakeAccelerator, fake_checkpoint, fake_reference_checkpoint
 from kandinsky_train import checkpoint, checkpoint_folders, model_state
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.errors import UserError
+from kandinsky_train.output_dir import check_output_dir
 
 PRIOR = Layout("prior")
 
@@ -53,13 +54,46 @@ def test_reference_script_checkpoints_count_when_complete(tmp_path):
     assert [(s, missing) for s, _, missing in incomplete] == [(5, ["unet_ema/"]), (7, ["optimizer.bin", "unet/"])]
 
     class Args:
-        output_dir, resume_from_checkpoint, use_ema, use_lora = str(tmp_path), "latest", False, False
+        output_dir, resume_from_checkpoint, use_ema, use_lora, mixed_precision = (str(tmp_path), "latest", False,
+                                                                                  False, None)
 
     assert checkpoint_folders.resolve_resume(Args, Layout.of(Args, "decoder")).endswith("checkpoint-5")
     Args.resume_from_checkpoint = "checkpoint-7"
     with pytest.raises(UserError, match=r"'checkpoint-7' does not exist or is incomplete .*\(complete checkpoints: "
                                         r"checkpoint-3, checkpoint-5\); it lacks optimizer.bin, unet/\."):
         checkpoint_folders.resolve_resume(Args, Layout.of(Args, "decoder"))
+
+
+def test_an_fp16_run_needs_the_gradient_scalers_file(tmp_path, monkeypatch):
+    """accelerate saves fp16's loss scale as scaler.pt and its load_state reads it back (only) with fp16: an fp16
+    run's checkpoint without it is damaged, and another precision's run does not need it."""
+    fake_checkpoint(tmp_path / "checkpoint-2", "unet", 2)
+    fake_checkpoint(tmp_path / "checkpoint-4", "unet", 4)
+    (tmp_path / "checkpoint-2" / "scaler.pt").write_bytes(b"{}")
+
+    class Args:
+        output_dir, resume_from_checkpoint, use_ema, use_lora, mixed_precision = (str(tmp_path), "checkpoint-4",
+                                                                                  False, False, "fp16")
+
+    fp16 = Layout.of(Args, "decoder")
+    assert fp16.missing(tmp_path / "checkpoint-4") == ["scaler.pt"]
+    assert [s for s, _ in checkpoint_folders.list_checkpoints(str(tmp_path), fp16)] == [2]
+    with pytest.raises(UserError, match=r"\(complete checkpoints: checkpoint-2\); it lacks scaler.pt\."):
+        checkpoint_folders.resolve_resume(Args, fp16)
+    Args.mixed_precision = None  # then `accelerate launch --mixed_precision` (or its config file) decides
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert Layout.of(Args, "decoder").missing(tmp_path / "checkpoint-4") == ["scaler.pt"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert Layout.of(Args, "decoder").missing(tmp_path / "checkpoint-4") == []
+    # resumed with `latest` in fp16, a bf16 run's checkpoint is refused with what to do, before anything loads
+    Args.mixed_precision, Args.resume_from_checkpoint = "fp16", "latest"
+    for flag in ("pretrained_prior_model_name_or_path", "pretrained_decoder_model_name_or_path", "train_data_dir",
+                 "dataset_name", "validation_data_dir"):
+        setattr(Args, flag, None)
+    with pytest.raises(UserError, match=r"holds checkpoint-4, which has no scaler.pt \(fp16's loss scale\) that this "
+                                        r"fp16 run needs to resume: it was saved in another precision \(resume with "
+                                        r"that --mixed_precision\) or lost the file"):
+        check_output_dir(Args, "decoder")
 
 
 def test_train_state_round_trips_and_derives_the_epoch():

@@ -10,14 +10,13 @@ from PIL import Image
 from conftest import REPO, checkpoints, offline_env
 
 
-def test_hand_set_movq_encodes_each_cell_as_its_mean_colour_and_paints_it_back(tmp_path):
-    """The demo's premise: its MoVQ is an exact autoencoder of flat colours, so a fitted UNet shows as a picture."""
+def test_hand_set_movq_encodes_each_cell_as_its_mean_colour_and_paints_it_back(tiny):
+    """The demo's premise: its MoVQ is an exact autoencoder of flat colours, so a fitted UNet shows as a picture.
+    (The demo's tiny decoder is tools/tiny_kandinsky.py's, as the session's.)"""
     import demo_set
     from diffusers import VQModel
-    from tiny_kandinsky import build_tiny_decoder
 
-    movq = demo_set.set_flat_colour_autoencoder(VQModel.from_pretrained(build_tiny_decoder(tmp_path / "decoder"),
-                                                                        subfolder="movq"))
+    movq = demo_set.set_flat_colour_autoencoder(VQModel.from_pretrained(tiny["decoder"], subfolder="movq"))
     picture = demo_set.draw("circle", "red", "blue", 64)
     pixels = demo_set.pixels_of(picture)
     with torch.no_grad():

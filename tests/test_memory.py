@@ -1,6 +1,7 @@
 """The memory levers (issue 24): --fused_backward_pass steps each weight in the backward pass and must give the plain
 step's weights; --full_bf16 keeps bf16 weights and must not round small updates away; both resume exactly."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,12 @@ def test_fused_backward_pass_frees_each_gradient_in_the_backward_pass():
     assert update.step() > 0  # the total gradient norm, for the logs
 
 
+def stopped_at(run, step, folder):
+    """What a run stopped after saving checkpoint-STEP leaves in `folder`: that checkpoint of the uninterrupted `run`
+    (one launch less than a run of its own to that step)."""
+    shutil.copytree(run / f"checkpoint-{step}", folder / f"checkpoint-{step}")
+
+
 def test_fused_backward_pass_is_the_plain_step_and_resumes_exactly(tiny, tmp_path):
     """Prior, AdamW, two micro-batches per step (accumulated, then stepped in the last one's backward pass), EMA, a
     --max_grad_norm never reached: the fused pass ends with the plain step's weights, and a run stopped with a
@@ -76,7 +83,7 @@ def test_fused_backward_pass_is_the_plain_step_and_resumes_exactly(tiny, tmp_pat
     torch.testing.assert_close(ours["optimizer"], plain["optimizer"], rtol=0, atol=1e-7)  # steps, moments
     for key in ("last_epoch", "_last_lr"):  # the schedule stepped once per optimizer step
         assert ours["scheduler"][key] == plain["scheduler"][key]
-    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", steps=2, **fused))
+    stopped_at(tmp_path / "fused", 2, tmp_path / "parts")
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", **fused, **{"--resume_from_checkpoint": "latest"}))
     assert checkpoints(tmp_path / "parts") == ["checkpoint-2", "checkpoint-4"]
     assert_same_state(state_of(tmp_path / "fused/checkpoint-4", "prior"),
@@ -133,7 +140,7 @@ def test_full_bf16_keeps_small_updates_and_resumes_exactly(tiny, tmp_path):
     whole = state_of(tmp_path / "whole/checkpoint-4", "prior")
     assert {t.dtype for t in whole["ema"].values()} == {torch.float32}
     assert {s["exp_avg"].dtype for s in whole["optimizer"].values()} == {torch.float32}
-    launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", steps=2, **flags), launcher=BF16)
+    stopped_at(tmp_path / "whole", 2, tmp_path / "parts")
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", **flags, **{"--resume_from_checkpoint": "latest"}),
            launcher=BF16)
     assert_same_state(whole, state_of(tmp_path / "parts/checkpoint-4", "prior"), ema=True)
