@@ -58,8 +58,18 @@ def main_guard(main):
     try:
         main()
     except UserError as error:
+        _close_progress_bars()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
+        _close_progress_bars()
         print(f"stopped: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+
+
+def _close_progress_bars():
+    """A run stopped mid-training leaves its progress bar's line open (tqdm returns to the line's start, not to a new
+    line): closing the bars ends it, so that the message has a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", None) or []):
+        bar.close()

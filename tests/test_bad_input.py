@@ -151,3 +151,20 @@ def test_image_columns_of_paths_and_bytes_are_read_from_the_data_set(column, pat
     assert f"Skipping unreadable image {missing}:" in text
     assert "Every caption in column 'text' is empty: the prior will learn one image embedding for no words" in text
     assert "--learning_rate 0: the weights will not change" in text
+
+
+def test_an_error_during_training_starts_its_own_line_below_the_progress_bar(capsys):
+    """main_guard closes an open progress bar first: the bar leaves its line with a newline, not a carriage return
+    that the error would write over."""
+    import sys
+
+    from tqdm import tqdm
+
+    from kandinsky_train.errors import fail, main_guard
+
+    bar = tqdm(total=4, desc="Steps", file=sys.stderr)
+    bar.update(1)
+    with pytest.raises(SystemExit):
+        main_guard(lambda: fail("a mask of 32x32 pairs with a picture of 64x64"))
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-2] == "error: a mask of 32x32 pairs with a picture of 64x64" and "Steps" in lines[-3]
