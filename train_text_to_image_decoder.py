@@ -212,6 +212,7 @@ class DecoderStage:
             image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, self.device, self.dtype,
                                                  mirrored=args.random_flip),
             variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
+            draws_per_sample=decoder.draws_per_sample,
             shapes=(lambda dataset: bucketing.assign(self.accelerator, dataset, args.image_column))
             if bucketing else None,
             held_out=HeldOutHooks(predict=functools.partial(predict, **objective), noised="latents",

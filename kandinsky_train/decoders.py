@@ -55,6 +55,7 @@ class TextToImage:
     pipeline_class = "KandinskyV22Pipeline"  # renders validation images and loads the final save
     auto_pipeline = "AutoPipelineForText2Image"
     tags = ()  # the model card's tags beside the text-to-image ones
+    draws_per_sample = False  # whether unet_inputs reads features["sample_seed"] (Stage.draws_per_sample)
 
     def __init__(self, args):
         self.args = args
@@ -102,9 +103,9 @@ class TextToImage:
 
     def unet_inputs(self, noisy, features):
         """(the UNet's `sample`, its added_cond_kwargs beside `image_embeds`) for noisy latents on the device;
-        `features` holds encode_inputs' outputs (where the batch was read: move them to noisy's device) and
-        `sample_seed`, one seed per sample that is a function of (--seed, epoch, sample) alone (loop.py), for
-        what is drawn anew each epoch."""
+        `features` holds encode_inputs' outputs (where the batch was read: move them to noisy's device) and, with
+        `draws_per_sample`, `sample_seed`: one seed per sample that is a function of (--seed, epoch, sample) alone
+        (loop.py), for what is drawn anew each epoch."""
         return noisy, {}
 
     def validation_inputs(self, number, size):
@@ -130,6 +131,10 @@ class Inpainting(TextToImage):
     @property
     def columns(self):
         return (self.args.mask_column,) if self.args.mask_column else ()
+
+    @property
+    def draws_per_sample(self):  # without a mask column, the masks are drawn per sample and epoch
+        return not self.args.mask_column
 
     @property
     def cache_key(self):  # drawn masks are not cached: the cache then holds what text-to-image caches

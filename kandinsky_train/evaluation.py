@@ -50,6 +50,7 @@ class HeldOutEvaluation:
 
     def __init__(self, args, accelerator, stage, samples, encode):
         self.accelerator, self.hooks, self.encode = accelerator, stage.held_out, encode
+        self.draws_per_sample = stage.draws_per_sample
         rank, world = accelerator.process_index, accelerator.num_processes
         share = torch.utils.data.Subset(samples, range(rank, len(samples), world))
         self.loader = torch.utils.data.DataLoader(share, batch_size=args.train_batch_size, collate_fn=collate)
@@ -87,7 +88,8 @@ class HeldOutEvaluation:
             indices = batch.pop("index")
             generators = [sample_generator(i) for i in indices.tolist()]
             features = self.encode(batch) if self.encode is not None else batch
-            features["sample_seed"] = sample_seeds(0, 0, indices)  # the same draws at every evaluation
+            if self.draws_per_sample:
+                features["sample_seed"] = sample_seeds(0, 0, indices)  # the same draws at every evaluation
             features = {key: value.to(device) for key, value in features.items()}
             noised = features[hooks.noised]
             noise = fixed_noise(generators, noised.shape[1:]).to(device, noised.dtype)

@@ -178,7 +178,8 @@ class Trainer:
                 with torch.no_grad():
                     # contiguous, as cached tensors are: the layout decides which kernels run
                     batch = {k: v.contiguous() for k, v in self.encode(batch).items()}
-            batch["sample_seed"] = sample_seeds(self.state.seed, epoch, indices)
+            if self.stage.draws_per_sample:
+                batch["sample_seed"] = sample_seeds(self.state.seed, epoch, indices)
             loss = self.stage.loss(self.model, batch, self.generator)
             accelerator.backward(loss)  # with --fused_backward_pass, the weights are stepped in here
             if accelerator.sync_gradients:

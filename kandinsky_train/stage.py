@@ -52,6 +52,10 @@ class Stage:
     held_out: HeldOutHooks = None
     variants: Optional[Callable] = None  # dataset -> versions of each sample (captions, mirror); one drawn per epoch
     shapes: Optional[Callable] = None  # dataset -> training (width, height) of each sample (aspect-ratio buckets)
+    # Whether the loss draws something per sample (the inpainting decoder's masks) from features["sample_seed"],
+    # one seed per sample of (seed, epoch, sample) (diffusion.sample_seeds): given only then, so that other stages'
+    # steps neither compute it nor copy it to the device.
+    draws_per_sample: bool = False
 
 
 def clip_pixels(image_processor, image):

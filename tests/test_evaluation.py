@@ -93,7 +93,7 @@ def toy_cosine(model, features, generators):
 def test_eval_loss_is_the_same_for_the_same_weights_whatever_the_batching_and_processes():
     torch.manual_seed(0)
     samples = [{"index": i, "raw": torch.randn(6)} for i in range(7)]
-    stage = SimpleNamespace(held_out=HeldOutHooks(toy_predict, "x", 1000, toy_cosine))
+    stage = SimpleNamespace(held_out=HeldOutHooks(toy_predict, "x", 1000, toy_cosine), draws_per_sample=False)
 
     def evaluation(batch_size=3, rank=0, world=1):
         return HeldOutEvaluation(SimpleNamespace(train_batch_size=batch_size), FakeAccelerator(rank, world), stage,
