@@ -90,9 +90,8 @@ def undecoded(dataset, image_column, folder=None):
     return dataset
 
 
-def data_folder(args):
-    """The local folder of --dataset_name (the folder given, or a data file's folder); None for a Hub data set."""
-    name = args.dataset_name
+def data_folder(name):
+    """The local folder of a --dataset_name (the folder given, or a data file's folder); None for a Hub data set."""
     if name is None or not os.path.exists(name):
         return None
     return os.path.abspath(name if os.path.isdir(name) else os.path.dirname(name))
@@ -115,7 +114,7 @@ def _check_columns(dataset, args, caption_column):
         fail(f"The dataset {source!r} is empty.")
     if caption_column is not None:
         _check_captions(dataset[caption_column], caption_column)
-    return undecoded(dataset, args.image_column, data_folder(args))
+    return undecoded(dataset, args.image_column, data_folder(args.dataset_name))
 
 
 def _check_captions(values, caption_column):

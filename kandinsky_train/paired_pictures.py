@@ -3,7 +3,6 @@
 of masks or hints (each of its picture's size, cropped and resized with it), and the validation pictures
 (--validation_image, --validation_mask_image) that pair with --validation_prompts."""
 
-import argparse
 import os
 
 import numpy as np
@@ -44,8 +43,7 @@ def paths_folder(dataset_name, data_dir):
     metadata.jsonl names the mask or hint files beside the picture's `file_name`); None for a Hub data set."""
     from .data import data_folder
 
-    folder = data_folder(argparse.Namespace(dataset_name=dataset_name))
-    return folder or (os.path.abspath(data_dir) if data_dir else None)
+    return data_folder(dataset_name) or (os.path.abspath(data_dir) if data_dir else None)
 
 
 def _check_sizes(dataset, image_column, column, what, name):
