@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 
 from conftest import DECODER_SCRIPT, REPO, base_args, checkpoints, launch, offline_env
-from test_robustness import assert_same_state, run_in_process, state_of
+from test_robustness import assert_same_state, error_line, run_in_process, state_of
 
 # Records the hint and image embedding of every training forward pass of the UNet, then runs the script given.
 SPY = '''
@@ -291,8 +291,7 @@ def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controln
         overrides["--dataset_name"] = odd_sized / ("unreadable" if case == "unreadable" else "odd")
     args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", **overrides)
     error = run_in_process(train_text_to_image_decoder, args, capsys)
-    lines = [line for line in error.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), error[-2000:]
+    assert error_line(error, case).startswith(f"error: {message}"), error[-2000:]
     assert not (tmp_path / "out").exists()
 
 

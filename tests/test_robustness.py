@@ -448,6 +448,13 @@ def run_in_process(module, args, capsys):
     return capsys.readouterr().err
 
 
+def error_line(error, context=""):
+    """The one `error: ` line of a refused run's stderr: exactly one, and no traceback."""
+    lines = [line for line in error.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in error, f"{context}:\n{error[-2000:]}"
+    return lines[0]
+
+
 def test_errors_name_the_problem(tiny, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -534,9 +541,8 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
         else:
             error = run_in_process(modules[script], args, capsys)
         # one line on stderr names the problem; no traceback; nothing written
-        lines = [line for line in error.splitlines() if line.startswith("error: ")]
-        assert len(lines) == 1 and "Traceback" not in error, f"{overrides}:\n{error[-2000:]}"
-        assert re.search(message, lines[0]), f"{overrides}: expected {message!r} in\n{lines[0]}"
+        line = error_line(error, overrides)
+        assert re.search(message, line), f"{overrides}: expected {message!r} in\n{line}"
         assert not (tmp_path / "out").exists(), overrides
     assert sorted(p.name for p in earlier_run.iterdir()) == ["checkpoint-12", "checkpoint-3"]  # left alone
     assert sorted(p.name for p in reference_run.iterdir()) == ["checkpoint-1000", "checkpoint-500"]
