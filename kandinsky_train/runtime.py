@@ -61,8 +61,9 @@ def configure_logging(accelerator):
 
 @contextlib.contextmanager
 def console_through_progress_bars():
-    """While progress bars show (on stderr), log records (ours and the libraries') and printed lines go through
-    tqdm, which clears the bars, writes the line and redraws them below it: a bar stays one line, never split."""
+    """While progress bars show, log records (ours and the libraries') and printed lines are written to the bars'
+    stream through tqdm, which clears the bars, writes the line and redraws them below it: a bar stays one line,
+    never split."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     loggers = [logging.getLogger(name) for name in ("", "diffusers", "transformers", "datasets")]
@@ -75,8 +76,10 @@ def console_through_progress_bars():
 
 
 class _LinesAboveBars:
-    """stdout for print(): whole lines, each written while tqdm has the bars on stderr cleared. (tqdm's own
-    DummyTqdmFile clears only bars on the stream it writes to.)"""
+    """stdout for print(): whole lines; while a bar shows, written to the bar's stream (stderr) between clearing and
+    redrawing it. Only one stream keeps its order on the way to the console: accelerate's launcher (1.16 on)
+    relays the training process's stderr through a pipe of its own while stdout goes straight through, so a line
+    written to stdout overtook the clearing of the bar and landed at the bar's tail."""
 
     def __init__(self, stream):
         self.stream, self.pending = stream, ""
@@ -86,9 +89,11 @@ class _LinesAboveBars:
 
         whole, newline, self.pending = (self.pending + text).rpartition("\n")
         if newline:
-            with tqdm.external_write_mode(file=sys.stderr):
-                self.stream.write(whole + newline)
-                self.stream.flush()
+            bars = [bar.fp for bar in list(tqdm._instances) if hasattr(bar, "start_t")]  # shown, not disabled
+            stream = bars[0] if bars else self.stream
+            with tqdm.external_write_mode(file=stream):
+                stream.write(whole + newline)
+                stream.flush()
         return len(text)
 
     def __getattr__(self, name):

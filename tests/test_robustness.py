@@ -344,8 +344,8 @@ def test_disk_full_before_a_checkpoint_stops_cleanly_and_resume_continues(disk, 
 def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exits_130(tiny, tmp_path):
     """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: `accelerate launch` and the training
     process at once. The training process saves a checkpoint and exits 130; the launcher, interrupted in its wait,
-    exits at once as a Ctrl-C'd program does (killed by SIGINT: the shell shows 130; accelerate prints the traceback
-    of its KeyboardInterrupt) while the training process saves its checkpoint and ends."""
+    exits at once as a Ctrl-C'd program does, while the training process saves its checkpoint and ends. What the
+    user sees is 130: accelerate before 1.16 dies of the SIGINT (the shell shows 128 + 2), 1.16 on exits 130."""
     trace, output = tmp_path / "trace.jsonl", tmp_path / "out"
     proc = subprocess.Popen(launch_command(DECODER_SCRIPT, base_args(tiny, output, steps=100000)), cwd=REPO,
                             env=offline_env(KANDINSKY_TRAIN_TRACE=str(trace)), stdout=subprocess.PIPE,
@@ -360,7 +360,7 @@ def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exi
     finally:
         proc.kill()
         subprocess.run(["pkill", "-f", str(output)])  # an orphan left by a failure must not outlive the test
-    assert proc.returncode == -signal.SIGINT, text[-3000:]  # Python's way out of an unhandled KeyboardInterrupt
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), text[-3000:]
     step = int(re.search(r"Received SIGINT: saved checkpoint-(\d+)", text).group(1))
     assert checkpoints(output) == [f"checkpoint-{step}"] and read_state(output / f"checkpoint-{step}")["global_step"] \
         == step
