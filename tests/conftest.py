@@ -37,7 +37,7 @@ def launch_command(script, args, launcher=None):
     return [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *map(str, args)]
 
 
-def launch(script, args, *, env=None, check=True, launcher=None, timeout=300, console=False):
+def launch(script, args, *, env=None, check=True, launcher=None, timeout=900, console=False):
     """Run a training script as a user does, in a subprocess; fail with its output unless check=False. console:
     stderr into stdout, as a terminal shows them (proc.stderr is then None)."""
     proc = subprocess.run(launch_command(script, args, launcher), cwd=REPO, env=env or offline_env(),

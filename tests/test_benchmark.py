@@ -40,7 +40,7 @@ def test_quick_benchmark_measures_variants_side_by_side_with_the_reference(work,
                            "--work_dir", str(work), "--out", str(out), "--reference_dir", str(REPO),
                            "--extra=", "--extra=--cache_embeddings", "--settings", "cpu-fp32", "--settings",
                            "fastest"],
-                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=400)
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["script"], r["label"]) for r in records] == [
@@ -59,7 +59,7 @@ def test_quick_benchmark_measures_variants_side_by_side_with_the_reference(work,
 
 def test_reference_dir_without_the_scripts_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/benchmark.py", "--quick", "--reference_dir", str(tmp_path)],
-                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 2
     assert "has no train_text_to_image_prior.py, train_text_to_image_decoder.py" in proc.stderr
 
@@ -75,7 +75,7 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
     def gpu_check(*args):
         proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--quick", "--out", str(out), "--work_dir",
                                str(work), *args], cwd=REPO, env=offline_env(), capture_output=True, text=True,
-                              timeout=600)
+                              timeout=1200)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         return proc.stdout
 

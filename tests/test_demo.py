@@ -48,7 +48,7 @@ def warning_lines(console):
 def test_demo_fits_its_pictures_and_reports_it(tmp_path):
     out = tmp_path / "demo-output"
     proc = subprocess.run(["bash", "tools/demo.sh", str(out)], cwd=REPO, env=offline_env(), capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert warning_lines(proc.stdout + "\n" + proc.stderr) == []
 

@@ -63,7 +63,7 @@ def test_push_to_hub_without_a_login_fails_before_training(tiny, tmp_path):
         del env["HF_TOKEN"]  # not logged in: HF_HOME is empty too
         proc = subprocess.run([sys.executable, DECODER_SCRIPT, *map(str, base_args(tiny, tmp_path / "out", **{
             "--push_to_hub": True, "--hub_model_id": "tester/kandi-test"}))], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=300)
+            capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "--push_to_hub: could not create or reach the Hub repository 'tester/kandi-test'" in proc.stderr
     assert "hf auth login" in proc.stderr

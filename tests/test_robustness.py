@@ -225,12 +225,12 @@ def test_sigterm_to_the_launcher_alone_stops_with_a_checkpoint(tiny, tmp_path):
                             env=offline_env(KANDINSKY_TRAIN_TRACE=str(trace)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # the launcher, not the training process
-        text, _ = proc.communicate(timeout=120)  # the pipe ends when the training process has exited too
+        text, _ = proc.communicate(timeout=600)  # the pipe ends when the training process has exited too
     finally:
         proc.kill()
         subprocess.run(["pkill", "-f", str(output)])  # an orphan left by a failure must not outlive the test
@@ -351,12 +351,12 @@ def test_ctrl_c_in_a_terminal_reaches_launcher_and_training_and_the_launcher_exi
                             env=offline_env(KANDINSKY_TRAIN_TRACE=str(trace)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own group
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)  # the launcher's group: both processes, as a terminal does
-        text, _ = proc.communicate(timeout=120)  # the pipe ends when the training process has exited too
+        text, _ = proc.communicate(timeout=600)  # the pipe ends when the training process has exited too
     finally:
         proc.kill()
         subprocess.run(["pkill", "-f", str(output)])  # an orphan left by a failure must not outlive the test
@@ -432,7 +432,7 @@ def test_a_signal_after_training_stops_at_once_and_says_what_did_not_finish(tiny
 def run_direct(script, args, env=None):
     """Plain `python script.py ...`: the error must be one line on stderr, no traceback."""
     proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env or offline_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr

@@ -41,13 +41,13 @@ def test_two_processes_stream_their_own_parquet_shards_and_a_stopped_run_resumes
               "--shuffle_buffer_size": 3, "--dataloader_num_workers": 2, "--checkpointing_steps": 4,
               "--lr_scheduler": "cosine", "--num_train_epochs": 2}
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    first = launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=100, **common), launcher=DDP, timeout=240,
+    first = launch(PRIOR_SCRIPT, base_args(tiny, whole, steps=100, **common), launcher=DDP, timeout=900,
                    env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "whole.jsonl")))
     assert checkpoints(whole) == ["checkpoint-4", "checkpoint-8"] and (whole / "model_index.json").is_file()
     text = first.stdout + first.stderr
     assert "Skipping sample 00016.png: missing or non-string caption in column 'text'" in text
     # SIGTERM to rank 0 before the run's 6th micro-batch (the 2nd of epoch 1): both stop at the next agreed step
-    stopped = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=100, **common), launcher=DDP, timeout=240,
+    stopped = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=100, **common), launcher=DDP, timeout=900,
                      env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_FAULT="micro:5:TERM",
                                      KANDINSKY_TRAIN_FAULT_RANK="0", KANDINSKY_TRAIN_TRACE=str(tmp_path / "p1.jsonl")))
     step = int(re.search(r"Received SIGTERM: saved checkpoint-(\d+)", stopped.stdout + stopped.stderr)[1])
@@ -56,7 +56,7 @@ def test_two_processes_stream_their_own_parquet_shards_and_a_stopped_run_resumes
     assert position["epoch"] == 1 and position["micro"] == step - 4 and len(position["consumed"]) == 2
     resumed = launch(PRIOR_SCRIPT, base_args(tiny, parts, steps=100, **common,
                                              **{"--resume_from_checkpoint": "latest"}),
-                     launcher=DDP, timeout=240,
+                     launcher=DDP, timeout=900,
                      env=offline_env(ACCELERATE_USE_CPU="true", KANDINSKY_TRAIN_TRACE=str(tmp_path / "p2.jsonl")))
     assert "identical on all 2 processes" in resumed.stdout + resumed.stderr
     assert checkpoints(parts) == ["checkpoint-4", f"checkpoint-{step}", "checkpoint-8"]
