@@ -11,6 +11,19 @@ from .images import image_grid
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]
 
 
+def is_our_card(path):
+    """Whether the file at `path` is a model card an earlier run wrote (its metadata holds our tags), which a new
+    final save may replace; anything else there (unreadable, no metadata, other tags) is the user's."""
+    import yaml
+    from huggingface_hub import metadata_load
+
+    try:
+        tags = (metadata_load(path) or {}).get("tags")
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, or not YAML: not a card we wrote
+        return False
+    return isinstance(tags, list) and set(TAGS) <= set(map(str, tags))
+
+
 def hub_id(path):
     """The Hub id a model was given as, or None for a local folder."""
     return None if os.path.isdir(path) else path
