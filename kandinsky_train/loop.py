@@ -75,6 +75,7 @@ class Trainer:
             # A length in epochs is a schedule over epochs: it goes on at the share of them done.
             self.schedule_offset = 0 if args.max_train_steps else offset
         self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, stage=stage.name,
+                                           decoder_type=stage.decoder_type,
                                            skipped_images=report.skipped, held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
