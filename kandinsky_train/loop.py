@@ -144,9 +144,11 @@ class Trainer:
         future, are set aside."""
         if self.resume_path is None:
             return
-        asked = flag_changes.held_values(self.optimizer, self.ema)  # the command line's, before the checkpoint's
+        # the command line's, before the checkpoint's
+        asked = {**flag_changes.held_values(self.optimizer, self.ema), "--full_bf16": self.args.full_bf16}
+        held = flag_changes.weights_held(self.resume_path, self.stage.subfolder)
         checkpoint.restore(self.accelerator, self.resume_path, self.state)
-        flag_changes.reapply(asked, self.optimizer, self.lr_scheduler, self.ema, self.state)
+        flag_changes.reapply(asked, self.optimizer, self.lr_scheduler, self.ema, self.state, held)
         self.batches.restore(self.state.stream)
         set_schedule_position(self.lr_scheduler, self.state.global_step - self.schedule_offset,
                               self.accelerator.num_processes)

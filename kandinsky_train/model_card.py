@@ -144,6 +144,8 @@ def settings(args, summary):
         "Min-SNR gamma": args.snr_gamma if args.snr_gamma is not None else "off",
         "EMA": f"decay {args.ema_decay}{earlier(summary.changes, '--ema_decay')}" if args.use_ema else "off",
         "LoRA": f"rank {args.rank}, alpha {args.lora_alpha}" if args.use_lora else "off",
+        **({"Full bf16": f"{'on' if args.full_bf16 else 'off'}{earlier(summary.changes, '--full_bf16')}"}
+           if args.full_bf16 or earlier(summary.changes, "--full_bf16") else {}),
     }
 
 
