@@ -152,8 +152,8 @@ def named_checkpoint(args, layout):
 
 def refuse_other_kind(path, layout):
     """A checkpoint this run cannot resume because it is of another kind, not because files are missing: the other
-    stage's, or a LoRA run's resumed as a full fine-tune (or the reverse). One line that says which flag to change;
-    nothing when the folder is of this run's kind."""
+    stage's, a LoRA run's resumed as a full fine-tune (or the reverse), or one without an EMA resumed with --use_ema.
+    One line that says which flag to change; nothing when the folder is of this run's kind."""
     name, sub = os.path.basename(os.path.normpath(path)), layout.subfolder
     stage = next(stage for stage, folder in MODEL_FOLDERS.items() if folder == sub)
     other = stage_of(path)
@@ -167,3 +167,6 @@ def refuse_other_kind(path, layout):
     if not layout.lora and lora and not full:
         fail(f"{name} is a LoRA checkpoint ({sub}_lora/) and this run trains the whole model: resume it with "
              "--use_lora (and its --rank and --lora_alpha).")
+    if layout.ema and full and not os.path.isdir(os.path.join(path, f"{sub}_ema")):
+        fail(f"{name} holds no {sub}_ema/ that this --use_ema run needs to resume: it was saved without --use_ema "
+             "(resume it without --use_ema) or lost the folder (restore it).")

@@ -1,9 +1,9 @@
 # Copyright 2026 The Kandinsky 2.2 fine-tuning authors. Licensed under the Apache License, Version 2.0.
 """Flags whose values a checkpoint holds too: the learning rate and the optimizer's hyperparameters (in the optimizer
-and schedule states), the EMA decay (in the EMA's config) and --full_bf16 (the dtype of the saved weights). Loading a checkpoint brings its values back; the
-resumed run's command line is put back over them (a changed flag is what its user asked for), said in one line
-before training, and recorded in the run's state, so that the model card says which values each part of the run
-used."""
+and schedule states), the EMA decay (in the EMA's config) and --full_bf16 (the dtype of the saved weights). Loading
+a checkpoint brings its values back; the resumed run's command line is put back over them (a changed flag is what
+its user asked for), said in one line before training, and recorded in the run's state, so that the model card says
+which values each part of the run used."""
 
 import glob
 import logging

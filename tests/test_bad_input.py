@@ -101,6 +101,9 @@ def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp
          "--use_lora"),
         (DECODER_SCRIPT, {"--output_dir": lora, "--resume_from_checkpoint": "latest"},
          "checkpoint-2 is a LoRA checkpoint"),
+        (DECODER_SCRIPT, {"--output_dir": full, "--resume_from_checkpoint": "latest", "--use_ema": True},
+         "checkpoint-2 holds no unet_ema/ that this --use_ema run needs to resume: it was saved without --use_ema "
+         r"\(resume it without --use_ema\) or lost the folder \(restore it\)."),
         (PRIOR_SCRIPT, {"--train_data_dir": non_utf8},
          "Could not read the image folder .* and its metadata file: UnicodeDecodeError: 'utf-8' codec can't decode "
          "byte 0xe9"),
