@@ -100,6 +100,7 @@ def check_models_and_shapes(args):
         movq_config = VQModel.load_config(decoder_path, subfolder="movq", cache_dir=args.cache_dir)
         unet_config = UNet2DConditionModel.load_config(decoder_path, subfolder="unet", cache_dir=args.cache_dir)
     decoder = decoders.resolve(args, unet_config, decoder_path)
+    decoders.check_resumed_type(args, decoder, decoder_path)
     multiple = buckets.size_multiple(movq_config, unet_config)
     buckets.check_resolution(args.resolution, multiple)
     render_multiple = buckets.render_multiple(movq_config)
@@ -212,7 +213,7 @@ class DecoderStage:
             image_embedding=clip_image_embedding(m.image_encoder, m.image_processor, self.device, self.dtype,
                                                  mirrored=args.random_flip),
             variants=(lambda dataset: [2] * len(dataset)) if args.random_flip else None,
-            draws_per_sample=decoder.draws_per_sample,
+            draws_per_sample=decoder.draws_per_sample, decoder_type=decoder.name,
             shapes=(lambda dataset: bucketing.assign(self.accelerator, dataset, args.image_column))
             if bucketing else None,
             held_out=HeldOutHooks(predict=functools.partial(predict, **objective), noised="latents",

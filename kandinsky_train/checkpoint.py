@@ -30,6 +30,7 @@ class TrainState:
     seed: int
     steps_per_epoch: int  # None with --streaming: a stream has no length
     stage: str = None  # "prior" or "decoder": the other stage never resumes this checkpoint (checks.py)
+    decoder_type: str = None  # the decoder's (decoders.DECODER_TYPES): another decoder never resumes it
     global_step: int = 0
     epoch: int = 0
     skipped_images: list = field(default_factory=list)

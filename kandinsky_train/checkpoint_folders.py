@@ -117,17 +117,22 @@ def list_checkpoints(output_dir, layout):
     return scan(output_dir, layout)[0]
 
 
-def resolve_resume(args, layout):
-    """The checkpoint folder to resume from, or None for a new run."""
+def resume_path(args, layout):
+    """The checkpoint folder this run would resume from, or None (a new run, or `latest` with none yet)."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(args.output_dir, layout)
-        if not checkpoints:
-            logger.warning(f"No complete checkpoint in {args.output_dir!r}; starting a new training run.")
-            return None
-        return checkpoints[-1][1]
+        return checkpoints[-1][1] if checkpoints else None
     return named_checkpoint(args, layout)
+
+
+def resolve_resume(args, layout):
+    """The checkpoint folder to resume from, or None for a new run (said when `latest` finds none)."""
+    path = resume_path(args, layout)
+    if path is None and args.resume_from_checkpoint == "latest":
+        logger.warning(f"No complete checkpoint in {args.output_dir!r}; starting a new training run.")
+    return path
 
 
 def named_checkpoint(args, layout):
@@ -136,8 +141,32 @@ def named_checkpoint(args, layout):
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
     missing = layout.missing(path) if os.path.isdir(path) else None
+    if missing:
+        refuse_other_kind(path, layout)
     if missing is None or missing:
         available = ", ".join(os.path.basename(p) for _, p in list_checkpoints(args.output_dir, layout)) or "none"
         fail(f"Checkpoint {args.resume_from_checkpoint!r} does not exist or is incomplete in {args.output_dir!r} "
              f"(complete checkpoints: {available})" + (f"; it lacks {', '.join(missing)}." if missing else "."))
     return path
+
+
+def refuse_other_kind(path, layout):
+    """A checkpoint this run cannot resume because it is of another kind, not because files are missing: the other
+    stage's, a LoRA run's resumed as a full fine-tune (or the reverse), or one without an EMA resumed with --use_ema.
+    One line that says which flag to change; nothing when the folder is of this run's kind."""
+    name, sub = os.path.basename(os.path.normpath(path)), layout.subfolder
+    stage = next(stage for stage, folder in MODEL_FOLDERS.items() if folder == sub)
+    other = stage_of(path)
+    if other not in (None, stage):
+        fail(f"{path!r} is the {other}'s checkpoint ({MODEL_FOLDERS[other]}/), and this is the {stage}: resume the "
+             f"{stage} from a checkpoint of its own (train_text_to_image_{other}.py resumes this one).")
+    full, lora = (os.path.isdir(os.path.join(path, folder)) for folder in (sub, f"{sub}_lora"))
+    if layout.lora and full and not lora:
+        fail(f"{name} is a full fine-tune's checkpoint ({sub}/, no {sub}_lora/) and this run has --use_lora: resume "
+             "it without --use_lora (a LoRA run starts in another --output_dir).")
+    if not layout.lora and lora and not full:
+        fail(f"{name} is a LoRA checkpoint ({sub}_lora/) and this run trains the whole model: resume it with "
+             "--use_lora (and its --rank and --lora_alpha).")
+    if layout.ema and full and not os.path.isdir(os.path.join(path, f"{sub}_ema")):
+        fail(f"{name} holds no {sub}_ema/ that this --use_ema run needs to resume: it was saved without --use_ema "
+             "(resume it without --use_ema) or lost the folder (restore it).")

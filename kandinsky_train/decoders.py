@@ -4,10 +4,14 @@ share the MoVQ, the CLIP image condition and the noise objective; they differ in
 noisy latents, in the data columns that feed it, and in the pipeline that renders and loads them. Which one a UNet
 is comes from its configuration (`detect`); --decoder_type only makes a disagreement an error."""
 
+import json
+import os
+
 import numpy as np
 import torch
 
 from . import inpainting
+from .checkpoint_folders import Layout, is_reference, read_state, resume_path
 from .errors import fail
 from .images import RESAMPLING
 from .paired_pictures import check_paired_column, check_validation_pictures, paired_picture, validation_picture
@@ -37,6 +41,32 @@ def resolve(args, unet_config, source):
     decoder = {"text2img": TextToImage, "inpaint": Inpainting, "controlnet": ControlNet}[found](args)
     decoder.check_flags()
     return decoder
+
+
+def check_resumed_type(args, decoder, source):
+    """The checkpoint this run resumes was trained on the same decoder (before any weight loads: another decoder's
+    UNet fails to load with a size mismatch, or, as a LoRA adapter, loads into the wrong model)."""
+    path = resume_path(args, Layout.of(args, "decoder"))
+    found = path and checkpoint_type(path)
+    if found and found != decoder.name:
+        fail(f"{os.path.basename(path)} is {article(DESCRIPTIONS[found])}'s checkpoint, and "
+             f"--pretrained_decoder_model_name_or_path {source!r} is {article(decoder.description)}: resume it with "
+             f"the {DESCRIPTIONS[found]} it was trained from, or train this one in another --output_dir.")
+
+
+def checkpoint_type(path):
+    """The decoder type a checkpoint recorded; for one that records none (older, or the reference scripts'), the
+    type of the UNet configuration it holds; None when neither tells (an older LoRA checkpoint)."""
+    if not is_reference(path):
+        recorded = read_state(path).get("decoder_type")
+        if recorded:
+            return recorded
+    for folder in ("unet", "unet_ema"):
+        config = os.path.join(path, folder, "config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                return detect(json.load(f))
+    return None
 
 
 DESCRIPTIONS = {"text2img": "text-to-image decoder", "inpaint": "inpainting decoder",

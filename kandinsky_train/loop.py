@@ -75,6 +75,7 @@ class Trainer:
             # A length in epochs is a schedule over epochs: it goes on at the share of them done.
             self.schedule_offset = 0 if args.max_train_steps else offset
         self.state = checkpoint.TrainState(seed=seed, steps_per_epoch=steps_per_epoch, stage=stage.name,
+                                           decoder_type=stage.decoder_type,
                                            skipped_images=report.skipped, held_out=held_out and held_out.split)
 
         self.params = [p for p in stage.model.parameters() if p.requires_grad]
@@ -143,9 +144,11 @@ class Trainer:
         future, are set aside."""
         if self.resume_path is None:
             return
-        asked = flag_changes.held_values(self.optimizer, self.ema)  # the command line's, before the checkpoint's
+        # the command line's, before the checkpoint's
+        asked = {**flag_changes.held_values(self.optimizer, self.ema), "--full_bf16": self.args.full_bf16}
+        held = flag_changes.weights_held(self.resume_path, self.stage.subfolder)
         checkpoint.restore(self.accelerator, self.resume_path, self.state)
-        flag_changes.reapply(asked, self.optimizer, self.lr_scheduler, self.ema, self.state)
+        flag_changes.reapply(asked, self.optimizer, self.lr_scheduler, self.ema, self.state, held)
         self.batches.restore(self.state.stream)
         set_schedule_position(self.lr_scheduler, self.state.global_step - self.schedule_offset,
                               self.accelerator.num_processes)

@@ -11,6 +11,19 @@ from .images import image_grid
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]
 
 
+def is_our_card(path):
+    """Whether the file at `path` is a model card an earlier run wrote (its metadata holds our tags), which a new
+    final save may replace; anything else there (unreadable, no metadata, other tags) is the user's."""
+    import yaml
+    from huggingface_hub import metadata_load
+
+    try:
+        tags = (metadata_load(path) or {}).get("tags")
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, or not YAML: not a card we wrote
+        return False
+    return isinstance(tags, list) and set(TAGS) <= set(map(str, tags))
+
+
 def hub_id(path):
     """The Hub id a model was given as, or None for a local folder."""
     return None if os.path.isdir(path) else path
@@ -131,6 +144,8 @@ def settings(args, summary):
         "Min-SNR gamma": args.snr_gamma if args.snr_gamma is not None else "off",
         "EMA": f"decay {args.ema_decay}{earlier(summary.changes, '--ema_decay')}" if args.use_ema else "off",
         "LoRA": f"rank {args.rank}, alpha {args.lora_alpha}" if args.use_lora else "off",
+        **({"Full bf16": f"{'on' if args.full_bf16 else 'off'}{earlier(summary.changes, '--full_bf16')}"}
+           if args.full_bf16 or earlier(summary.changes, "--full_bf16") else {}),
     }
 
 

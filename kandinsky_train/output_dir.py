@@ -8,14 +8,17 @@ import os
 import tempfile
 
 from .checkpoint_folders import (CHECKPOINT_RE, SCALER_FILE, STAGE_PIPELINES, Layout, is_reference, named_checkpoint,
-                                 scan, stage_of, step_of)
+                                 refuse_other_kind, scan, stage_of, step_of)
 from .errors import fail
 
 
 def check_output_dir(args, stage):
     """Everything this run would do to --output_dir is safe, before anything is written there."""
+    if not args.output_dir:  # "" would be the current folder to some calls and no folder at all to others
+        fail("--output_dir is empty: name the folder the checkpoints and the fine-tuned model go to.")
     _check_output_is_writable(args.output_dir)
     _check_output_is_not_an_input(args)
+    _check_readme(args.output_dir)
     _check_other_stage(args, stage)
     _check_checkpoints(args, stage)
 
@@ -40,6 +43,7 @@ def _check_checkpoints(args, stage):
         start = step_of(named_checkpoint(args, layout))
     for step, path, missing in incomplete:
         if step > start:  # this run would save its own checkpoint of that step over it
+            refuse_other_kind(path, layout)  # a LoRA run's checkpoint for a full fine-tune, or the reverse
             name, lacks = os.path.basename(path), ", ".join(missing)
             if missing == [SCALER_FILE]:  # only an fp16 run saves it: most likely another precision's checkpoint
                 fail(f"--output_dir {args.output_dir!r} holds {name}, which has no {SCALER_FILE} (fp16's loss scale) "
@@ -77,7 +81,8 @@ def _check_output_is_writable(output_dir):
 
 
 def _check_output_is_not_an_input(args):
-    """The final save and the checkpoints must never land in (or over) the models or images the run reads."""
+    """The final save and the checkpoints must never land in (or over) the models or images the run reads, nor the
+    final save's folders (unet/, ...) and its cleanup after a failed save reach into them."""
     output = os.path.realpath(args.output_dir)
     inputs = (("--pretrained_prior_model_name_or_path", args.pretrained_prior_model_name_or_path),
               ("--pretrained_decoder_model_name_or_path", args.pretrained_decoder_model_name_or_path),
@@ -87,10 +92,26 @@ def _check_output_is_not_an_input(args):
         if path is None or not os.path.isdir(path):
             continue  # a Hub id: nothing local to overwrite
         folder = os.path.realpath(path)
-        if output == folder or _inside(output, folder) or (flag.startswith("--pretrained") and _inside(folder, output)):
-            where = "is" if output == folder else ("is inside" if _inside(output, folder) else "contains")
+        if output == folder or _inside(output, folder) or _inside(folder, output):
+            if _inside(folder, output):  # the final save writes unet/, movq/, ... and removes them if it fails
+                fail(f"--output_dir {args.output_dir!r} contains {flag} {path!r}: the run would write its final save "
+                     "(and remove it again if the save fails) among what it reads. Choose an --output_dir that does "
+                     "not hold it.")
+            where = "is" if output == folder else "is inside"
             fail(f"--output_dir {args.output_dir!r} {where} {flag} {path!r}: the run would write its checkpoints and "
                  "final save over what it reads. Choose an --output_dir outside it.")
+
+
+def _check_readme(output_dir):
+    """The final save writes its model card as OUTPUT_DIR/README.md: a README.md there that is not a card of ours
+    (an earlier run's, told by its tags) is the user's, and is never replaced."""
+    from .model_card import is_our_card
+
+    readme = os.path.join(output_dir, "README.md")
+    if os.path.lexists(readme) and not is_our_card(readme):
+        fail(f"--output_dir {output_dir!r} holds a README.md that is not a model card of these scripts: the final "
+             "save writes its model card as README.md and would replace it. Move it out of --output_dir, or choose "
+             "another --output_dir.")
 
 
 def _inside(path, folder):

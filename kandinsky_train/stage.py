@@ -56,6 +56,7 @@ class Stage:
     # one seed per sample of (seed, epoch, sample) (diffusion.sample_seeds): given only then, so that other stages'
     # steps neither compute it nor copy it to the device.
     draws_per_sample: bool = False
+    decoder_type: str = None  # the decoder's type (decoders.DECODER_TYPES), recorded in its checkpoints
 
 
 def clip_pixels(image_processor, image):

@@ -9,8 +9,10 @@ import errno
 import os
 import re
 import shutil
+import stat
 
 from . import faults
+from .checkpoint_folders import CHECKPOINT_RE
 from .errors import UserError, fail
 
 # A write that failed while less than this was free ran out of space, whatever the library called the error.
@@ -111,8 +113,8 @@ def writing(what, folder, needed, partial=None, advice="", outcome=None, basis="
             fault_point=None):
     """Write `what` (about `needed` bytes, how that was reckoned: `basis`) into `folder`: stop before the write when
     the room is short (`free`: as the caller measured it, else measured here); if it runs out of space all the same,
-    remove `partial` (the half-written file or folder, or a list of them) and stop with one line. Other errors pass
-    through unchanged. `fault_point`: where the tests inject ENOSPC."""
+    remove `partial` (the half-written file or folder, a list of them, or a function that lists them) and stop with
+    one line. Other errors pass through unchanged. `fault_point`: where the tests inject ENOSPC."""
     check_room(what, folder, needed, basis, advice, free)
     try:
         yield
@@ -123,7 +125,7 @@ def writing(what, folder, needed, partial=None, advice="", outcome=None, basis="
     except Exception as error:
         if not ran_out_of_space(error, folder):
             raise
-        remove(partial)
+        remove(partial() if callable(partial) else partial)
         if outcome is None:
             outcome = "What it had written was removed." if partial else ""
         no_space(what, folder, needed, basis, free_bytes(folder), outcome, advice)
@@ -131,13 +133,47 @@ def writing(what, folder, needed, partial=None, advice="", outcome=None, basis="
 
 def save_output(what, save, folder, needed, written):
     """A final output written straight into `folder` (too large to write twice for atomicity), with the room checked
-    first. If the disk fills up during the write, what it writes there (`written`: names in `folder`) is removed: a
-    half-written pipeline must neither pass for a whole one nor keep the last free bytes. The checkpoints stay."""
-    with writing(what, folder, needed, partial=[os.path.join(folder, name) for name in written],
-                 basis="the size of its weights", fault_point="final",
-                 advice="Free some space and run the same command with --resume_from_checkpoint latest: it resumes "
-                 "from the newest checkpoint (untouched) and saves it again."):
+    first. If the disk fills up during the write, what it wrote under `written` (names in `folder`) is removed: a
+    half-written pipeline must neither pass for a whole one nor keep the last free bytes. What was there before and
+    the save left alone stays (a folder of the user's, a file the save does not write); the checkpoints stay."""
+    before = _snapshot(folder, written)
+    newest = _newest_checkpoint(folder)
+    advice = (f"Free some space and run the same command with --resume_from_checkpoint latest: it resumes from "
+              f"{newest} (untouched) and saves it again." if newest else
+              "This run saved no checkpoint to resume from: free some space and run the same command again.")
+    with writing(what, folder, needed, partial=lambda: _written_since(folder, written, before),
+                 basis="the size of its weights", fault_point="final", advice=advice):
         save(folder)
+
+
+def _snapshot(folder, names):
+    """{path: stamp} of everything under folder/NAME for each name: a folder's stamp is None, a file's says whether
+    it was rewritten since (inode, size, modification time)."""
+    found = {}
+    for top in (os.path.join(folder, name) for name in names):
+        paths = [top] if os.path.lexists(top) else []
+        if os.path.isdir(top) and not os.path.islink(top):
+            paths += [os.path.join(root, name) for root, dirs, files in os.walk(top) for name in dirs + files]
+        for path in paths:
+            st = os.lstat(path)
+            found[path] = None if stat.S_ISDIR(st.st_mode) else (st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _written_since(folder, names, before):
+    """What a save wrote under folder/NAME since `before` (a _snapshot): the files and folders it created and the
+    files it rewrote (their earlier content is gone already); a created folder stands for what it holds."""
+    after = _snapshot(folder, names)
+    made = [path for path, stamp in after.items() if path not in before or before[path] != stamp]
+    created = [path for path in made if after[path] is None]
+    return [path for path in made if not any(path.startswith(top + os.sep) for top in created)]
+
+
+def _newest_checkpoint(folder):
+    """The name of the checkpoint-STEP folder of the highest step in `folder`, or None."""
+    steps = [(int(m.group(1)), name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(folder, name))]
+    return max(steps)[1] if steps else None
 
 
 def save_pipeline(pipe, folder):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch
+from fakes import fake_checkpoint
 from test_robustness import error_line, run_in_process
 
 
@@ -47,6 +48,14 @@ def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp
     prior_saved = tmp_path / "prior_saved"  # the prior's final save, no checkpoint left
     prior_saved.mkdir()
     (prior_saved / "model_index.json").write_text('{"_class_name": "KandinskyV22PriorPipeline"}')
+    holds_data = tmp_path / "holds_data"  # the training images in OUT/unet: the final save would write among them
+    shutil.copytree(tiny["images"], holds_data / "unet")
+    user_readme = tmp_path / "user_readme"  # the user's own notes, where the model card would go
+    user_readme.mkdir()
+    (user_readme / "README.md").write_text("# My experiments\n")
+    full, lora = tmp_path / "full", tmp_path / "lora"  # a full fine-tune's and a LoRA run's complete checkpoints
+    fake_checkpoint(full / "checkpoint-2", "unet", 2)
+    fake_checkpoint(lora / "checkpoint-2", "unet_lora", 2)
     cases = [
         (PRIOR_SCRIPT, {"--learning_rate": "nan"}, "--learning_rate must be a finite number, got nan"),
         (DECODER_SCRIPT, {"--learning_rate": -1e-4}, "--learning_rate must be at least 0, got -0.0001"),
@@ -75,6 +84,26 @@ def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp
          r"holds the prior's training \(checkpoint-4\)"),
         (DECODER_SCRIPT, {"--output_dir": prior_saved},
          r"holds the prior's training \(the final KandinskyV22PriorPipeline in model_index.json\)"),
+        (PRIOR_SCRIPT, {"--output_dir": ""}, "--output_dir is empty: name the folder"),
+        (DECODER_SCRIPT, {"--output_dir": holds_data, "--train_data_dir": holds_data / "unet"},
+         "--output_dir .*holds_data' contains --train_data_dir .*unet': the run would write its final save"),
+        (DECODER_SCRIPT, {"--output_dir": user_readme},
+         "--output_dir .* holds a README.md that is not a model card of these scripts: the final save writes its "
+         "model card as README.md and would replace it"),
+        (DECODER_SCRIPT, {"--resume_from_checkpoint": shared / "checkpoint-2"},
+         r"'.*shared/checkpoint-2' is the prior's checkpoint \(prior/\), and this is the decoder: resume the decoder "
+         "from a checkpoint of its own"),
+        (DECODER_SCRIPT, {"--output_dir": full, "--resume_from_checkpoint": "latest", "--use_lora": True},
+         r"checkpoint-2 is a full fine-tune's checkpoint \(unet/, no unet_lora/\) and this run has --use_lora: "
+         "resume it without --use_lora"),
+        (DECODER_SCRIPT, {"--output_dir": lora, "--resume_from_checkpoint": "checkpoint-2"},
+         r"checkpoint-2 is a LoRA checkpoint \(unet_lora/\) and this run trains the whole model: resume it with "
+         "--use_lora"),
+        (DECODER_SCRIPT, {"--output_dir": lora, "--resume_from_checkpoint": "latest"},
+         "checkpoint-2 is a LoRA checkpoint"),
+        (DECODER_SCRIPT, {"--output_dir": full, "--resume_from_checkpoint": "latest", "--use_ema": True},
+         "checkpoint-2 holds no unet_ema/ that this --use_ema run needs to resume: it was saved without --use_ema "
+         r"\(resume it without --use_ema\) or lost the folder \(restore it\)."),
         (PRIOR_SCRIPT, {"--train_data_dir": non_utf8},
          "Could not read the image folder .* and its metadata file: UnicodeDecodeError: 'utf-8' codec can't decode "
          "byte 0xe9"),
@@ -86,7 +115,8 @@ def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp
                       "--mixed_precision fp16 needs a GPU and this run is on the CPU: use --mixed_precision bf16"))
     modules = {PRIOR_SCRIPT: train_text_to_image_prior, DECODER_SCRIPT: train_text_to_image_decoder}
     before = {folder: sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-              for folder in (tiny["prior"], tiny["decoder"], tiny["images"], shared, older, prior_saved)}
+              for folder in (tiny["prior"], tiny["decoder"], tiny["images"], shared, older, prior_saved, holds_data,
+                             user_readme, full, lora)}
     for script, overrides, message in cases:
         error = run_in_process(modules[script], base_args(tiny, tmp_path / "out", **overrides), capsys)
         line = error_line(error, overrides)

@@ -103,7 +103,8 @@ def test_train_state_round_trips_and_derives_the_epoch():
     restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
     assert restored.global_step == 9 and restored.epoch == 2  # step 10 is the second step of epoch 2
     assert (restored.samples_seen, restored.train_seconds, restored.counted_from_step) == (36, 5.5, 0)
-    assert state.state_dict() == {"seed": 7, "steps_per_epoch": 4, "stage": "prior", "global_step": 9, "epoch": 2,
+    assert state.state_dict() == {"seed": 7, "steps_per_epoch": 4, "stage": "prior", "decoder_type": None,
+                                  "global_step": 9, "epoch": 2,
                                   "skipped_images": ["a.png"], "samples_seen": 36, "train_seconds": 5.5,
                                   "counted_from_step": 0, "held_out": None, "stream": None, "step_offset": 0,
                                   "validation_due": [], "changes": []}

@@ -43,3 +43,39 @@ def test_a_flag_or_type_that_does_not_fit_the_decoder_is_refused(tiny, tiny_inpa
     error = run_in_process(train_text_to_image_decoder, args, capsys)
     assert re.search(message, error_line(error, overrides)), error[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_decoder_is_refused_before_any_model_loads(tiny, tiny_inpaint, tmp_path, capsys):
+    """Issue 29: an inpainting decoder resumed from a text-to-image decoder's checkpoint in the same --output_dir
+    (or the reverse) failed with "size mismatch for conv_in.weight" once the models had loaded; as a LoRA adapter
+    (attention layers only, the same shapes in every decoder) it would load into the wrong model without a word.
+    Checkpoints record their decoder's type; an older one's is read from the UNet configuration it holds."""
+    import json
+
+    import train_text_to_image_decoder
+    from fakes import fake_checkpoint
+
+    def checkpoint_of(name, folder="unet", recorded=None, config=None):
+        path = fake_checkpoint(tmp_path / name / "checkpoint-2", folder, 2)
+        if recorded:
+            (path / "training_state.json").write_text(json.dumps({"global_step": 2, "decoder_type": recorded}))
+        if config:
+            (path / folder / "config.json").write_text(json.dumps(config))
+        return path.parent
+
+    cases = [
+        (tiny_inpaint["decoder"], checkpoint_of("t2i", recorded="text2img"), {},
+         r"checkpoint-2 is a text-to-image decoder's checkpoint, and --pretrained_decoder_model_name_or_path .* is an "
+         r"inpainting decoder: resume it with the text-to-image decoder it was trained from, or train this one in "
+         "another --output_dir."),
+        (tiny["decoder"], checkpoint_of("older", config={"in_channels": 9}), {},
+         "checkpoint-2 is an inpainting decoder's checkpoint, and .* is a text-to-image decoder"),
+        (tiny["decoder"], checkpoint_of("lora", folder="unet_lora", recorded="controlnet"), {"--use_lora": True},
+         "checkpoint-2 is a depth-ControlNet decoder's checkpoint, and .* is a text-to-image decoder"),
+    ]
+    for decoder, output_dir, overrides, message in cases:
+        args = base_args(tiny, output_dir, **{"--pretrained_decoder_model_name_or_path": decoder,
+                                              "--resume_from_checkpoint": "latest", **overrides})
+        error = run_in_process(train_text_to_image_decoder, args, capsys)
+        assert re.search(message, error_line(error, output_dir)), error[-2000:]
+        assert "Loading" not in error and sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-2"]

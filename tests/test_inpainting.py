@@ -159,6 +159,8 @@ def test_a_masked_run_resumes_exactly_learns_and_inpaints_as_its_model_card_says
         "--validation_prompts": ["a red circle", "a blue square"], "--validation_image": tmp_path / "picture.png",
         "--validation_mask_image": tmp_path / "mask.png", "--validation_epochs": 100}))
     assert [Image.open(whole / "validation" / f"step-000016-0{i}.png").size for i in range(2)] == [(64, 64)] * 2
+    # the checkpoint says which decoder it is: no other decoder resumes it (issue 29)
+    assert json.loads((whole / "checkpoint-3" / "training_state.json").read_text())["decoder_type"] == "inpaint"
     cached = resume_from(whole, "checkpoint-3", tmp_path / "cached")
     launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, cached, steps=6, **masked(tmp_path), **{
         "--resume_from_checkpoint": "latest", "--cache_embeddings": True}))

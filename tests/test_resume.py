@@ -41,20 +41,24 @@ def test_a_run_in_epochs_resumed_on_two_processes_trains_the_epochs_left(tiny, t
 def test_flags_changed_on_resume_are_applied_said_and_on_the_model_card(tiny, tmp_path):
     common = {"--use_ema": True, "--lr_scheduler": "constant", "--checkpointing_steps": 2}
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=2, **common, **{"--ema_decay": 0.99}))
-    resumed = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=4, **common, **{
+    # and the fp32 weights go on in bf16 (issue 29: they were rounded without a word)
+    bf16 = {"--mixed_precision": "bf16", "--full_bf16": True}
+    resumed = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=4, **common, **bf16, **{
         "--resume_from_checkpoint": "latest", "--learning_rate": 5e-4, "--adam_weight_decay": 0.05,
         "--ema_decay": 0.9}))
     lines = [line for line in resumed.stderr.splitlines() if "Changed since the checkpoint" in line]
     assert len(lines) == 1 and lines[0].endswith(
         "Changed since the checkpoint, applied from step 3 on (the model card notes the earlier values): "
-        "--learning_rate 0.001 -> 0.0005; --adam_weight_decay 0 -> 0.05; --ema_decay 0.99 -> 0.9"), lines
+        "--learning_rate 0.001 -> 0.0005; --adam_weight_decay 0 -> 0.05; --ema_decay 0.99 -> 0.9; "
+        "--full_bf16 off -> on (the checkpoint's fp32 weights were rounded to bf16)"), lines
     group = torch.load(tmp_path / "checkpoint-4" / "optimizer.bin", weights_only=False)["param_groups"][0]
     assert (group["lr"], group["initial_lr"], group["weight_decay"]) == (5e-4, 5e-4, 0.05)
     assert json.loads((tmp_path / "checkpoint-4" / "prior_ema" / "config.json").read_text())["decay"] == 0.9
     rows = card_rows(tmp_path)
     assert rows["Learning rate"] == "0.0005 (0.001 until step 2)"
     assert rows["EMA"] == "decay 0.9 (0.99 until step 2)"
-    again = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=5, **common, **{
+    assert rows["Full bf16"] == "on (off until step 2)"
+    again = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path, steps=5, **common, **bf16, **{
         "--resume_from_checkpoint": "latest", "--learning_rate": 5e-4, "--adam_weight_decay": 0.05,
         "--ema_decay": 0.9}))
     assert "Changed since the checkpoint" not in again.stderr  # the same flags again: nothing changed

@@ -516,7 +516,8 @@ def test_errors_name_the_problem(tiny, tmp_path, capsys):
          "move checkpoint-8 out of --output_dir to go on from checkpoint-4, then run again."),
         (DECODER_SCRIPT, {"--output_dir": reference_run, "--resume_from_checkpoint": "checkpoint-500",
                           "--use_ema": True},
-         r"Checkpoint 'checkpoint-500' does not exist or is incomplete .*; it lacks unet_ema/\."),
+         r"checkpoint-500 holds no unet_ema/ that this --use_ema run needs to resume: it was saved without "
+         r"--use_ema \(resume it without --use_ema\) or lost the folder \(restore it\)\."),
         (PRIOR_SCRIPT, {"--streaming": True, "--max_train_steps": None},
          "--streaming needs --max_train_steps: a stream has no length to count the training steps from"),
         (DECODER_SCRIPT, {"--streaming": True, "--cache_embeddings": True},

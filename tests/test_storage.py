@@ -185,12 +185,30 @@ def test_a_full_disk_in_the_final_save_removes_what_it_wrote(tmp_path, monkeypat
     message = final_save_fails(tmp_path, Pipeline(lambda path: open(path, "wb").write(b"weights")))
     assert re.fullmatch(f"Not enough disk space to write the fine-tuned pipeline in {tmp_path}: it needs about "
                         r"1.1 KiB \(the size of its weights\), .* free. What it had written was removed. Free some "
-                        r"space and run the same command with --resume_from_checkpoint latest: it resumes from the "
-                        r"newest checkpoint \(untouched\) and saves it again.", message), message
+                        r"space and run the same command with --resume_from_checkpoint latest: it resumes from "
+                        r"checkpoint-1 \(untouched\) and saves it again.", message), message
     monkeypatch.setattr(faults, "_FAULT", None)
     with pytest.raises(UserError, match="free. Nothing was written"):  # checked before writing
         storage.save_output("the fine-tuned pipeline", pytest.fail, str(tmp_path), storage.free_bytes(tmp_path) + 2**30,
                             written=[])
+
+
+def test_a_failed_final_save_removes_only_what_it_wrote(tmp_path, monkeypatch):
+    """Issue 29: the cleanup removed whole folders that were there before the run (unet/ with the user's files in
+    it), and its advice sent the user to a checkpoint the run had never saved. Now: the files and folders the save
+    created, and the files it rewrote (their earlier content is gone), are removed; the rest stays."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "notes.txt").write_text("mine")
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"old")  # rewritten by the save
+    (tmp_path / "scheduler").mkdir()  # a component folder the save does not write into here
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text("{}")
+    monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
+    with pytest.raises(UserError) as raised:
+        storage.save_pipeline(Pipeline(lambda path: open(path, "wb").write(b"weights")), str(tmp_path))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "scheduler", "scheduler/scheduler_config.json", "unet", "unet/notes.txt"]
+    assert str(raised.value).endswith("What it had written was removed. This run saved no checkpoint to resume "
+                                      "from: free some space and run the same command again."), raised.value
 
 
 def test_a_safetensors_error_saying_the_disk_is_full_is_a_full_disk(tmp_path):
