@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import ImageFile
 
+from .data_checks import check_parquet_shards, explain_load_error, is_url, refuse_urls
 from .errors import fail, reason
 from .images import image_name, image_size, open_rgb
 
@@ -49,17 +50,22 @@ def load_split(args, splits, streaming=False):
     import datasets
 
     if args.dataset_name is not None:
+        folder = data_folder(args.dataset_name)
+        if folder is not None:
+            check_parquet_shards(folder, "--dataset_name", args.dataset_name)
         try:
             loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                            streaming=streaming)
         except Exception as error:  # datasets raises many types for "not found / offline / bad format"
-            fail(f"Could not load --dataset_name {args.dataset_name!r}: {reason(error)}")
+            fail(explain_load_error(error, args) or
+                 f"Could not load --dataset_name {args.dataset_name!r}: {reason(error)}")
     else:
         try:
             loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
                                            streaming=streaming)
         except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv
-            fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
+            fail(explain_load_error(error, args) or
+                 f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
                  f"{reason(error)}")
     for split in splits:
         if split in loaded:
@@ -74,17 +80,21 @@ def check_column_names(columns, args, caption_column):
             fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
 
 
-def undecoded(dataset, image_column, folder=None):
+def undecoded(dataset, image_column, folder=None, source=None):
     """The data set with its images left undecoded: the samples decode them through our own loader, so that a bad
     file is reported (or skipped) instead of crashing a worker. A column of file paths (CSV, parquet) is resolved
     against `folder`, the data set's own (see `data_folder`), as datasets resolves an image folder's file names:
-    never against the working directory, where a file of the same name would be trained on silently."""
+    never against the working directory, where a file of the same name would be trained on silently. URLs are
+    refused (`source` names the data set): nothing downloads them."""
     import datasets
 
     feature = dataset.features.get(image_column) if dataset.features is not None else None
     if isinstance(feature, datasets.Image):
         return dataset.cast_column(image_column, datasets.Image(decode=False))
-    if folder is not None and getattr(feature, "dtype", None) in ("string", "large_string"):
+    strings = getattr(feature, "dtype", None) in ("string", "large_string")
+    if strings and source is not None and not isinstance(dataset, datasets.IterableDataset):
+        refuse_urls(dataset[image_column], image_column, source)  # a stream's come as unreadable, one by one
+    if folder is not None and strings:
         return dataset.map(lambda path: {image_column: _resolve(folder, path)}, input_columns=image_column,
                            **({} if isinstance(dataset, datasets.IterableDataset) else {"desc": "Resolving paths"}))
     return dataset
@@ -98,7 +108,7 @@ def data_folder(name):
 
 
 def _resolve(folder, path):
-    if isinstance(path, str) and path and not os.path.isabs(path):
+    if isinstance(path, str) and path and not os.path.isabs(path) and not is_url(path):
         return os.path.normpath(os.path.join(folder, path))
     return path
 
@@ -114,7 +124,7 @@ def _check_columns(dataset, args, caption_column):
         fail(f"The dataset {source!r} is empty.")
     if caption_column is not None:
         _check_captions(dataset[caption_column], caption_column)
-    return undecoded(dataset, args.image_column, data_folder(args.dataset_name))
+    return undecoded(dataset, args.image_column, data_folder(args.dataset_name), source)
 
 
 def _check_captions(values, caption_column):

@@ -49,7 +49,21 @@ def loading(what, flag, path):
     except UserError:
         raise
     except (OSError, ValueError) as error:
-        fail(f"Could not load the {what} from {flag} {path!r}: {first_line(error)}")
+        fail(f"Could not load the {what} from {flag} {path!r}: {offline_cause(path) or first_line(error)}")
+
+
+def offline_cause(path):
+    """Why a Hub model id did not load when offline mode is on: the loaders' own words ("does not appear to have a
+    file named config.json") blame the model."""
+    import os
+
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE or os.path.isdir(path):
+        return None
+    return (f"offline mode is on (HF_HUB_OFFLINE=1) and {path!r} is not (completely) in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE!r}. Download it once online (`hf download {path}`), unset HF_HUB_OFFLINE, or "
+            "give a local folder.")
 
 
 def main_guard(main):

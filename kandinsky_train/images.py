@@ -38,6 +38,8 @@ def _open(value):
         value = value.get("bytes") or value["path"]
     if isinstance(value, (bytes, bytearray, memoryview)):  # also a binary column (not a datasets.Image) of files
         return Image.open(io.BytesIO(value))
+    if isinstance(value, str) and "://" in value[:12]:  # Image.open would look for a local file of that name
+        raise ValueError("a URL: pictures are not downloaded; download them and give their local paths")
     return Image.open(value)
 
 

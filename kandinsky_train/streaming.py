@@ -40,7 +40,7 @@ def load_stream(args, accelerator, caption_column=None):
     source = args.dataset_name or args.train_data_dir
     stream = load_split(args, ("train",), streaming=True)
     check_column_names(stream.column_names or list(next(iter(stream))), args, caption_column)
-    stream = undecoded(stream, args.image_column, data_folder(args.dataset_name))
+    stream = undecoded(stream, args.image_column, data_folder(args.dataset_name), source)
     if args.max_train_samples is not None:
         stream = stream.take(args.max_train_samples)
     if stream.num_shards % accelerator.num_processes:
