@@ -14,7 +14,7 @@ from PIL import ImageFile
 
 from .data_checks import check_parquet_shards, explain_load_error, is_url, refuse_urls
 from .errors import fail, reason
-from .images import image_name, image_size, open_rgb
+from .images import MAX_ASPECT, MIN_SIDE, image_name, image_size, odd_shape, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +162,16 @@ def caption_text(value, variant=0):
 def _check_images(values, indices):
     """datasets.map function: for each image, an empty string if it decodes, else why it does not; and its name
     (the file, or the row of a data set that stores the bytes)."""
-    errors = []
+    errors, sizes = [], []
     for value in values:
         try:
-            open_rgb(value)
+            sizes.append(open_rgb(value).size)
             errors.append("")
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            sizes.append((0, 0))
             errors.append(f"{type(error).__name__}: {error}")
     names = [image_name(value) for value in values]
-    return {"unreadable": errors,
+    return {"unreadable": errors, "size": [list(size) for size in sizes],
             "name": [f"row {i} {name}" if name.startswith("<") else name for i, name in zip(indices, names)]}
 
 
@@ -192,9 +193,21 @@ def drop_unreadable(dataset, image_column, report, num_proc=None):
             keep.append(index)
     if not keep:
         fail(f"None of the {len(dataset)} images could be read ({report.summary()}).")
+    _warn_odd_shapes([(verdicts["name"][i], verdicts["size"][i]) for i in keep])
     if report.skipped:
         dataset = dataset.select(keep)
     return dataset
+
+
+def _warn_odd_shapes(named_sizes):
+    """One warning for pictures that train as something else than they are: tiny ones upscaled many times, or of
+    an extreme shape stretched into a bucket or cut down to a sliver of themselves by the crop."""
+    odd = [(name, size) for name, size in named_sizes if odd_shape(*size)]
+    if odd:
+        name, (width, height) = odd[0]
+        logger.warning(f"{len(odd)} picture(s) are tiny or of an extreme shape (a side under {MIN_SIDE} px, or one "
+                       f"over {MAX_ASPECT} times the other), for example {name} ({width}x{height}): training "
+                       "upscales, crops or stretches them into its shapes. Check the data, or drop them.")
 
 
 def _parallelism(dataset):

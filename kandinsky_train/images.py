@@ -19,6 +19,15 @@ RESAMPLING = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinea
               "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
+# Pictures that train as something else than they are (data.py warns of them): a side under MIN_SIDE pixels is
+# upscaled many times; a side over MAX_ASPECT times the other is cut to a sliver by the crop or stretched by a bucket.
+MIN_SIDE, MAX_ASPECT = 32, 4
+
+
+def odd_shape(width, height):
+    return min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height)
+
+
 def image_name(value):
     """How to name an image cell in a message: its file, or "<bytes>" for images stored in the data set."""
     if isinstance(value, dict):
