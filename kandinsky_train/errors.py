@@ -73,12 +73,20 @@ def main_guard(main):
         main()
     except UserError as error:
         _close_progress_bars()
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_raised_in_worker(str(error))}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
         _close_progress_bars()
         print(f"stopped: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+
+
+def _raised_in_worker(message):
+    """A UserError raised in a data-loader worker comes back as one whose message is the worker's whole traceback
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line holds the message."""
+    if not message.startswith("Caught UserError in DataLoader worker"):
+        return message
+    return message.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
 
 
 def _close_progress_bars():
