@@ -50,9 +50,8 @@ def load_split(args, splits, streaming=False):
     import datasets
 
     if args.dataset_name is not None:
-        folder = data_folder(args.dataset_name)
-        if folder is not None:
-            check_parquet_shards(folder, "--dataset_name", args.dataset_name)
+        if os.path.exists(args.dataset_name):
+            check_parquet_shards(args.dataset_name, "--dataset_name")
         try:
             loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                            streaming=streaming)

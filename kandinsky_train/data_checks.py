@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import fail
+from .errors import fail, first_line
 
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -27,18 +27,19 @@ def refuse_urls(values, column, source):
              "and give their local paths (relative to the data set's folder).")
 
 
-def check_parquet_shards(folder, flag, name):
-    """Every parquet file of a local data set has a parquet footer (read alone: cheap), so that a stray or partly
-    downloaded file is named before any model loads rather than met as an ArrowInvalid in the middle of a run."""
+def check_parquet_shards(name, flag):
+    """Every parquet file of a local data set (a folder, or one file) has a parquet footer (read alone: cheap), so
+    that a stray or partly downloaded file is named before any model loads rather than met as an ArrowInvalid in the
+    middle of a run."""
     import pyarrow.parquet as pq
 
-    for path in sorted(Path(folder).rglob("*.parquet")):
+    files = sorted(Path(name).rglob("*.parquet")) if os.path.isdir(name) else [Path(name)]
+    for path in (path for path in files if path.suffix == ".parquet"):
         try:
             pq.read_metadata(path)
         except Exception as error:  # pyarrow raises ArrowInvalid, OSError... for a file that is not parquet
-            why = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
             fail(f"{flag} {name!r}: the shard {str(path)!r} is not a readable parquet file ({type(error).__name__}: "
-                 f"{why}). Replace it (a partial download?) or move it out of the data set's folder.")
+                 f"{first_line(error).rstrip('.')}). Replace it (a partial download?) or move it out of the data set's folder.")
 
 
 def explain_load_error(error, args):
