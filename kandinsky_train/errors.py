@@ -62,8 +62,8 @@ def offline_cause(path):
     if not constants.HF_HUB_OFFLINE or os.path.isdir(path):
         return None
     return (f"offline mode is on (HF_HUB_OFFLINE=1) and {path!r} is not (completely) in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE!r}. Download it once online (`hf download {path}`), unset HF_HUB_OFFLINE, or "
-            "give a local folder.")
+            f"(--cache_dir, else {constants.HF_HUB_CACHE!r}). Download it once online (`hf download {path}`), unset "
+            "HF_HUB_OFFLINE, or give a local folder.")
 
 
 def main_guard(main):
