@@ -77,7 +77,8 @@ def _check_embedding_cache_dir(args):
     inputs = (("--pretrained_prior_model_name_or_path", args.pretrained_prior_model_name_or_path),
               ("--pretrained_decoder_model_name_or_path", args.pretrained_decoder_model_name_or_path),
               ("--train_data_dir", args.train_data_dir), ("--dataset_name", args.dataset_name),
-              ("--validation_data_dir", args.validation_data_dir))
+              ("--validation_data_dir", args.validation_data_dir),
+              ("--validation_dataset_name", args.validation_dataset_name))
     for flag, path in inputs:
         if path is None or not os.path.isdir(path):
             continue  # a Hub id: nothing local to write into

@@ -92,7 +92,7 @@ def undecoded(dataset, image_column, folder=None, source=None):
         return dataset.cast_column(image_column, datasets.Image(decode=False))
     strings = getattr(feature, "dtype", None) in ("string", "large_string")
     if strings and source is not None and not isinstance(dataset, datasets.IterableDataset):
-        refuse_urls(dataset[image_column], image_column, source)  # a stream's come as unreadable, one by one
+        refuse_urls(dataset[image_column], image_column, source)  # streamed: each skipped as unreadable
     if folder is not None and strings:
         return dataset.map(lambda path: {image_column: _resolve(folder, path)}, input_columns=image_column,
                            **({} if isinstance(dataset, datasets.IterableDataset) else {"desc": "Resolving paths"}))
@@ -159,8 +159,9 @@ def caption_text(value, variant=0):
 
 
 def _check_images(values, indices):
-    """datasets.map function: for each image, an empty string if it decodes, else why it does not; and its name
-    (the file, or the row of a data set that stores the bytes)."""
+    """datasets.map function: for each image, an empty string if it decodes, else why it does not; its size as
+    training opens it ((0, 0) if it does not); and its name (the file, or the row of a data set that stores the
+    bytes)."""
     errors, sizes = [], []
     for value in values:
         try:
