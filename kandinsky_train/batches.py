@@ -2,10 +2,28 @@
 """How samples become micro-batches: the order of each epoch (seeded, so a resumed run sees what an uninterrupted
 one sees), the share of each process, and where a resumed epoch starts."""
 
+import logging
+import math
+
 import torch
 
 from .buckets import epoch_order
 from .data import collate
+
+logger = logging.getLogger(__name__)
+
+
+def cap_batch_size(args, accelerator, num_samples):
+    """A --train_batch_size above the samples a process gets in an epoch is capped to them: a micro-batch never holds
+    more, and the frozen encoders, which run on whole batches (short ones padded, cache.at_batch_size), would
+    otherwise encode the padding. Every process computes the same cap from the same count."""
+    share = math.ceil(num_samples / accelerator.num_processes)
+    if args.train_batch_size <= share:
+        return
+    logger.warning(f"--train_batch_size {args.train_batch_size} is more than the {num_samples} training sample(s)"
+                   f"{f' ({share} per process)' if accelerator.num_processes > 1 else ''}: training in batches of "
+                   f"{share}, the whole data set each step.")
+    args.train_batch_size = share
 
 
 def make_batches(args, accelerator, samples):

@@ -65,6 +65,28 @@ def _check_data(args):
         _check_image_folder("--train_data_dir", args.train_data_dir)
     _check_held_out(args)
     _check_streaming(args)
+    _check_embedding_cache_dir(args)
+
+
+def _check_embedding_cache_dir(args):
+    """The cache's files must never land in a folder the run reads: a model folder (its files are the model's) or
+    the data (they would become part of it)."""
+    if getattr(args, "embedding_cache_dir", None) is None:
+        return
+    cache = os.path.realpath(args.embedding_cache_dir)
+    inputs = (("--pretrained_prior_model_name_or_path", args.pretrained_prior_model_name_or_path),
+              ("--pretrained_decoder_model_name_or_path", args.pretrained_decoder_model_name_or_path),
+              ("--train_data_dir", args.train_data_dir), ("--dataset_name", args.dataset_name),
+              ("--validation_data_dir", args.validation_data_dir),
+              ("--validation_dataset_name", args.validation_dataset_name))
+    for flag, path in inputs:
+        if path is None or not os.path.isdir(path):
+            continue  # a Hub id: nothing local to write into
+        folder = os.path.realpath(path)
+        if os.path.commonpath([cache, folder]) == folder:
+            fail(f"--embedding_cache_dir {args.embedding_cache_dir!r} is {'' if cache == folder else 'inside '}"
+                 f"{flag} {path!r}: the cache would write its files into what the run reads. Choose a folder "
+                 "outside it (the default is OUTPUT_DIR/embedding_cache).")
 
 
 def _check_streaming(args):

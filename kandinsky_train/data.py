@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import ImageFile
 
+from .data_checks import check_parquet_shards, explain_load_error, is_url, refuse_urls
 from .errors import fail, reason
-from .images import image_name, image_size, open_rgb
+from .images import MAX_ASPECT, MIN_SIDE, image_name, image_size, odd_shape, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +50,21 @@ def load_split(args, splits, streaming=False):
     import datasets
 
     if args.dataset_name is not None:
+        if os.path.exists(args.dataset_name):
+            check_parquet_shards(args.dataset_name, "--dataset_name")
         try:
             loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                            streaming=streaming)
         except Exception as error:  # datasets raises many types for "not found / offline / bad format"
-            fail(f"Could not load --dataset_name {args.dataset_name!r}: {reason(error)}")
+            fail(explain_load_error(error, args) or
+                 f"Could not load --dataset_name {args.dataset_name!r}: {reason(error)}")
     else:
         try:
             loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
                                            streaming=streaming)
         except Exception as error:  # typically a malformed metadata.jsonl / metadata.csv
-            fail(f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
+            fail(explain_load_error(error, args) or
+                 f"Could not read the image folder --train_data_dir {args.train_data_dir!r} and its metadata file: "
                  f"{reason(error)}")
     for split in splits:
         if split in loaded:
@@ -74,17 +79,21 @@ def check_column_names(columns, args, caption_column):
             fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
 
 
-def undecoded(dataset, image_column, folder=None):
+def undecoded(dataset, image_column, folder=None, source=None):
     """The data set with its images left undecoded: the samples decode them through our own loader, so that a bad
     file is reported (or skipped) instead of crashing a worker. A column of file paths (CSV, parquet) is resolved
     against `folder`, the data set's own (see `data_folder`), as datasets resolves an image folder's file names:
-    never against the working directory, where a file of the same name would be trained on silently."""
+    never against the working directory, where a file of the same name would be trained on silently. URLs are
+    refused (`source` names the data set): nothing downloads them."""
     import datasets
 
     feature = dataset.features.get(image_column) if dataset.features is not None else None
     if isinstance(feature, datasets.Image):
         return dataset.cast_column(image_column, datasets.Image(decode=False))
-    if folder is not None and getattr(feature, "dtype", None) in ("string", "large_string"):
+    strings = getattr(feature, "dtype", None) in ("string", "large_string")
+    if strings and source is not None and not isinstance(dataset, datasets.IterableDataset):
+        refuse_urls(dataset[image_column], image_column, source)  # streamed: each skipped as unreadable
+    if folder is not None and strings:
         return dataset.map(lambda path: {image_column: _resolve(folder, path)}, input_columns=image_column,
                            **({} if isinstance(dataset, datasets.IterableDataset) else {"desc": "Resolving paths"}))
     return dataset
@@ -98,7 +107,7 @@ def data_folder(name):
 
 
 def _resolve(folder, path):
-    if isinstance(path, str) and path and not os.path.isabs(path):
+    if isinstance(path, str) and path and not os.path.isabs(path) and not is_url(path):
         return os.path.normpath(os.path.join(folder, path))
     return path
 
@@ -114,7 +123,7 @@ def _check_columns(dataset, args, caption_column):
         fail(f"The dataset {source!r} is empty.")
     if caption_column is not None:
         _check_captions(dataset[caption_column], caption_column)
-    return undecoded(dataset, args.image_column, data_folder(args.dataset_name))
+    return undecoded(dataset, args.image_column, data_folder(args.dataset_name), source)
 
 
 def _check_captions(values, caption_column):
@@ -150,17 +159,19 @@ def caption_text(value, variant=0):
 
 
 def _check_images(values, indices):
-    """datasets.map function: for each image, an empty string if it decodes, else why it does not; and its name
-    (the file, or the row of a data set that stores the bytes)."""
-    errors = []
+    """datasets.map function: for each image, an empty string if it decodes, else why it does not; its size as
+    training opens it ((0, 0) if it does not); and its name (the file, or the row of a data set that stores the
+    bytes)."""
+    errors, sizes = [], []
     for value in values:
         try:
-            open_rgb(value)
+            sizes.append(open_rgb(value).size)
             errors.append("")
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            sizes.append((0, 0))
             errors.append(f"{type(error).__name__}: {error}")
     names = [image_name(value) for value in values]
-    return {"unreadable": errors,
+    return {"unreadable": errors, "size": [list(size) for size in sizes],
             "name": [f"row {i} {name}" if name.startswith("<") else name for i, name in zip(indices, names)]}
 
 
@@ -182,9 +193,21 @@ def drop_unreadable(dataset, image_column, report, num_proc=None):
             keep.append(index)
     if not keep:
         fail(f"None of the {len(dataset)} images could be read ({report.summary()}).")
+    _warn_odd_shapes([(verdicts["name"][i], verdicts["size"][i]) for i in keep])
     if report.skipped:
         dataset = dataset.select(keep)
     return dataset
+
+
+def _warn_odd_shapes(named_sizes):
+    """One warning for pictures that train as something else than they are: tiny ones upscaled many times, or of
+    an extreme shape stretched into a bucket or cut down to a sliver of themselves by the crop."""
+    odd = [(name, size) for name, size in named_sizes if odd_shape(*size)]
+    if odd:
+        name, (width, height) = odd[0]
+        logger.warning(f"{len(odd)} picture(s) are tiny or of an extreme shape (a side under {MIN_SIDE} px, or one "
+                       f"over {MAX_ASPECT} times the other), for example {name} ({width}x{height}): training "
+                       "upscales, crops or stretches them into its shapes. Check the data, or drop them.")
 
 
 def _parallelism(dataset):

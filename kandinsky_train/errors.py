@@ -49,7 +49,21 @@ def loading(what, flag, path):
     except UserError:
         raise
     except (OSError, ValueError) as error:
-        fail(f"Could not load the {what} from {flag} {path!r}: {first_line(error)}")
+        fail(f"Could not load the {what} from {flag} {path!r}: {offline_cause(path) or first_line(error)}")
+
+
+def offline_cause(path):
+    """Why a Hub model id did not load when offline mode is on: the loaders' own words ("does not appear to have a
+    file named config.json") blame the model."""
+    import os
+
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE or os.path.isdir(path):
+        return None
+    return (f"offline mode is on (HF_HUB_OFFLINE=1) and {path!r} is not (completely) in the Hugging Face cache "
+            f"(--cache_dir, else {constants.HF_HUB_CACHE!r}). Download it once online (`hf download {path}`), unset "
+            "HF_HUB_OFFLINE, or give a local folder.")
 
 
 def main_guard(main):
@@ -59,12 +73,20 @@ def main_guard(main):
         main()
     except UserError as error:
         _close_progress_bars()
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_raised_in_worker(str(error))}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
         _close_progress_bars()
         print(f"stopped: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+
+
+def _raised_in_worker(message):
+    """A UserError raised in a data-loader worker comes back as one whose message is the worker's whole traceback
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line holds the message."""
+    if not message.startswith("Caught UserError in DataLoader worker"):
+        return message
+    return message.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
 
 
 def _close_progress_bars():

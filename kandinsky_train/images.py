@@ -19,6 +19,15 @@ RESAMPLING = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinea
               "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
+# Pictures that train as something else than they are (data.py warns of them): a side under MIN_SIDE pixels is
+# upscaled many times; a side over MAX_ASPECT times the other is cut to a sliver by the crop or stretched by a bucket.
+MIN_SIDE, MAX_ASPECT = 32, 4
+
+
+def odd_shape(width, height):
+    return min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height)
+
+
 def image_name(value):
     """How to name an image cell in a message: its file, or "<bytes>" for images stored in the data set."""
     if isinstance(value, dict):
@@ -38,6 +47,8 @@ def _open(value):
         value = value.get("bytes") or value["path"]
     if isinstance(value, (bytes, bytearray, memoryview)):  # also a binary column (not a datasets.Image) of files
         return Image.open(io.BytesIO(value))
+    if isinstance(value, str) and "://" in value[:12]:  # Image.open would look for a local file of that name
+        raise ValueError("a URL: pictures are not downloaded; download them and give their local paths")
     return Image.open(value)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint, checkpoint_folders, faults, flag_changes, model_state, tracking
 from .cache import frozen_outputs
-from .batches import make_batches
+from .batches import cap_batch_size, make_batches
 from .data import TrainingSamples, training_samples
 from .diffusion import sample_seeds, step_seed
 from .errors import fail
@@ -43,6 +43,8 @@ class TrainResult:
 def train(args, accelerator, stage, dataset, report, hub_repo_id=None, held_out=None):
     """Train the stage's model on the dataset (evaluating it on held_out, a holdout.HeldOut, if given); a TrainResult
     for the script's final save."""
+    if not args.streaming:  # a stream's length is not known
+        cap_batch_size(args, accelerator, len(dataset))
     with console_through_progress_bars():
         return Trainer(args, accelerator, stage, dataset, report, hub_repo_id, held_out).train()
 

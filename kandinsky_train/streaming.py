@@ -17,7 +17,7 @@ import torch
 
 from .data import (ImageReport, captions, check_column_names, collate, data_folder, draw_variant, load_split,
                    load_training_data, undecoded)
-from .errors import fail
+from .errors import fail, first_line
 from .images import image_name, open_rgb
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def load_stream(args, accelerator, caption_column=None):
     source = args.dataset_name or args.train_data_dir
     stream = load_split(args, ("train",), streaming=True)
     check_column_names(stream.column_names or list(next(iter(stream))), args, caption_column)
-    stream = undecoded(stream, args.image_column, data_folder(args.dataset_name))
+    stream = undecoded(stream, args.image_column, data_folder(args.dataset_name), source)
     if args.max_train_samples is not None:
         stream = stream.take(args.max_train_samples)
     if stream.num_shards % accelerator.num_processes:
@@ -93,7 +93,7 @@ class StreamSamples(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         start, skipped = self.skip.get(worker, 0), 0
-        for position, row in enumerate(self.stream, start=1):
+        for position, row in enumerate(self._rows(), start=1):
             if position <= start:
                 continue  # consumed before the checkpoint: passed over, not decoded
             sample = self._sample(row, position)
@@ -103,6 +103,21 @@ class StreamSamples(torch.utils.data.IterableDataset):
             sample.update(worker=worker, position=position, skipped=skipped)
             skipped = 0
             yield sample
+
+    def _rows(self):
+        """The stream's rows; a shard its reader cannot read (a remote one, or a local one whose footer is sound,
+        see data_checks.check_parquet_shards) stops the run with one line: datasets' log line names the file."""
+        rows = iter(self.stream)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as error:  # pyarrow's ArrowInvalid, OSError... from the shard reader
+                fail(f"A shard of the stream could not be read ({type(error).__name__}: {first_line(error)}); the "
+                     "log line above names the file. Replace it with a good copy and resume with "
+                     "--resume_from_checkpoint latest (without it, the stream is another one: start a new run).")
+            yield row
 
     def _sample(self, row, position):
         value = row[self.image_column]

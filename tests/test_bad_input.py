@@ -197,3 +197,68 @@ def test_an_error_during_training_starts_its_own_line_below_the_progress_bar(cap
         main_guard(lambda: fail("a mask of 32x32 pairs with a picture of 64x64"))
     lines = capsys.readouterr().err.split("\n")
     assert lines[-2] == "error: a mask of 32x32 pairs with a picture of 64x64" and "Steps" in lines[-3]
+
+
+def test_data_and_hub_problems_are_named_where_they_are(tiny, tmp_path, capsys, tmpfs, monkeypatch):
+    """What datasets and the loaders would blame on something else is named where it is, in one line, before any
+    weight loads: a metadata.jsonl's bad line (file and line from 1), a shard that is not parquet (streamed or not),
+    a column of URLs (not downloaded), a datasets cache that cannot be written (not the image folder), a Hub model
+    id while offline (not the model), and an --embedding_cache_dir inside what the run reads."""
+    import subprocess
+
+    import datasets
+    import huggingface_hub
+    import train_text_to_image_decoder
+    import train_text_to_image_prior
+
+    rows = [json.loads(line) for line in (tiny["images"] / "metadata.jsonl").read_text().splitlines()]
+    lines = [json.dumps(row) for row in rows]
+    lines[2] = lines[2].replace('"text"', '"text', 1)  # line 3: a quote lost
+    bad_line = write_metadata(tmp_path / "bad_line", tiny, None, raw="\n".join(lines).encode())
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny["parquet"], shards)
+    (shards / "data" / "train-00000-of-00001.parquet").rename(shards / "data" / "train-00000-of-00002.parquet")
+    (shards / "data" / "train-00001-of-00002.parquet").write_text("image,text\nnot,parquet\n")
+    urls = tmp_path / "urls"
+    urls.mkdir()
+    (urls / "train.csv").write_text("image,text\n../a.png,a cat\nhttps://example.com/b.png,a dog\n")
+    read_only = tmpfs("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    parquet = {"--train_data_dir": None, "--dataset_name": shards, "--image_column": "img",
+               "--caption_column": "caption"}
+    hub_id = "kandinsky-community/kandinsky-2-2-decoder"
+    cases = [
+        (PRIOR_SCRIPT, {"--train_data_dir": bad_line},
+         r"Could not read the image folder --train_data_dir .*bad_line': '.*bad_line/metadata.jsonl' line 3 is not "
+         r"JSON \(Expecting ':' delimiter, column \d+\)"),
+        (PRIOR_SCRIPT, parquet, r"--dataset_name '.*shards': the shard '.*train-00001-of-00002.parquet' is not a "
+                                r"readable parquet file \(ArrowInvalid: .*\)\. Replace it"),
+        (PRIOR_SCRIPT, {**parquet, "--streaming": True}, r"the shard '.*train-00001-of-00002.parquet' is not a "
+                                                         r"readable parquet file"),
+        (PRIOR_SCRIPT, {"--train_data_dir": None, "--dataset_name": urls},
+         r"--image_column 'image' of '.*urls' holds URLs \(1 row\(s\), the first row 1: "
+         r"'https://example.com/b.png'\): pictures are not downloaded"),
+        (DECODER_SCRIPT, {"--cache_dir": read_only},
+         rf"The datasets cache '{read_only}' \(--cache_dir\) cannot be written \(Read-only file system\): .* Give "
+         "--cache_dir a folder you can write to"),
+        (DECODER_SCRIPT, {"--pretrained_decoder_model_name_or_path": hub_id},
+         rf"from --pretrained_decoder_model_name_or_path '{hub_id}': offline mode is on \(HF_HUB_OFFLINE=1\) and "
+         rf"'{hub_id}' is not \(completely\) in the Hugging Face cache"),
+        (DECODER_SCRIPT, {"--cache_embeddings": True, "--embedding_cache_dir": tiny["decoder"] / "cache"},
+         "--embedding_cache_dir .* is inside --pretrained_decoder_model_name_or_path .*: the cache would write its "
+         "files into what the run reads"),
+        (PRIOR_SCRIPT, {"--cache_embeddings": True, "--embedding_cache_dir": tiny["images"]},
+         "--embedding_cache_dir .* is --train_data_dir"),
+    ]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    modules = {PRIOR_SCRIPT: train_text_to_image_prior, DECODER_SCRIPT: train_text_to_image_decoder}
+    for script, overrides, message in cases:
+        error = run_in_process(modules[script], base_args(tiny, tmp_path / "out", **overrides), capsys)
+        line = error_line(error, overrides)
+        assert re.search(message, line), f"{overrides}: expected {message!r} in\n{line}"
+        assert not (tmp_path / "out").exists() and not (tiny["decoder"] / "cache").exists(), overrides
+    # HF_HOME's datasets cache read-only: named with the variable that put it there
+    monkeypatch.setenv("HF_HOME", str(read_only))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", read_only / "datasets")
+    line = error_line(run_in_process(train_text_to_image_prior, base_args(tiny, tmp_path / "out"), capsys))
+    assert re.search(rf"The datasets cache '{read_only}/datasets' \(HF_HOME\) cannot be written", line), line

@@ -113,3 +113,72 @@ def test_samples_carry_their_index_and_collate_stacks(tiny):
     assert batch["index"].tolist() == [3, 0] and batch["size"].shape == (2, 2)
     rows = [json.loads(line) for line in (tiny["images"] / "metadata.jsonl").read_text().splitlines()]
     assert len(samples) == len(rows)
+
+
+def test_tiny_and_extreme_pictures_are_named_once_with_a_count(tmp_path):
+    """A 1x4000 sliver and a 1x1 dot are cut, stretched or upscaled into the training shapes: one warning counts them
+    and names one; an ordinary 4:3 photo and a 64 px thumbnail raise none."""
+    import datasets
+    from PIL import Image
+
+    from conftest import warnings_seen
+
+    sizes = {"photo.png": (80, 60), "thumb.png": (64, 64), "sliver.png": (1, 4000), "dot.png": (1, 1)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (90, 120, 200)).save(tmp_path / name)
+    paths = [str(tmp_path / name) for name in sizes]
+    with warnings_seen() as seen:
+        drop_unreadable(datasets.Dataset.from_dict({"image": paths[:2]}), "image", ImageReport())
+    assert not [text for text in seen if "picture(s)" in text]
+    with warnings_seen() as seen:
+        drop_unreadable(datasets.Dataset.from_dict({"image": paths}), "image", ImageReport())
+    odd = [text for text in seen if "picture(s)" in text]
+    assert odd == [f"2 picture(s) are tiny or of an extreme shape (a side under 32 px, or one over 4 times the other), "
+                   f"for example {tmp_path / 'sliver.png'} (1x4000): training upscales, crops or stretches them into "
+                   "its shapes. Check the data, or drop them."]
+
+
+@pytest.mark.parametrize("processes, cap", [(1, 3), (2, 2)])
+def test_a_batch_larger_than_the_data_set_is_capped_to_it(processes, cap):
+    """--train_batch_size 1000 on 3 pictures trains in batches of the whole data set (of each process's share, the
+    same on every process), so the frozen encoders, which pad a short batch to the batch size, never encode 997
+    copies; a batch that fits stays as given."""
+    from conftest import warnings_seen
+    from kandinsky_train.batches import cap_batch_size
+    from kandinsky_train.cache import at_batch_size
+
+    capped = []
+    for rank in range(processes):
+        args = SimpleNamespace(train_batch_size=1000)
+        with warnings_seen() as seen:
+            cap_batch_size(args, FakeAccelerator(rank, processes), 3)
+        capped.append(args.train_batch_size)
+        share = f" ({cap} per process)" if processes > 1 else ""
+        assert seen == [f"--train_batch_size 1000 is more than the 3 training sample(s){share}: training in batches "
+                        f"of {cap}, the whole data set each step."]
+    assert capped == [cap] * processes
+    encoded = []
+    at_batch_size(lambda batch: encoded.append(len(batch["x"])) or batch, capped[0])({"x": torch.zeros(cap, 4)})
+    assert encoded == [cap]
+    kept = SimpleNamespace(train_batch_size=2)
+    cap_batch_size(kept, FakeAccelerator(0, processes), 3)
+    assert kept.train_batch_size == 2
+
+
+def test_the_training_loop_caps_the_batch_before_it_builds_anything(monkeypatch):
+    """loop.train caps the batch before the Trainer builds its loaders, cache and plan from it; a stream (no
+    length) keeps its batch."""
+    from kandinsky_train import loop
+
+    class Trainer:
+        def __init__(self, args, *rest):
+            self.args = args
+
+        def train(self):
+            return self.args.train_batch_size
+
+    monkeypatch.setattr(loop, "Trainer", Trainer)
+    args = SimpleNamespace(train_batch_size=1000, streaming=False)
+    assert loop.train(args, FakeAccelerator(), None, [0, 1, 2], ImageReport()) == 3
+    assert loop.train(SimpleNamespace(train_batch_size=1000, streaming=True), FakeAccelerator(), None, iter([]),
+                      ImageReport()) == 1000

@@ -173,3 +173,45 @@ def test_a_stream_that_leaves_a_process_without_samples_is_refused(tiny, shards,
             "each process samples of its own (more data, a larger --max_train_samples, or fewer processes)"
             ) in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "model_index.json").exists() and not checkpoints(tmp_path)
+
+
+def test_a_shard_the_reader_cannot_read_stops_the_stream_with_one_line(tmp_path, capsys):
+    """A shard that fails in the middle of a pass (a remote one, or a local one with a sound footer): one line that
+    says a shard could not be read and why, from a data-loader worker too, no traceback."""
+    from types import SimpleNamespace
+
+    import datasets
+    import pyarrow as pa
+    import torch
+    from PIL import Image
+
+    from kandinsky_train.errors import main_guard
+    from kandinsky_train.streaming import StreamSamples
+    from test_robustness import error_line
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    picture = (tmp_path / "a.png").read_bytes()
+
+    def shards():
+        yield {"image": picture}
+        yield {"image": picture}
+        raise pa.ArrowInvalid("Parquet magic bytes not found in footer. Either the file is corrupted or this is not "
+                              "a parquet file.")
+
+    stage = SimpleNamespace(columns=(), variants=None, make_sample=lambda image, row, variant, shape: {
+        "size": torch.tensor(image.size)})
+    args = SimpleNamespace(shuffle_buffer_size=1, image_column="image", caption_column=None)
+    samples = StreamSamples(datasets.IterableDataset.from_generator(shards), args, stage, seed=0)
+
+    def train():
+        for _ in torch.utils.data.DataLoader(samples, batch_size=1, num_workers=1, collate_fn=lambda s: s):
+            pass
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main_guard(train)
+    line = error_line(capsys.readouterr().err)
+    assert line == ("error: A shard of the stream could not be read (ArrowInvalid: Parquet magic bytes not found in "
+                    "footer. Either the file is corrupted or this is not a parquet file.); the log line above names "
+                    "the file. Replace it with a good copy and resume with --resume_from_checkpoint latest (without "
+                    "it, the stream is another one: start a new run).")
