@@ -91,6 +91,28 @@ def test_the_training_input_is_the_one_the_pipeline_gives_the_unet(tiny, tiny_in
     assert torch.equal(built[:, 4:8] == 0, seen[0][:, 4:8] == 0)
 
 
+@pytest.mark.parametrize("mode", ["L", "1", "RGB", "RGBA"])
+def test_a_mask_file_is_read_and_resized_as_the_pipeline_reads_it(tmp_path, mode):
+    """A mask of any mode (RGBA: opaque), larger than the training size, repaints in training the pixels that
+    KandinskyV22InpaintPipeline repaints for the same file loaded as the README's code loads it (load_image): its
+    LANCZOS resize, not --image_interpolation_mode's bicubic one."""
+    from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask_and_masked_image
+    from diffusers.utils import load_image
+
+    import train_text_to_image_decoder as script
+    from kandinsky_train import decoders
+
+    args = script.parse_args(["--mask_column", "mask", "--resolution", "64"])
+    grey = np.random.default_rng(1).integers(0, 256, (96, 96), dtype=np.uint8)
+    Image.fromarray(grey, "L").convert(mode).save(tmp_path / "mask.png")
+    picture = Image.new("RGB", (96, 96))
+    row = {"image": str(tmp_path / "picture.png"), "mask": str(tmp_path / "mask.png")}
+    trained = decoders.Inpainting(args).sample_inputs(picture, row, 64, Image.BICUBIC)["mask_pixels"]
+    keep, _ = prepare_mask_and_masked_image(picture, load_image(str(tmp_path / "mask.png")), 64, 64)
+    assert 0.3 < trained.float().mean() < 0.7
+    assert torch.equal(trained[None].float(), 1 - keep)
+
+
 # --- drawn masks ---------------------------------------------------------------------------------------------
 
 def test_drawn_masks_depend_on_the_sample_seed_alone():
@@ -246,19 +268,33 @@ def masked_loss(unet_folder, tiny, tiny_inpaint):
 # --- bad input -----------------------------------------------------------------------------------------------
 
 def with_a_small_mask(tiny_inpaint, folder):
-    """The tiny inpainting set with row 2's mask 32x32 (its picture is 64x64)."""
+    """The tiny inpainting set with row 2's mask 32x32 (its picture is 80x64)."""
+    return with_a_mask(tiny_inpaint, folder, 2, Image.new("L", (32, 32), 255))
+
+
+def with_a_mask(tiny_inpaint, folder, row, mask):
+    """The tiny inpainting set with row `row`'s mask replaced by `mask` (a PIL image, or None: no mask)."""
     import datasets
 
     table = datasets.load_dataset("parquet", data_files=str(tiny_inpaint["data"] / "data" / "*.parquet"))["train"]
     table = table.cast_column("mask", datasets.Image(decode=False))
-    small = io.BytesIO()
-    Image.new("L", (32, 32), 255).save(small, "PNG")
     masks = list(table["mask"])
-    masks[2] = {"bytes": small.getvalue(), "path": None}
+    masks[row] = None
+    if mask is not None:
+        encoded = io.BytesIO()
+        mask.save(encoded, "PNG")
+        masks[row] = {"bytes": encoded.getvalue(), "path": None}
     table = table.remove_columns("mask").add_column("mask", masks).cast_column("mask", datasets.Image())
     (folder / "data").mkdir(parents=True)
     table.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     return folder
+
+
+def strokes_on_transparency(size):
+    """A paint tool's mask export: a white stroke on a transparent background (RGBA)."""
+    mask = Image.new("RGBA", size, (0, 0, 0, 0))
+    mask.paste((255, 255, 255, 255), (4, 4, size[0] // 2, size[1] // 2))
+    return mask
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -283,14 +319,37 @@ def with_a_small_mask(tiny_inpaint, folder):
      r"^error: --validation_mask_image '.*missing\.png' cannot be read as a picture: .*No such file or directory"),
     ({"--validation_image": "PICTURE", "--validation_mask_image": "PICTURE"},
      r"^error: --validation_image pairs with --validation_prompts, which is not given\.$"),
+    ({"--mask_column": "mask", "--dataset_name": "TRANSPARENT_MASK"},
+     r"^error: 1 mask\(s\) of the training data have transparent pixels \(row 1\); KandinskyV22InpaintPipeline reads "
+     r"a mask's colours alone \(diffusers' load_image drops the alpha\), so white strokes on transparency, or a mask "
+     r"held in the alpha channel, would not mean what they show\. Save masks opaque: white where repainted, black "
+     r"where kept\.$"),
+    ({"--validation_prompts": ["a"], "--validation_image": "PICTURE", "--validation_mask_image": "TRANSPARENT"},
+     r"^error: --validation_mask_image '.*transparent\.png' has transparent pixels: KandinskyV22InpaintPipeline reads "
+     r"a mask's colours alone"),
+    ({"--mask_column": "mask", "--dataset_name": "NO_MASK"},
+     r"^error: 1 row\(s\) of the training data have no mask \(rows 4: column 'mask' is empty there\); give every "
+     r"picture its mask, or drop those rows\.$"),
+    ({"--mask_column": "image"}, r"^error: --mask_column 'image' is the picture column \(--image_column\): each "
+     r"picture needs a mask of its own, in another column\.$"),
+    ({"--validation_prompts": ["a", "b"], "--validation_image": ["PICTURE", "PICTURE"],
+      "--validation_mask_image": ["PICTURE", "SMALL_FILE"]},
+     r"^error: --validation_mask_image '.*small\.png' is 32x32 and its --validation_image '.*picture\.png' 64x64; a "
+     r"mask is cropped and resized with its picture, so it must match it pixel for pixel\.$"),
 ])
 def test_bad_inpainting_input_is_one_line_and_writes_nothing(tiny, tiny_inpaint, tmp_path, capsys, overrides,
                                                              message):
     import train_text_to_image_decoder
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "picture.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    strokes_on_transparency((64, 64)).save(tmp_path / "transparent.png")
     names = {"SMALL_MASK": lambda: with_a_small_mask(tiny_inpaint, tmp_path / "small"),
-             "PICTURE": lambda: tmp_path / "picture.png", "MISSING": lambda: tmp_path / "missing.png"}
+             "TRANSPARENT_MASK": lambda: with_a_mask(tiny_inpaint, tmp_path / "small", 1,
+                                                     strokes_on_transparency((80, 64))),
+             "NO_MASK": lambda: with_a_mask(tiny_inpaint, tmp_path / "small", 4, None),
+             "PICTURE": lambda: tmp_path / "picture.png", "MISSING": lambda: tmp_path / "missing.png",
+             "SMALL_FILE": lambda: tmp_path / "small.png", "TRANSPARENT": lambda: tmp_path / "transparent.png"}
 
     def resolve(value):
         return [resolve(v) for v in value] if isinstance(value, list) else (
