@@ -98,8 +98,9 @@ class TextToImage:
                  "own, in another column.")
 
     def sample_name(self, row):
-        """How a sample's row is named in a message: a streamed shard's key, else its picture's file."""
-        return row.get("__key__") or image_name(row[self.args.image_column])
+        """A sample's row in a message: its picture's file (a streamed shard's key), if it has one."""
+        name = row.get("__key__") or image_name(row[self.args.image_column])
+        return "a picture stored in the data set" if name.startswith("<") else f"the picture {name!r}"
 
     def check_data(self, dataset, held_out):
         """(dataset, held_out) with the extra columns checked (present, readable, of the picture's size) before any

@@ -161,22 +161,22 @@ def _warn_if_nothing_repainted(dataset, column):
 
 
 def paired_picture(image, row, column, size, resample, what, name):
-    """The `column` picture of a sample's row (its picture `image`, named `name`), centre-cropped and resized as
+    """The `column` picture of a sample's row (its picture `image`, `name`: "the picture 'x.png'"), centre-cropped and resized as
     the picture is, as an HxWx3 uint8 array; one that is missing, unreadable, transparent or of another size (a
     streamed set's, unchecked before) stops the run in one line that names the picture."""
     value = row[column]
     if value is None:
-        fail(f"The {what} of picture {name} is missing (column {column!r} is empty in its row); give every picture "
-             f"its {what}, or drop that row.")
+        fail(f"The {what} of {name} is missing (column {column!r} is empty in its row); give every picture its "
+             f"{what}, or drop that row.")
     try:
         paired = open_paired(value, what)
     except Transparent as error:
-        fail(f"The {what} {image_name(value)} of picture {name} {error}")
+        fail(f"The {what} of {name} {error}")
     except Exception as error:  # a streamed set's, unchecked before; or a file damaged past its header
-        fail(f"The {what} of picture {name} (column {column!r}) cannot be read: {reason(error)}")
+        fail(f"The {what} of {name} (column {column!r}) cannot be read: {reason(error)}")
     if paired.size != image.size:
-        fail(f"A {what} of {paired.size[0]}x{paired.size[1]} pairs with the picture {name} of {image.size[0]}x"
-             f"{image.size[1]} (column {column!r}); it must match its picture pixel for pixel.")
+        fail(f"A {what} of {paired.size[0]}x{paired.size[1]} pairs with {name} of {image.size[0]}x{image.size[1]} "
+             f"(column {column!r}); it must match its picture pixel for pixel.")
     return np.asarray(resize_paired(paired, size, resample, what))
 
 

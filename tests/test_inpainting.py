@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import DECODER_SCRIPT, base_args, launch
 from test_buckets import resume_from
@@ -372,5 +372,76 @@ def test_a_streamed_set_reads_its_masks_and_stops_at_one_of_another_size(tiny, t
         "--mask_column": "mask", "--streaming": True, "--dataset_name": small})
     error = run_in_process(train_text_to_image_decoder, args, capsys)
     # (the line follows the progress bar's, which main_guard does not end first)
-    assert re.findall(r"error: .*", error) == ["error: A mask of 32x32 pairs with a picture of 80x64 (column 'mask'); "
-                                               "it must match its picture pixel for pixel."]
+    assert re.findall(r"error: .*", error) == ["error: A mask of 32x32 pairs with a picture stored in the data set of "
+                                               "80x64 (column 'mask'); it must match its picture pixel for pixel."]
+
+
+def test_a_streamed_csv_reads_its_mask_column_and_names_the_picture_whose_mask_is_missing(tiny, tiny_inpaint, tmp_path,
+                                                                                          capsys):
+    """A streamed CSV names its columns only in its rows: its --mask_column is taken, its paths are resolved against
+    its own folder, the first rows train, and the row without a mask stops the run in one line naming its picture."""
+    import train_text_to_image_decoder
+
+    folder = image_folder(tiny_inpaint, tmp_path / "data")
+    lines = ["image,mask"] + [f"../data/{n}.png,../data/masks/{n}.png" if n != 5 else f"../data/{n}.png,"
+                              for n in range(8)]
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "train.csv").write_text("\n".join(lines) + "\n")
+    args = inpaint_args(tiny, tiny_inpaint, tmp_path / "out", steps=8, **{
+        "--mask_column": "mask", "--streaming": True, "--dataset_name": tmp_path / "csv",
+        "--shuffle_buffer_size": 1})
+    error = run_in_process(train_text_to_image_decoder, args, capsys)
+    assert re.findall(r"error: .*", error) == [
+        f"error: The mask of the picture {str(folder / '5.png')!r} is missing (column 'mask' is empty in its row); "
+        "give every picture its mask, or drop that row."], error[-3000:]
+
+
+def test_masks_that_are_all_black_are_warned_of(tiny, tiny_inpaint, tmp_path):
+    """Masks with nothing to repaint (read as the pipeline reads them) train the decoder to copy its input: said
+    before any model loads; the tiny set's masks, which repaint, are not."""
+    import datasets
+
+    import train_text_to_image_decoder as script
+    from conftest import warnings_seen
+    from kandinsky_train import decoders
+
+    folder = image_folder(tiny_inpaint, tmp_path / "data")
+    args = script.parse_args(list(map(str, inpaint_args(tiny, tiny_inpaint, "-", **{
+        "--mask_column": "mask", "--train_data_dir": folder, "--dataset_name": None}))))
+    said = []
+    for _ in ("repainting", "black"):
+        data = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+        with warnings_seen() as seen:
+            decoders.Inpainting(args).check_data(data, None)
+        said.append([message for message in seen if "Every mask" in message])
+        for mask in (folder / "masks").iterdir():
+            Image.new("L", Image.open(mask).size, 100).save(mask)  # grey below 0.5: kept
+    assert said[0] == []
+    assert said[1] == ["Every mask in column 'mask' is black (nothing to repaint, read as the pipeline reads a mask: "
+                       "grey at 0.5 or more is repainted): the inpainting decoder will learn to copy the picture. "
+                       "Check --mask_column and the masks (white = repaint)."]
+
+
+def test_a_mask_edited_in_place_builds_its_cache_entry_again(tiny, tiny_inpaint, tmp_path):
+    """--cache_embeddings caches the masks with the latents: masks rewritten in place at the same byte size, their
+    modification time put back (as cp -p and rsync -a leave it), are read again, not taken from the cache; the
+    CLIP image embeddings, which do not depend on them, are reused."""
+    import os
+
+    folder = image_folder(tiny_inpaint, tmp_path / "data")
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace(".png\"}", ".bmp\"}"))  # BMP: the same size whatever the pixels
+    for number in range(8):
+        Image.open(folder / "masks" / f"{number}.png").save(folder / "masks" / f"{number}.bmp")
+    common = {"--train_data_dir": folder, "--dataset_name": None, "--mask_column": "mask",
+              "--cache_embeddings": True, "--embedding_cache_dir": tmp_path / "cache"}
+    launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, tmp_path / "first", steps=1, **common))
+    for number in range(8):
+        mask = folder / "masks" / f"{number}.bmp"
+        before = mask.stat()
+        ImageOps.mirror(Image.open(mask)).save(mask)
+        os.utime(mask, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (mask.stat().st_size, mask.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = launch(DECODER_SCRIPT, inpaint_args(tiny, tiny_inpaint, tmp_path / "second", steps=1, **common))
+    text = second.stdout + second.stderr
+    assert "Reusing cached CLIP image embeddings" in text and "Reusing cached frozen outputs" not in text, text[-3000:]
