@@ -99,7 +99,7 @@ class TextToImage:
 
     def sample_name(self, row):
         """A sample's row in a message: its picture's file (a streamed shard's key), if it has one."""
-        name = row.get("__key__") or image_name(row[self.args.image_column])
+        name = row.get("__key__") or image_name(row.get(self.args.image_column))
         return "a picture stored in the data set" if name.startswith("<") else f"the picture {name!r}"
 
     def check_data(self, dataset, held_out):

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from conftest import DECODER_SCRIPT, REPO, base_args, checkpoints, launch, offline_env
 from test_robustness import assert_same_state, error_line, run_in_process, state_of
 
-# Records the hint and image embedding of every training forward pass of the UNet, then runs the script given.
+# Records the input (`sample`), hint and image embedding of every training forward pass of the UNet, then runs the
+# script given (test_inpainting.py's spy too).
 SPY = '''
 import atexit, os, runpy, sys
 import torch
@@ -26,7 +27,7 @@ seen, forward = [], UNet2DConditionModel.forward
 
 def spy(self, *args, added_cond_kwargs=None, **kwargs):
     if torch.is_grad_enabled():  # training steps, not validation
-        seen.append({key: value.detach().clone() for key, value in added_cond_kwargs.items()})
+        seen.append({key: value.detach().clone() for key, value in {"sample": args[0], **added_cond_kwargs}.items()})
     return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
 
 UNet2DConditionModel.forward = spy

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import DECODER_SCRIPT, base_args, launch
+from conftest import DECODER_SCRIPT, base_args, launch, offline_env
 from test_buckets import resume_from
 from test_robustness import error_line, run_in_process
 from test_train import max_change, weights
@@ -67,10 +67,7 @@ def test_the_training_input_is_the_one_the_pipeline_gives_the_unet(tiny, tiny_in
     picture, mask = data_rows(tiny_inpaint)[3]  # 64x64: the pipeline does not crop
     mask = noise_mask(3) if which == "grey noise mask" else mask
     pipe = KandinskyV22InpaintPipeline.from_pretrained(tiny_inpaint["decoder"])
-    seen, forward = [], pipe.unet.forward
-    pipe.unet.forward = lambda *args, **kwargs: seen.append(kwargs["sample"]) or forward(*args, **kwargs)
-    pipe(image_embeds=torch.randn(1, 32), negative_image_embeds=torch.zeros(1, 32), image=picture, mask_image=mask,
-         height=64, width=64, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    seen = [pipeline_input(pipe, picture, mask)]
 
     args = script.parse_args(list(map(str, inpaint_args(tiny, tiny_inpaint, "-", **{"--mask_column": "mask"}))))
     decoder = decoders.Inpainting(args)
@@ -82,13 +79,32 @@ def test_the_training_input_is_the_one_the_pipeline_gives_the_unet(tiny, tiny_in
         latents = pipe.movq.encode(batch["pixel_values"]).latents
         built, added = decoder.unet_inputs(torch.zeros_like(latents), {"latents": latents,
                                                                         **decoder.encode_inputs(batch, latents)})
-    assert added == {} and built.shape == seen[0].shape == (1, 9, 8, 8)
+    assert added == {} and built.shape == (1, 9, 8, 8) and seen[0].shape == (1, 5, 8, 8)
     keep = built[:, 8]
     assert 0 < keep.sum() < keep.numel()  # some kept, some repainted: the comparison means something
-    assert torch.equal(built[:, 8], seen[0][:, 8])  # keep: same polarity, grid and growth
-    # The latents where kept: MoVQ rounds the pipeline's pixels (laid out channels-last) a little differently.
-    torch.testing.assert_close(built[:, 4:8], seen[0][:, 4:8], rtol=0, atol=1e-4)
-    assert torch.equal(built[:, 4:8] == 0, seen[0][:, 4:8] == 0)
+    assert same_masked_input(built[:, 4:], seen[0])
+
+
+def pipeline_input(pipe, picture, mask):
+    """Channels 4 to 9 (the picture's latents where kept, and keep) of the input KandinskyV22InpaintPipeline gives
+    its UNet for a picture and its mask at the picture's size (a spy records it)."""
+    seen = []
+    pipe.unet.forward = lambda *args, forward=pipe.unet.forward, **kwargs: seen.append(kwargs["sample"]) or forward(
+        *args, **kwargs)
+    try:
+        pipe(image_embeds=torch.randn(1, 32), negative_image_embeds=torch.zeros(1, 32), image=picture,
+             mask_image=mask, height=picture.height, width=picture.width, num_inference_steps=1, guidance_scale=1.0,
+             output_type="latent")
+    finally:
+        del pipe.unet.forward
+    return seen[0][:, 4:]
+
+
+def same_masked_input(built, expected):
+    """Whether channels 4 to 9 built in training are the pipeline's: keep exactly (polarity, grid and growth); the
+    latents where kept up to MoVQ's rounding (the pipeline lays its pixels out channels-last)."""
+    return bool(torch.equal(built[:, 4], expected[:, 4]) and torch.equal(built[:, :4] == 0, expected[:, :4] == 0)
+                and (built[:, :4] - expected[:, :4]).abs().max() <= 1e-4)
 
 
 @pytest.mark.parametrize("mode", ["L", "1", "RGB", "RGBA"])
@@ -218,6 +234,78 @@ def check_the_output(tiny, root):
     image = pipe("a red circle", image=Image.open(root / "picture.png"), mask_image=noise_mask(5),
                  height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2).images[0]
     assert type(pipe).__name__ == "KandinskyV22InpaintCombinedPipeline" and image.size == (64, 64)
+
+
+def spied_run(tiny, tiny_inpaint, folder, **flags):
+    """A launched run of 8 steps (2 epochs of the 8 pictures), with a spy on what the UNet receives: per training
+    step, (its epoch, the samples' indices, channels 4 to 9 of its input)."""
+    from test_controlnet import SPY
+
+    (folder / "spy.py").write_text(SPY)
+    args = inpaint_args(tiny, tiny_inpaint, folder / "out", steps=8, **flags)
+    launch(str(folder / "spy.py"), [DECODER_SCRIPT, *args],
+           env=offline_env(SPY_OUTPUT=str(folder / "seen.pt"), KANDINSKY_TRAIN_TRACE=str(folder / "trace.jsonl")))
+    trace = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines()]
+    seen = torch.load(folder / "seen.pt")
+    assert [step["epoch"] for step in trace] == [0] * 4 + [1] * 4 and len(seen) == 8
+    return [(step["epoch"], step["index"], inputs["sample"][:, 4:]) for step, inputs in zip(trace, seen)]
+
+
+def test_in_training_steps_the_unet_gets_each_picture_with_its_mask_mirrored_with_it(tiny, tiny_inpaint, tmp_path):
+    """Launched: 2 epochs of 8 pictures with their masks (an image folder), --random_flip, --cache_embeddings. In
+    every step each sample's masked latents and keep are what KandinskyV22InpaintPipeline gives its UNet for that
+    picture and mask (centre-cropped as training crops them), both mirrored or neither; both versions occur. The
+    cache holds each version's mask on the latent grid, a byte per latent pixel, that the pipeline's keep grows from."""
+    from diffusers import KandinskyV22InpaintPipeline
+    from safetensors import safe_open
+
+    from kandinsky_train.images import center_crop_resize
+    from kandinsky_train.inpainting import grow
+    from kandinsky_train.paired_pictures import MASK, resize_paired
+
+    folder = image_folder(tiny_inpaint, tmp_path / "data")
+    steps = spied_run(tiny, tiny_inpaint, tmp_path, **{
+        "--train_data_dir": folder, "--dataset_name": None, "--mask_column": "mask", "--random_flip": True,
+        "--cache_embeddings": True})
+    pipe = KandinskyV22InpaintPipeline.from_pretrained(tiny_inpaint["decoder"])
+    pipe.set_progress_bar_config(disable=True)
+    expected = {}  # (index, mirrored) -> the pipeline's channels 4 to 9
+    for index, (picture, mask) in enumerate(data_rows(tiny_inpaint)):
+        # cropped and resized as training does (the mask as the pipeline does, tested above), then mirrored
+        picture, mask = center_crop_resize(picture, 64), resize_paired(mask, 64, None, MASK)
+        for mirrored in (0, 1):
+            versions = [ImageOps.mirror(p) if mirrored else p for p in (picture, mask)]
+            expected[index, mirrored] = pipeline_input(pipe, *versions)
+    drawn = []
+    for _, indices, inputs in steps:
+        for index, built in zip(indices, inputs):
+            matches = [m for m in (0, 1) if same_masked_input(built[None], expected[index, m])]
+            assert len(matches) == 1, (index, matches)  # the mask mirrored exactly when its picture is
+            drawn.append(matches[0])
+    assert set(drawn) == {0, 1}
+
+    parts = [safe_open(str(part), "pt") for part in (tmp_path / "out" / "embedding_cache").glob("*/part-*")]
+    part = next(part for part in parts if "repaint" in part.keys())
+    repaint = part.get_tensor("repaint")
+    assert repaint.dtype == torch.uint8 and repaint.shape == (16, 1, 8, 8)
+    versions = zip(part.get_tensor("index").tolist(), part.get_tensor("variant").tolist())
+    for row, (index, variant) in enumerate(versions):
+        assert torch.equal((~grow(repaint[row:row + 1])).float(), expected[index, variant][:, 4:5])
+
+
+def test_in_training_steps_drawn_masks_are_the_samples_seeded_with_the_epoch(tiny, tiny_inpaint, tmp_path):
+    """Launched, 2 epochs with drawn masks: the keep each sample's step gives the UNet is grown from the mask drawn
+    from (--seed, that epoch, the sample), as the loop seeds it; a sample's masks differ between the epochs."""
+    from kandinsky_train.diffusion import sample_seeds
+    from kandinsky_train.inpainting import draw_masks, grow
+
+    steps = spied_run(tiny, tiny_inpaint, tmp_path, **{"--random_mask_full_prob": 0.0})
+    masks = {}
+    for epoch, indices, inputs in steps:
+        drawn = draw_masks(sample_seeds(0, epoch, indices).tolist(), (8, 8), 0.0, 0.35)
+        assert torch.equal(inputs[:, 4:5], (~grow(drawn)).float()), (epoch, indices)
+        masks.update({(epoch, index): mask for index, mask in zip(indices, drawn)})
+    assert any(not torch.equal(masks[0, index], masks[1, index]) for index in range(8))
 
 
 def test_a_run_with_drawn_masks_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tiny, tiny_inpaint, tmp_path):
