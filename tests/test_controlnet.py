@@ -278,6 +278,9 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     ("missing column", {"--conditioning_image_column": "depth"},
      "--conditioning_image_column 'depth' is not a column of the training data; its columns are: image, text, "
      "conditioning_image."),
+    ("held-out hint of another size", {"--validation_dataset_name": "ODD"},
+     "1 conditioning image(s) of the held-out data are not the size of their picture (row 5: picture 80x64, "
+     "conditioning image 32x32)"),
     ("held-out set without hints", {"--validation_data_dir": "IMAGES"},
      "--conditioning_image_column 'conditioning_image' is not a column of the held-out data; its columns are: "),
     ("no hint", {"--validation_prompts": "a red circle"},
@@ -305,7 +308,7 @@ def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controln
     notes.write_text("not a picture")
     cut_out(Image.open(hint_file).convert("L")).save(transparent)
     files = {"HINT": str(hint_file), "NOTES": str(notes), "IMAGES": str(tiny["images"]),
-             "TRANSPARENT": str(transparent)}
+             "TRANSPARENT": str(transparent), "ODD": str(odd_sized / "odd")}
     overrides = {key: [files.get(v, v) for v in value] if isinstance(value, list) else files.get(value, value)
                  for key, value in overrides.items()}
     message = message.replace("'NOTES'", repr(str(notes))).replace("'TRANSPARENT'", repr(str(transparent)))

@@ -378,6 +378,13 @@ def with_a_mask(tiny_inpaint, folder, row, mask):
     return folder
 
 
+def with_a_small_mask_file(tiny_inpaint, folder, number):
+    """The tiny inpainting set as an image folder (`image_folder`) whose mask of picture `number` is 32x32."""
+    image_folder(tiny_inpaint, folder)
+    Image.new("L", (32, 32), 255).save(folder / "masks" / f"{number}.png")
+    return folder
+
+
 def strokes_on_transparency(size):
     """A paint tool's mask export: a white stroke on a transparent background (RGBA)."""
     mask = Image.new("RGBA", size, (0, 0, 0, 0))
@@ -418,6 +425,9 @@ def strokes_on_transparency(size):
     ({"--mask_column": "mask", "--dataset_name": "NO_MASK"},
      r"^error: 1 row\(s\) of the training data have no mask \(rows 4: column 'mask' is empty there\); give every "
      r"picture its mask, or drop those rows\.$"),
+    ({"--mask_column": "mask", "--validation_data_dir": "SMALL_HELD_OUT"},
+     r"^error: 1 mask\(s\) of the held-out data are not the size of their picture \(row 3: picture 64x64, mask "
+     r"32x32\); the mask is cropped and resized with the picture"),
     ({"--mask_column": "image"}, r"^error: --mask_column 'image' is the picture column \(--image_column\): each "
      r"picture needs a mask of its own, in another column\.$"),
     ({"--validation_prompts": ["a", "b"], "--validation_image": ["PICTURE", "PICTURE"],
@@ -436,6 +446,7 @@ def test_bad_inpainting_input_is_one_line_and_writes_nothing(tiny, tiny_inpaint,
              "TRANSPARENT_MASK": lambda: with_a_mask(tiny_inpaint, tmp_path / "small", 1,
                                                      strokes_on_transparency((80, 64))),
              "NO_MASK": lambda: with_a_mask(tiny_inpaint, tmp_path / "small", 4, None),
+             "SMALL_HELD_OUT": lambda: with_a_small_mask_file(tiny_inpaint, tmp_path / "small", 3),
              "PICTURE": lambda: tmp_path / "picture.png", "MISSING": lambda: tmp_path / "missing.png",
              "SMALL_FILE": lambda: tmp_path / "small.png", "TRANSPARENT": lambda: tmp_path / "transparent.png"}
 
