@@ -161,9 +161,9 @@ def _warn_if_nothing_repainted(dataset, column):
 
 
 def paired_picture(image, row, column, size, resample, what, name):
-    """The `column` picture of a sample's row (its picture `image`, `name`: "the picture 'x.png'"), centre-cropped and resized as
-    the picture is, as an HxWx3 uint8 array; one that is missing, unreadable, transparent or of another size (a
-    streamed set's, unchecked before) stops the run in one line that names the picture."""
+    """The `column` picture of a sample's row (its picture `image`, `name`: "the picture 'x.png'"), centre-cropped
+    and resized as the picture is, as an HxWx3 uint8 array; one that is missing, unreadable, transparent or of another
+    size (a streamed set's, unchecked before) stops the run in one line that names the picture."""
     value = row[column]
     if value is None:
         fail(f"The {what} of {name} is missing (column {column!r} is empty in its row); give every picture its "
