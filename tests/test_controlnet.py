@@ -388,7 +388,7 @@ def test_a_short_fine_tune_learns_to_follow_the_hint(tiny, tiny_controlnet, hint
     assert other - own > 0.04 * own, (own, other)
 
 
-def test_the_published_code_and_validation_give_a_16_bit_depth_map_as_training_gave_it(tiny, tmp_path):
+def test_the_published_code_and_validation_give_a_16_bit_depth_map_as_training_gave_it(tiny, tiny_controlnet, tmp_path):
     """A 16-bit depth map (scaled from 0-65535 in training): the model card's code hands the pipeline the hint that
     training gave the UNet (load_image alone would clip it at 255, almost all white), and so does validation; the
     README's code reads it the same way."""
@@ -414,3 +414,4 @@ def test_the_published_code_and_validation_give_a_16_bit_depth_map_as_training_g
     readme = (REPO / "README.md").read_text()
     recipe = re.search(r"```python\n(.*?)```", readme[readme.index("### The depth-ControlNet decoder"):], re.S).group(1)
     assert all(line in recipe.splitlines() for line in setup if line.startswith(("def ", " ")))
+    readme_recipe_renders(tiny, tiny_controlnet["decoder"], depth)  # and it runs
