@@ -43,9 +43,9 @@ def parse_args(input_args=None):
     parser.add_argument("--random_mask_stroke_prob", type=float, default=0.35,
                         help="Inpainting without --mask_column: the share of drawn masks made of thick random "
                         "strokes (LaMa-style); the rest are a random rectangle or ellipse.")
-    parser.add_argument("--conditioning_image_column", type=str, default="conditioning_image",
+    parser.add_argument("--conditioning_image_column", type=str, default=None,  # None: not given (refused elsewhere)
                         help="ControlNet: the column of hint pictures (depth maps), of the picture's size, cropped, "
-                        "resized and mirrored with it.")
+                        "resized and mirrored with it. Default: conditioning_image.")
     parser.add_argument("--validation_image", type=str, default=None, nargs="+",
                         help="Inpainting and ControlNet: the picture to repaint (inpainting) or the hint "
                         "(ControlNet) of each --validation_prompts entry, or one for all of them.")
@@ -207,6 +207,7 @@ class DecoderStage:
             name=STAGE, subfolder="unet", model=m.unet, model_cls=UNet2DConditionModel, encode=self.encode,
             loss=functools.partial(compute_loss, args=args, zero_embed=self.zero_embed, **objective),
             validate=self.validate, make_sample=self.make_sample, frozen_models=(m.movq,), columns=decoder.columns,
+            picture_columns=decoder.columns,
             cache_key={"resolution": args.resolution, "interpolation": args.image_interpolation_mode,
                        "random_flip": args.random_flip, "buckets": bucketing.shapes if bucketing else None,
                        **decoder.cache_key},

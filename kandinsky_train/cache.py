@@ -26,7 +26,8 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
     fingerprint) pairs, the training set and the held-out one. With --cache_embeddings: the cached outputs of each
     set and no encoder (the frozen models leave the GPU); else the raw samples and the stage's encoders."""
     parts = [part for part in (stage.image_embedding, FrozenPart("frozen outputs", stage.encode, stage.frozen_models,
-                                                                 {"stage": stage.name, **stage.cache_key})) if part]
+                                                                 {"stage": stage.name, **stage.cache_key},
+                                                                 picture_columns=stage.picture_columns)) if part]
     if not args.cache_embeddings:
         return [samples for samples, _ in sample_sets], at_batch_size(encode_all(parts), args.train_batch_size)
     from datasets.fingerprint import Hasher
@@ -44,8 +45,11 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
         caches, missing = [], {}  # missing: rows per sample -> the (cache, encode) pairs one pass builds
         for part, key in zip(parts, keys):
             rows = rows_per_sample(samples, part)
+            # a mask or hint edited in place, like a picture, must rebuild the entry (absent: the keys of before)
+            paired = {"paired pictures": picture_files_fingerprint(samples.dataset, *part.picture_columns)
+                      } if part.picture_columns else {}
             caches.append(EmbeddingCache(root, Hasher.hash({"data": data_fingerprint, "pictures": pictures,
-                                                            "rows per sample": rows, **key})))
+                                                            "rows per sample": rows, **paired, **key})))
             if caches[-1].complete():
                 logger.info(f"Reusing cached {part.name} from {caches[-1].folder}")
             else:

@@ -79,21 +79,28 @@ def check_column_names(columns, args, caption_column):
             fail(f"{flag} {column!r} is not a column of {source!r}; its columns are: {', '.join(columns)}.")
 
 
+def column_names(dataset):
+    """A data set's columns; a stream of CSV or JSON names them only in its rows, so its first row is read."""
+    return dataset.column_names or list(next(iter(dataset), None) or ())
+
+
 def undecoded(dataset, image_column, folder=None, source=None):
     """The data set with its images left undecoded: the samples decode them through our own loader, so that a bad
     file is reported (or skipped) instead of crashing a worker. A column of file paths (CSV, parquet) is resolved
     against `folder`, the data set's own (see `data_folder`), as datasets resolves an image folder's file names:
     never against the working directory, where a file of the same name would be trained on silently. URLs are
-    refused (`source` names the data set): nothing downloads them."""
+    refused (`source` names the data set): nothing downloads them. A stream of CSV or JSON has no features before
+    its rows: its path cells are resolved as they come."""
     import datasets
 
-    feature = dataset.features.get(image_column) if dataset.features is not None else None
+    unknown = dataset.features is None
+    feature = None if unknown else dataset.features.get(image_column)
     if isinstance(feature, datasets.Image):
         return dataset.cast_column(image_column, datasets.Image(decode=False))
     strings = getattr(feature, "dtype", None) in ("string", "large_string")
     if strings and source is not None and not isinstance(dataset, datasets.IterableDataset):
         refuse_urls(dataset[image_column], image_column, source)  # streamed: each skipped as unreadable
-    if folder is not None and strings:
+    if folder is not None and (unknown or strings):
         return dataset.map(lambda path: {image_column: _resolve(folder, path)}, input_columns=image_column,
                            **({} if isinstance(dataset, datasets.IterableDataset) else {"desc": "Resolving paths"}))
     return dataset
@@ -181,7 +188,7 @@ def drop_unreadable(dataset, image_column, report, num_proc=None):
     other processes of a multi-GPU run and later runs on the same data do not decode again."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     if num_proc is None:
-        num_proc = _parallelism(dataset)
+        num_proc = parallelism(dataset)
     verdicts = dataset.map(_check_images, input_columns=image_column, with_indices=True, batched=True, batch_size=64,
                            remove_columns=dataset.column_names, num_proc=num_proc, desc="Checking images")
     keep = []
@@ -210,7 +217,7 @@ def _warn_odd_shapes(named_sizes):
                        "upscales, crops or stretches them into its shapes. Check the data, or drop them.")
 
 
-def _parallelism(dataset):
+def parallelism(dataset):
     """Processes for a pass over every image: parallel ones pay for their start-up only on large data sets."""
     return min(os.cpu_count() or 1, len(dataset) // 2000) or None
 
@@ -224,7 +231,7 @@ def image_sizes(dataset, image_column):
     """(width, height) of every image, as training opens it, from the files' headers: a streaming pass that
     `datasets` caches for later runs and the other processes."""
     sizes = dataset.map(_sizes, input_columns=image_column, batched=True, batch_size=256,
-                        remove_columns=dataset.column_names, num_proc=_parallelism(dataset), desc="Reading image sizes")
+                        remove_columns=dataset.column_names, num_proc=parallelism(dataset), desc="Reading image sizes")
     return list(zip(sizes["width"], sizes["height"]))
 
 

@@ -13,8 +13,9 @@ import torch
 from . import inpainting
 from .checkpoint_folders import Layout, is_reference, read_state, resume_path
 from .errors import fail
-from .images import RESAMPLING
-from .paired_pictures import check_paired_column, check_validation_pictures, paired_picture, validation_picture
+from .images import RESAMPLING, image_name
+from .paired_pictures import (MASK, check_paired_column, check_validation_pairs, check_validation_pictures,
+                              paired_picture, validation_picture)
 
 DECODER_TYPES = ("text2img", "inpaint", "controlnet")
 
@@ -112,9 +113,24 @@ class TextToImage:
                  if value is not None and self.name != "inpaint"]
         given += [flag for flag, value in (("--validation_image", self.args.validation_image),)
                   if value is not None and self.name == "text2img"]
+        # given explicitly only: its default is ControlNet.column
+        given += [flag for flag, value in (("--conditioning_image_column", self.args.conditioning_image_column),)
+                  if value is not None and self.name != "controlnet"]
         if given:
-            fail(f"{given[0]} is for the {'inpainting' if 'mask' in given[0] else 'inpainting or ControlNet'} "
-                 f"decoder; --pretrained_decoder_model_name_or_path is {article(self.description)}.")
+            user = {"--validation_image": "inpainting or ControlNet", "--conditioning_image_column": "ControlNet"}
+            fail(f"{given[0]} is for the {user.get(given[0], 'inpainting')} decoder; "
+                 f"--pretrained_decoder_model_name_or_path is {article(self.description)}.")
+
+    def check_column(self, flag, column, what):
+        """A paired column that is not the picture column (`what`: what the column holds)."""
+        if column == self.args.image_column:
+            fail(f"{flag} {column!r} is the picture column (--image_column): each picture needs a {what} of its "
+                 "own, in another column.")
+
+    def sample_name(self, row):
+        """A sample's row in a message: its picture's file (a streamed shard's key), if it has one."""
+        name = row.get("__key__") or image_name(row.get(self.args.image_column))
+        return "a picture stored in the data set" if name.startswith("<") else f"the picture {name!r}"
 
     def check_data(self, dataset, held_out):
         """(dataset, held_out) with the extra columns checked (present, readable, of the picture's size) before any
@@ -180,22 +196,27 @@ class Inpainting(TextToImage):
         if args.random_mask_full_prob + args.random_mask_stroke_prob > 1:
             fail(f"--random_mask_full_prob {args.random_mask_full_prob} and --random_mask_stroke_prob "
                  f"{args.random_mask_stroke_prob} add up to more than 1: they are shares of the same drawn masks.")
+        if args.mask_column:
+            self.check_column("--mask_column", args.mask_column, "mask")
         if args.validation_prompts and (args.validation_image is None or args.validation_mask_image is None):
             fail("--validation_prompts on the inpainting decoder needs --validation_image and "
                  "--validation_mask_image: the picture each prompt repaints and its mask (white = repaint), one per "
                  "prompt or one for all.")
-        self.validation_pictures = {flag: check_validation_pictures(args, flag, values) for flag, values in (
-            ("--validation_image", args.validation_image), ("--validation_mask_image", args.validation_mask_image))}
+        self.validation_pictures = {flag: check_validation_pictures(args, flag, values, what)
+                                    for flag, values, what in (
+                                        ("--validation_image", args.validation_image, None),
+                                        ("--validation_mask_image", args.validation_mask_image, MASK))}
+        check_validation_pairs(args, *self.validation_pictures.values())
 
     def check_data(self, dataset, held_out):
         if not self.args.mask_column:
             return dataset, held_out
-        return check_paired_column(self.args, dataset, held_out, self.args.mask_column, "--mask_column", "mask")
+        return check_paired_column(self.args, dataset, held_out, self.args.mask_column, "--mask_column", MASK)
 
     def sample_inputs(self, image, row, size, resample):
         if not self.args.mask_column:
             return {}
-        mask = paired_picture(image, row, self.args.mask_column, size, resample, "mask")
+        mask = paired_picture(image, row, self.args.mask_column, size, resample, MASK, self.sample_name(row))
         return {"mask_pixels": inpainting.repaint_pixels(mask)}
 
     def encode_inputs(self, batch, latents):
@@ -211,8 +232,8 @@ class Inpainting(TextToImage):
 
     def validation_inputs(self, number, size):
         resample = RESAMPLING[self.args.image_interpolation_mode]
-        picture, mask = (validation_picture(self.validation_pictures[flag], number, size, resample)
-                         for flag in ("--validation_image", "--validation_mask_image"))
+        picture, mask = (validation_picture(self.validation_pictures[flag], number, size, resample, what)
+                         for flag, what in (("--validation_image", None), ("--validation_mask_image", MASK)))
         return {"image": picture, "mask_image": mask}
 
     def snippet_inputs(self):
@@ -231,14 +252,19 @@ class ControlNet(TextToImage):
     auto_pipeline = None  # no AutoPipeline maps the ControlNet decoder
     tags = ("controlnet",)
     what = "conditioning image"
+    default_column = "conditioning_image"  # diffusers' ControlNet scripts' name
+
+    @property
+    def column(self):
+        return self.args.conditioning_image_column or self.default_column
 
     @property
     def columns(self):
-        return (self.args.conditioning_image_column,)
+        return (self.column,)
 
     @property
     def cache_key(self):
-        return {"conditioning_image_column": self.args.conditioning_image_column}
+        return {"conditioning_image_column": self.column}
 
     def check_flags(self):
         """--validation_prompts each need a hint: --validation_image, one per prompt or one for all, readable."""
@@ -247,16 +273,17 @@ class ControlNet(TextToImage):
         if prompts and not hints:
             fail("The ControlNet decoder renders --validation_prompts from a hint: give --validation_image, the "
                  "conditioning image (depth map) of each prompt, or one for all of them.")
-        self.hints = check_validation_pictures(self.args, "--validation_image", hints)
+        self.check_column("--conditioning_image_column", self.column, "hint")
+        self.hints = check_validation_pictures(self.args, "--validation_image", hints, self.what)
 
     def check_data(self, dataset, held_out):
-        return check_paired_column(self.args, dataset, held_out, self.args.conditioning_image_column,
-                                   "--conditioning_image_column", self.what)
+        return check_paired_column(self.args, dataset, held_out, self.column, "--conditioning_image_column",
+                                   self.what)
 
     def sample_inputs(self, image, row, size, resample):
         # uint8, as compact in the samples and the cache as the picture's file; [0, 1] only on the device
-        return {"hint": channels_first(paired_picture(image, row, self.args.conditioning_image_column, size,
-                                                      resample, self.what))}
+        return {"hint": channels_first(paired_picture(image, row, self.column, size, resample, self.what,
+                                                      self.sample_name(row)))}
 
     def encode_inputs(self, batch, latents):
         return {"hint": batch["hint"]}
@@ -265,13 +292,22 @@ class ControlNet(TextToImage):
         return noisy, {"hint": hint_values(features["hint"].to(noisy.device), noisy.dtype)}
 
     def validation_inputs(self, number, size):
-        hint = validation_picture(self.hints, number, size, RESAMPLING[self.args.image_interpolation_mode])
+        hint = validation_picture(self.hints, number, size, RESAMPLING[self.args.image_interpolation_mode],
+                                  self.what)
         return {"hint": hint_values(channels_first(np.asarray(hint))[None], torch.float32)}
 
     def snippet_inputs(self):
         side = self.args.resolution
-        return (("import numpy as np", "from diffusers.utils import load_image", "",
-                 f'depth = load_image("depth.png").resize(({side}, {side}))  # the hint: a depth map of the picture',
+        # load_image would clip a 16-bit depth map at 255 (almost all white): read it as training did
+        return (("import numpy as np", "from PIL import Image", "from diffusers.utils import load_image", "",
+                 "def eight_bit(depth):  # 16-bit depth maps scaled from 0-65535 (float ones from 0-1), as in training",
+                 '    white = {"I": 65535, "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "F": 1}.get(depth.mode)',
+                 "    if white:",
+                 "        depth = Image.fromarray(np.clip(np.asarray(depth, np.float64) / white * 255 + 0.5, 0, 255)"
+                 ".astype(np.uint8))",
+                 '    return depth.convert("RGB")', "",
+                 f'depth = load_image("depth.png", eight_bit).resize(({side}, {side}))  # the hint: a depth map of the '
+                 'picture',
                  "hint = torch.from_numpy(np.array(depth)).permute(2, 0, 1)[None].div(255)"
                  '.to("cuda", torch.float16)'),
                 ("hint=hint", f"height={side}", f"width={side}"))

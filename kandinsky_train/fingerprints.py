@@ -22,16 +22,18 @@ def model_fingerprint(*models):
     return digest.hexdigest()
 
 
-def picture_files_fingerprint(dataset, image_column):
-    """The size, modification time and change time of every picture file the image column names (a path cell, or
-    an image cell that holds a path and no bytes; pictures stored in the data set are its fingerprint's). The data
-    set's fingerprint stays when a picture of an image folder is replaced keeping its modification time, or a file
-    named by a CSV or parquet column of paths is edited; the change time cannot be set back, so either shows here.
-    One stat per file, no reading: a copy of the data elsewhere (new change times) builds the cache again."""
+def picture_files_fingerprint(dataset, *columns):
+    """The size, modification time and change time of every picture file that `columns` (the image column; masks,
+    hints) name (a path cell, or an image cell that holds a path and no bytes; pictures stored in the data set are
+    its fingerprint's). The data set's fingerprint stays when a file of an image folder is replaced keeping its
+    modification time (cp -p, rsync -a, tar x), or a file named by a CSV or parquet column of paths is edited; the
+    change time cannot be set back, so either shows here. One stat per file, no reading: a copy of the data
+    elsewhere (new change times) builds the cache again."""
     digest = hashlib.sha256()
-    for paths in _file_paths(dataset, image_column):
-        for path in paths:
-            digest.update(f"{path}|{_stamp(path)}\n".encode())
+    for column in columns:
+        for paths in _file_paths(dataset, column):
+            for path in paths:
+                digest.update(f"{path}|{_stamp(path)}\n".encode())
     return digest.hexdigest()
 
 

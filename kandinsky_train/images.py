@@ -39,7 +39,7 @@ def image_name(value):
     return getattr(value, "filename", None) or f"<{type(value).__name__}>"
 
 
-def _open(value):
+def open_cell(value):
     """A dataset image cell (PIL image, {path, bytes} dict or path) as a PIL image, not decoded yet."""
     if isinstance(value, Image.Image):
         return value
@@ -54,7 +54,7 @@ def _open(value):
 
 def open_rgb(value):
     """Open a dataset image cell as an RGB image."""
-    image = _open(value)
+    image = open_cell(value)
     image.load()
     return to_rgb(image)
 
@@ -62,7 +62,7 @@ def open_rgb(value):
 def image_size(value):
     """(width, height) of a dataset image cell as `open_rgb` returns it, read from the header (no pixel decoding):
     EXIF orientations 5 to 8 turn the picture a quarter, which swaps its sides, unless the reader has turned it."""
-    image = _open(value)
+    image = open_cell(value)
     width, height = image.size
     if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) and not _turned_by_reader(image):
         return height, width
@@ -94,10 +94,28 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def center_crop_resize(image, size, resample=Image.BICUBIC):
+def as_load_image_reads(image):
+    """A picture as diffusers' load_image makes it, which the README's and model cards' code hand to the pipelines:
+    EXIF orientation applied, then a plain convert("RGB") (alpha dropped, 16-bit clipped at 255)."""
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def has_transparency(image):
+    """Whether a PIL image has a pixel that is not fully opaque (an alpha channel below 255, a palette's or PNG's
+    transparent colour in use)."""
+    if not image.has_transparency_data:
+        return False
+    try:
+        return image.convert("RGBA").getextrema()[3][0] < 255
+    except ValueError:  # a mode Pillow cannot take to RGBA (16-bit with a transparent colour): treated as opaque
+        return False
+
+
+def center_crop_resize(image, size, resample=Image.BICUBIC, reducing_gap=1):
     """The decoder's transform: the largest centred crop with the aspect ratio of `size` (a side, for a square, or
     (width, height)), resized to it. Square and bicubic, it is the reference decoder script's transform, which
-    reduces by whole factors before the filter (reducing_gap=1); every filter keeps that."""
+    reduces by whole factors before the filter (reducing_gap=1); every filter keeps that, unless `reducing_gap` says
+    otherwise (None: the filter alone, as the inpainting pipeline resizes a mask)."""
     target_width, target_height = (size, size) if isinstance(size, int) else size
     width, height = image.size
     if width * target_height > height * target_width:  # wider than the target: crop the sides
@@ -106,7 +124,7 @@ def center_crop_resize(image, size, resample=Image.BICUBIC):
         crop_width, crop_height = width, round(width * target_height / target_width)
     left, top = (width - crop_width) // 2, (height - crop_height) // 2
     image = image.crop((left, top, left + crop_width, top + crop_height))
-    return image.resize((target_width, target_height), resample=resample, reducing_gap=1)
+    return image.resize((target_width, target_height), resample=resample, reducing_gap=reducing_gap)
 
 
 def image_grid(images):

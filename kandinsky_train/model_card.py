@@ -57,7 +57,7 @@ def pair_snippet(prior, decoder, prompt, prior_lora=None, decoder_lora=None, dec
     setup, arguments = decoder_inputs
     imports = ("DDPMScheduler, " if decoder_scheduler else "") + decoder_class
     setup_imports = [line for line in setup if line.startswith(("import ", "from "))]  # at the top, as usual
-    setup = [line for line in setup if line and line not in setup_imports]
+    setup = [line for line in setup if line not in setup_imports]  # blank lines kept: they set off a function
     lines = [*sorted(["import torch", *(line for line in setup_imports if line.startswith("import "))]),
              f"from diffusers import {imports}, KandinskyV22PriorPipeline",
              *(line for line in setup_imports if line.startswith("from ")), "",

@@ -19,6 +19,9 @@ class FrozenPart:
     models: tuple  # the frozen models it runs: fingerprinted, freed after caching
     key: dict = field(default_factory=dict)  # what, beside data and frozen weights, the outputs depend on
     per_version: bool = True  # whether a sample's versions differ in these outputs (False: cached once per sample)
+    # The data set's picture columns beside the image (masks, hints) that these outputs depend on: their files key
+    # the cache entry as the pictures' do.
+    picture_columns: tuple = ()
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Stage:
     # `encode`'s outputs, so that the second stage trained on the same data reuses the first one's.
     image_embedding: FrozenPart = None
     columns: tuple = ()  # the data set's columns make_sample reads beside the image
+    picture_columns: tuple = ()  # those of them that hold pictures (masks, hints), whose files key the cache
     held_out: HeldOutHooks = None
     variants: Optional[Callable] = None  # dataset -> versions of each sample (captions, mirror); one drawn per epoch
     shapes: Optional[Callable] = None  # dataset -> training (width, height) of each sample (aspect-ratio buckets)

@@ -15,8 +15,8 @@ import logging
 
 import torch
 
-from .data import (ImageReport, captions, check_column_names, collate, data_folder, draw_variant, load_split,
-                   load_training_data, undecoded)
+from .data import (ImageReport, captions, check_column_names, collate, column_names, data_folder, draw_variant,
+                   load_split, load_training_data, undecoded)
 from .errors import fail, first_line
 from .images import image_name, open_rgb
 
@@ -39,7 +39,7 @@ def load_stream(args, accelerator, caption_column=None):
 
     source = args.dataset_name or args.train_data_dir
     stream = load_split(args, ("train",), streaming=True)
-    check_column_names(stream.column_names or list(next(iter(stream))), args, caption_column)
+    check_column_names(column_names(stream), args, caption_column)
     stream = undecoded(stream, args.image_column, data_folder(args.dataset_name), source)
     if args.max_train_samples is not None:
         stream = stream.take(args.max_train_samples)

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from conftest import DECODER_SCRIPT, REPO, base_args, checkpoints, launch, offline_env
 from test_robustness import assert_same_state, error_line, run_in_process, state_of
 
-# Records the hint and image embedding of every training forward pass of the UNet, then runs the script given.
+# Records the input (`sample`), hint and image embedding of every training forward pass of the UNet, then runs the
+# script given (test_inpainting.py's spy too).
 SPY = '''
 import atexit, os, runpy, sys
 import torch
@@ -26,7 +27,7 @@ seen, forward = [], UNet2DConditionModel.forward
 
 def spy(self, *args, added_cond_kwargs=None, **kwargs):
     if torch.is_grad_enabled():  # training steps, not validation
-        seen.append({key: value.detach().clone() for key, value in added_cond_kwargs.items()})
+        seen.append({key: value.detach().clone() for key, value in {"sample": args[0], **added_cond_kwargs}.items()})
     return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
 
 UNet2DConditionModel.forward = spy
@@ -221,6 +222,15 @@ def readme_recipe_renders(tiny, output, depth):
     assert scope["image"].size == (64, 64)
 
 
+def cut_out(picture):
+    """A depth map with a corner cut out on transparency (RGBA, or LA for a grey one)."""
+    alpha = Image.new("L", picture.size, 255)
+    alpha.paste(0, (0, 0, 8, 8))
+    cut = picture.convert("LA" if picture.mode == "L" else "RGBA")
+    cut.putalpha(alpha)
+    return cut
+
+
 @pytest.fixture(scope="module")
 def odd_sized(tiny_controlnet, tmp_path_factory):
     """The tiny ControlNet set with row 5's conditioning image at 32x32 ("odd"), and with row 2's not a picture
@@ -231,7 +241,10 @@ def odd_sized(tiny_controlnet, tmp_path_factory):
     data = rows(tiny_controlnet["data"]).cast_column("conditioning_image", datasets.Image(decode=False))
     small = io.BytesIO()
     Image.open(io.BytesIO(data[5]["conditioning_image"]["bytes"])).resize((32, 32)).save(small, "PNG")
-    for folder, row, cell in (("odd", 5, small.getvalue()), ("unreadable", 2, b"not a picture")):
+    transparent = io.BytesIO()
+    cut_out(Image.open(io.BytesIO(data[3]["conditioning_image"]["bytes"]))).save(transparent, "PNG")
+    for folder, row, cell in (("odd", 5, small.getvalue()), ("unreadable", 2, b"not a picture"),
+                              ("transparent", 3, transparent.getvalue())):
         column = [{"bytes": cell, "path": None} if i == row else value
                   for i, value in enumerate(data["conditioning_image"])]
         changed = data.remove_columns("conditioning_image").add_column("conditioning_image", column,
@@ -252,8 +265,8 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     error = run_in_process(train_text_to_image_decoder, args, capsys)
     lines = [line for line in error.splitlines() if "error: " in line]
     assert len(lines) == 1 and lines[0].endswith(
-        "error: A conditioning image of 32x32 pairs with a picture of 80x64 (column 'conditioning_image'); it must "
-        "match its picture pixel for pixel."), error[-3000:]
+        "error: A conditioning image of 32x32 pairs with a picture stored in the data set of 80x64 (column "
+        "'conditioning_image'); it must match its picture pixel for pixel."), error[-3000:]
 
 
 @pytest.mark.parametrize("case, overrides, message", [
@@ -265,6 +278,9 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     ("missing column", {"--conditioning_image_column": "depth"},
      "--conditioning_image_column 'depth' is not a column of the training data; its columns are: image, text, "
      "conditioning_image."),
+    ("held-out hint of another size", {"--validation_dataset_name": "ODD"},
+     "1 conditioning image(s) of the held-out data are not the size of their picture (row 5: picture 80x64, "
+     "conditioning image 32x32)"),
     ("held-out set without hints", {"--validation_data_dir": "IMAGES"},
      "--conditioning_image_column 'conditioning_image' is not a column of the held-out data; its columns are: "),
     ("no hint", {"--validation_prompts": "a red circle"},
@@ -276,19 +292,28 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
      "--validation_image 'NOTES' cannot be read as a picture: "),
     ("no prompts", {"--validation_image": "HINT"}, "--validation_image pairs with --validation_prompts, which is not "
      "given."),
+    ("transparent", {}, "1 conditioning image(s) of the training data have transparent pixels (row 3); training "
+     "would put them on white, and diffusers' load_image drops the alpha at inference. Save hints opaque."),
+    ("transparent hint", {"--validation_prompts": "a", "--validation_image": "TRANSPARENT"},
+     "--validation_image 'TRANSPARENT' has transparent pixels: training would put them on white"),
+    ("hint column is the picture column", {"--conditioning_image_column": "image"},
+     "--conditioning_image_column 'image' is the picture column (--image_column): each picture needs a hint of its "
+     "own, in another column."),
 ])
 def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controlnet, odd_sized, hint_file, tmp_path,
                                                              capsys, case, overrides, message):
     import train_text_to_image_decoder
 
-    notes = tmp_path / "notes.png"
+    notes, transparent = tmp_path / "notes.png", tmp_path / "transparent.png"
     notes.write_text("not a picture")
-    files = {"HINT": str(hint_file), "NOTES": str(notes), "IMAGES": str(tiny["images"])}
+    cut_out(Image.open(hint_file).convert("L")).save(transparent)
+    files = {"HINT": str(hint_file), "NOTES": str(notes), "IMAGES": str(tiny["images"]),
+             "TRANSPARENT": str(transparent), "ODD": str(odd_sized / "odd")}
     overrides = {key: [files.get(v, v) for v in value] if isinstance(value, list) else files.get(value, value)
                  for key, value in overrides.items()}
-    message = message.replace("'NOTES'", repr(str(notes)))
-    if case in ("odd size", "unreadable"):
-        overrides["--dataset_name"] = odd_sized / ("unreadable" if case == "unreadable" else "odd")
+    message = message.replace("'NOTES'", repr(str(notes))).replace("'TRANSPARENT'", repr(str(transparent)))
+    if case in ("odd size", "unreadable", "transparent"):
+        overrides["--dataset_name"] = odd_sized / {"odd size": "odd"}.get(case, case)
     args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", **overrides)
     error = run_in_process(train_text_to_image_decoder, args, capsys)
     assert error_line(error, case).startswith(f"error: {message}"), error[-2000:]
@@ -361,3 +386,32 @@ def test_a_short_fine_tune_learns_to_follow_the_hint(tiny, tiny_controlnet, hint
         "--cache_embeddings": True}))
     own, other = hint_losses(tmp_path, tiny, hint_is_picture["data"])
     assert other - own > 0.04 * own, (own, other)
+
+
+def test_the_published_code_and_validation_give_a_16_bit_depth_map_as_training_gave_it(tiny, tiny_controlnet, tmp_path):
+    """A 16-bit depth map (scaled from 0-65535 in training): the model card's code hands the pipeline the hint that
+    training gave the UNet (load_image alone would clip it at 255, almost all white), and so does validation; the
+    README's code reads it the same way."""
+    import train_text_to_image_decoder as script
+    from kandinsky_train import decoders
+
+    depth = tmp_path / "depth.png"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(depth)
+    assert Image.open(depth).mode in ("I;16", "I")
+    args = script.parse_args(["--resolution", "64", "--validation_prompts", "a room", "--validation_image", str(depth)])
+    decoder = decoders.ControlNet(args)
+    decoder.check_flags()
+    row = {"image": "picture.png", "conditioning_image": str(depth)}
+    pixels = decoder.sample_inputs(Image.new("RGB", (64, 64)), row, 64, Image.BICUBIC)["hint"]
+    trained = decoder.unet_inputs(torch.zeros(1, 4, 8, 8), decoder.encode_inputs({"hint": pixels[None]}, None))[1]
+    setup, _ = decoder.snippet_inputs()
+    code = "\n".join(setup).replace('"depth.png"', repr(str(depth))).replace('.to("cuda", torch.float16)', "")
+    scope = {"torch": torch}
+    exec(code, scope)
+    assert 0.2 < trained["hint"].mean() < 0.8
+    assert torch.equal(scope["hint"], trained["hint"])
+    assert torch.equal(decoder.validation_inputs(0, (64, 64))["hint"], trained["hint"])
+    readme = (REPO / "README.md").read_text()
+    recipe = re.search(r"```python\n(.*?)```", readme[readme.index("### The depth-ControlNet decoder"):], re.S).group(1)
+    assert all(line in recipe.splitlines() for line in setup if line.startswith(("def ", " ")))
+    readme_recipe_renders(tiny, tiny_controlnet["decoder"], depth)  # and it runs

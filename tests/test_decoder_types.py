@@ -32,6 +32,12 @@ def test_the_decoder_type_is_read_from_the_unet_configuration():
      r"the UNet of .* is a depth-ControlNet decoder \(in_channels 8, addition_embed_type 'image_hint'\)"),
     ("controlnet", {"--validation_mask_image": "m.png"}, "--validation_mask_image is for the inpainting decoder"),
     ("inpaint", {"--decoder_type": "controlnet"}, r"is an inpainting decoder \(in_channels 9,"),
+    ("text2img", {"--conditioning_image_column": "depth"},
+     "--conditioning_image_column is for the ControlNet decoder; --pretrained_decoder_model_name_or_path is a "
+     "text-to-image decoder."),
+    # given explicitly, even with the value that is its default on the ControlNet decoder
+    ("inpaint", {"--conditioning_image_column": "conditioning_image"},
+     "--conditioning_image_column is for the ControlNet decoder; .* is an inpainting decoder."),
 ])
 def test_a_flag_or_type_that_does_not_fit_the_decoder_is_refused(tiny, tiny_inpaint, tiny_controlnet, tmp_path,
                                                                   capsys, model, overrides, message):
