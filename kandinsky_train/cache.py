@@ -29,7 +29,8 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
                                                                  {"stage": stage.name, **stage.cache_key},
                                                                  picture_columns=stage.picture_columns)) if part]
     if not args.cache_embeddings:
-        return [samples for samples, _ in sample_sets], at_batch_size(encode_all(parts), args.train_batch_size)
+        batch_size = encoding_batch_size(accelerator.device, args.train_batch_size)
+        return [samples for samples, _ in sample_sets], at_batch_size(encode_all(parts), batch_size)
     from datasets.fingerprint import Hasher
 
     root = args.embedding_cache_dir or os.path.join(args.output_dir, "embedding_cache")
@@ -55,7 +56,7 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
             else:
                 missing.setdefault(tuple(rows), []).append((caches[-1], part.encode))
         for rows, pending in missing.items():
-            build(accelerator, samples, pending, args.train_batch_size, rows)
+            build(accelerator, samples, pending, encoding_batch_size(accelerator.device, args.train_batch_size), rows)
         loaded.append(JoinedSamples([cache.load(samples, part.per_version) for part, cache in zip(parts, caches)]))
     for part in parts:  # not needed until validation, which brings back what it uses
         for frozen in part.models:
@@ -71,19 +72,34 @@ def rows_per_sample(samples, part):
     return [samples.variants.count(i) if part.per_version else 1 for i in range(len(samples))]
 
 
-def at_batch_size(encode, batch_size):
-    """`encode` run on batches of `batch_size` samples, a smaller batch padded with copies of its last sample
-    (their outputs dropped). On the CPU the frozen models give a sample the same bits at one batch size whatever
-    else is in the batch, but not at two; so the cache, built in batches of its own, holds exactly what training
-    and evaluation compute from their batches, the short last ones (odd counts, buckets) included."""
+def encoding_batch_size(device, train_batch_size):
+    """How many samples the frozen models encode at once, cached or not. On the CPU one: PyTorch's CPU matrix
+    products (2.14 at least) round a row differently by its place in the batch (the tail of a block takes another
+    kernel), so a sample's outputs would change with its batch partners and its position; alone, it gets the same
+    bits in the cache as in training. On a GPU the training batch, for speed."""
+    return 1 if device.type == "cpu" else train_batch_size
 
-    def encode_padded(batch):
+
+def at_batch_size(encode, batch_size):
+    """`encode` run on batches of exactly `batch_size` samples: a larger batch in slices, a smaller one (or the last
+    slice) padded with copies of its last sample (their outputs dropped). The frozen models give a sample the same
+    bits at one batch size whatever else is in the batch (see encoding_batch_size), but not at two; so the cache,
+    built in batches of its own, holds exactly what training and evaluation compute from their batches, the short
+    last ones (odd counts, buckets) included."""
+
+    def encode_slice(batch):
         size = len(next(iter(batch.values())))
-        if size >= batch_size:
+        if size == batch_size:
             return encode(batch)
         padded = {key: torch.cat([value, value[-1:].expand(batch_size - size, *value.shape[1:])])
                   for key, value in batch.items()}
         return {key: value[:size] for key, value in encode(padded).items()}
+
+    def encode_padded(batch):
+        size = len(next(iter(batch.values())))
+        slices = [encode_slice({key: value[start:start + batch_size] for key, value in batch.items()})
+                  for start in range(0, size, batch_size)]
+        return slices[0] if len(slices) == 1 else {key: torch.cat([out[key] for out in slices]) for key in slices[0]}
 
     return encode_padded
 
