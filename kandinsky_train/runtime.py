@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import faults
+from . import faults, optimizers
 from .cli import report_targets
 
 logger = logging.getLogger(__name__)
@@ -124,14 +124,14 @@ def weight_dtype_of(accelerator):
 
 
 def make_optimizer(args, parameters, device):
-    """--optimizer: AdamW (or bitsandbytes' 8-bit one), Adafactor or Prodigy, at --learning_rate."""
+    """--optimizer: AdamW (or bitsandbytes' 8-bit one), torchao's 4-bit AdamW, Adafactor or Prodigy, at
+    --learning_rate."""
     if args.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
         # Our learning rate and schedule, as the official Kandinsky 2.1 training configures it: no step size of its
         # own (relative_step), no scaling by each weight's magnitude (scale_parameter), hence no warmup_init.
-        return Adafactor(parameters, lr=args.learning_rate, relative_step=False, scale_parameter=False,
-                         warmup_init=False, weight_decay=args.adam_weight_decay)
+        return optimizers.factored_adafactor()(parameters, lr=args.learning_rate, relative_step=False,
+                                               scale_parameter=False, warmup_init=False,
+                                               weight_decay=args.adam_weight_decay)
     if args.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
@@ -140,7 +140,9 @@ def make_optimizer(args, parameters, device):
                            "that estimate (1.0 is the intended value).")
         return Prodigy(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.use_8bit_adam:
+    if args.optimizer == "adamw4bit":
+        optimizer_cls, extra = optimizers.adamw_4bit(), {}
+    elif args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls, extra = bnb.optim.AdamW8bit, {}
