@@ -84,7 +84,8 @@ class Trainer:
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps - self.schedule_offset,
                                          accelerator.num_processes)
         self.ema = make_ema(args, stage.model, device)
-        self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora)
+        self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora,
+                                                            args.optimizer, args.use_8bit_adam)
         model_state.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)

@@ -76,12 +76,14 @@ def state_bytes(optimizer_name, shapes, use_8bit_adam=False):
     absmax per 256 values (and a code book) for tensors of at least 4096 values (smaller ones fp32); torchao's 4-bit AdamW two 4-bit
     moments and a fp32 scale per 128 values (same threshold, and only for multiples of 128); Adafactor a row and a
     column fp32 moment for a matrix, as factored here (its weights of more than 2 dimensions as matrices), a full
-    fp32 one for a vector."""
+    fp32 one for a vector; Prodigy four fp32 copies (two moments, its sum s and the starting weights p0)."""
     total = 0
     for shape in shapes:
         n = int(torch.Size(shape).numel())
         if optimizer_name == "adafactor":
             total += 4 * (shape[0] + n // shape[0]) if len(shape) >= 2 else 4 * n
+        elif optimizer_name == "prodigy":
+            total += 16 * n
         elif use_8bit_adam and n >= 4096:
             total += 2 * (n + 4 * -(-n // 256) + 4 * 256)  # and a 256-value fp32 code book
         elif optimizer_name == "adamw4bit" and n >= 4096 and n % 128 == 0:

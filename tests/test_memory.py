@@ -1,20 +1,24 @@
 """The memory levers (issue 24): --fused_backward_pass steps each weight in the backward pass and must give the plain
 step's weights; --full_bf16 keeps bf16 weights and must not round small updates away; both resume exactly."""
 
+import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import PriorTransformer
 from PIL import Image
 from safetensors.torch import load_file
 
-from kandinsky_train import checks
+from kandinsky_train import checks, storage
+from kandinsky_train.checkpoint import size_estimate
 from kandinsky_train.errors import UserError
 from kandinsky_train.memory import OptimizerUpdate, round_stochastically
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
-from test_robustness import assert_same_state, state_of
+from test_robustness import assert_same_state, error_line, run_in_process, state_of
 
 BF16 = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
 
@@ -41,8 +45,6 @@ def test_stochastic_rounding_is_unbiased():
 
 def test_fused_backward_pass_frees_each_gradient_in_the_backward_pass():
     """What saves the memory: at no point of the backward pass do more than one layer's gradients exist."""
-    from types import SimpleNamespace
-
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -91,8 +93,21 @@ def test_fused_backward_pass_is_the_plain_step_and_resumes_exactly(tiny, tmp_pat
 
 
 def test_fused_backward_pass_of_the_decoder_with_adafactor(tiny, tmp_path):
+    """The fused pass gives the plain step's weights; the checkpoint's Adafactor moments of each convolution weight
+    (out, in, kh, kw) are a row of `out` values and a column of in * kh * kw (not transformers' (out, in, kh) and
+    (out, in, kw), more than 8-bit AdamW keeps)."""
     common = {"--optimizer": "adafactor", "--max_grad_norm": 1e9}
-    launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "plain", steps=3, **common))
+    launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "plain", steps=3, **common, **{"--checkpointing_steps": 3}))
+    saved = torch.load(tmp_path / "plain/checkpoint-3/optimizer.bin", weights_only=True)["state"]
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # the trained weights' shapes, in the optimizer's order
+        shapes = [p.shape for p in UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(tiny["decoder"] / "unet")).parameters()]
+    convolutions = [(saved[i], shape) for i, shape in enumerate(shapes) if len(shape) == 4]
+    assert len(convolutions) > 10
+    for state, (out, *rest) in convolutions:
+        assert state["exp_avg_sq_row"].shape == (out,) and state["exp_avg_sq_col"].shape == (math.prod(rest),)
     launch(DECODER_SCRIPT, base_args(tiny, tmp_path / "fused", steps=3, **common, **{"--fused_backward_pass": True}))
     plain, fused = weights(tmp_path / "plain", "unet"), weights(tmp_path / "fused", "unet")
     assert any(not torch.equal(weights(tiny["decoder"], "unet")[k], fused[k]) for k in fused)
@@ -140,6 +155,13 @@ def test_full_bf16_keeps_small_updates_and_resumes_exactly(tiny, tmp_path):
     whole = state_of(tmp_path / "whole/checkpoint-4", "prior")
     assert {t.dtype for t in whole["ema"].values()} == {torch.float32}
     assert {s["exp_avg"].dtype for s in whole["optimizer"].values()} == {torch.float32}
+    # the first checkpoint's free-space estimate counts them so, not at the bf16 weights' size (a few kB of
+    # random states and configurations are not counted: 0.48 of it before)
+    prior = PriorTransformer.from_pretrained(tiny["prior"], subfolder="prior").to(torch.bfloat16)
+    estimate = size_estimate(prior, list(prior.parameters()),
+                             SimpleNamespace(shadow_params=[p.float() for p in prior.parameters()]))
+    written = storage.tree_bytes(tmp_path / "whole/checkpoint-2")
+    assert 0.75 * written < estimate < written, (estimate, written)
     stopped_at(tmp_path / "whole", 2, tmp_path / "parts")
     launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "parts", **flags, **{"--resume_from_checkpoint": "latest"}),
            launcher=BF16)
@@ -204,3 +226,32 @@ def test_full_bf16_on_two_processes_keeps_them_identical(tiny, tmp_path):
         "--full_bf16": True, "--mixed_precision": "bf16", "--learning_rate": 1e-6}), launcher=launcher,
         env=offline_env(ACCELERATE_USE_CPU="true"))
     assert "identical on all 2 processes" in proc.stdout + proc.stderr
+
+
+def test_fused_pass_on_two_processes_is_refused_once(tmp_path, monkeypatch, capsys):
+    """Every process of a two-process run refuses --fused_backward_pass (exit code 2), and only the first says so:
+    one line on the console, not one per process."""
+    import train_text_to_image_decoder as decoder
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    args = ["--train_data_dir", data, "--output_dir", tmp_path / "out", "--fused_backward_pass"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    said = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        said.append(run_in_process(decoder, args, capsys))
+    assert error_line(said[0]).startswith("error: --fused_backward_pass runs on one process only")
+    assert said[1] == ""
+
+
+def test_mixed_precision_help_says_what_full_bf16_keeps():
+    import argparse
+
+    from kandinsky_train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_common_arguments(parser, "decoder")
+    text = " ".join(parser.format_help().split())
+    assert "the trained model keeps fp32 master weights (bf16 ones with --full_bf16)" in text
