@@ -117,3 +117,14 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
         in summary
     outcomes = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
     assert [r["outcome"] for r in outcomes] == ["cut at 0.5 s", "not run: out of time"]
+
+
+def test_the_low_memory_recipe_is_one_definition():
+    """The README's low-memory recipe is benchmark.py's, which gpu_check.py runs (through RECIPES)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import benchmark
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"**Low-memory recipe** (full fine-tuning on a small card): `{benchmark.LOW_MEMORY}`" in readme
+    for stage in ("prior", "decoder"):
+        assert benchmark.RECIPES[stage]["low-memory"][1].endswith("--optimizer adafactor")
