@@ -91,7 +91,7 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
         self.update = OptimizerUpdate(args, accelerator, self.optimizer, self.params, self.state)
         if args.torch_compile:
-            self.model = compile_model(self.model)
+            self.model = compile_model(self.model, regional=args.fused_backward_pass)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.validations = Validations(args, accelerator, stage, self.model, self.ema, self.evaluation, self.state,

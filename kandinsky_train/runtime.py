@@ -110,12 +110,31 @@ def configure_backends(args):
 COMPILED_SHAPES = 64
 
 
-def compile_model(model):
+# The repeated blocks that --torch_compile compiles one by one with --fused_backward_pass (the outermost where they
+# nest): the decoder UNet's ResNet and attention blocks, the prior's transformer blocks.
+REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
+
+
+def compile_model(model, regional=False):
     """--torch_compile: one static graph per training shape. Left to guess, torch.compile turns a second shape (a
     bucket, a smaller last batch) into symbolic sizes, on which Inductor failed with the tiny decoder and buckets
-    on the CPU ("cannot determine truth value of Relational"); static graphs are also the ones it tunes best."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
-    return torch.compile(model, dynamic=False, backend=faults.compile_backend())
+    on the CPU ("cannot determine truth value of Relational"); static graphs are also the ones it tunes best.
+    regional (--fused_backward_pass): each repeated block compiled on its own instead of the whole model. A compiled
+    model's backward is one node that returns every weight's gradient at once, before any per-weight hook runs, so
+    the fused pass would save almost nothing; a block's backward returns only its own, stepped and freed as it ends.
+    Blocks of one shape share a graph; each shape of block is a graph, hence the higher limit."""
+    limit = COMPILED_SHAPES * (16 if regional else 1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
+    options = dict(dynamic=False, backend=faults.compile_backend())
+    if not regional:
+        return torch.compile(model, **options)
+    compiled = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in REGIONS and not any(name.startswith(f"{outer}.") for outer in compiled):
+            module.compile(**options)
+            compiled.append(name)
+    return model
 
 
 def weight_dtype_of(accelerator):
