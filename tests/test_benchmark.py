@@ -83,10 +83,10 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
                                capture_output=True, text=True).stdout
     missing = [flag for flag in ("--full_bf16", "--fused_backward_pass") if flag not in help_text]
     summary = gpu_check("--part", "1", "--budget_s", "600")
-    assert f"| profile, decoder, cpu-fp32 | ok |\n| recipe, decoder, low-memory | {'skipped' if missing else 'ok'} |" \
+    assert f"| recipe, decoder, low-memory | {'skipped' if missing else 'ok'} |\n| profile, decoder, cpu-fp32 | ok |" \
         in summary
     part1 = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
-    profile = part1[0]
+    profile = next(r for r in part1 if r.get("check") == "profile")
     assert profile["check"] == "profile" and profile["ok"] and profile["step"] == 4 and profile["clock"] == "cpu"
     assert 0 < profile["busy_seconds"] and 0 < profile["step_seconds"]
     rows = [line for line in profile["top20"].splitlines()
@@ -101,11 +101,11 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
         assert_measured(low_memory, steps=2)
         assert low_memory["against"] == "cpu-fp32" and "--fused_backward_pass --full_bf16" in low_memory["script_args"]
     assert [r["item"] for r in part1 if "outcome" in r] == [
-        ["profile", "decoder", "cpu-fp32"], ["recipe", "decoder", "low-memory"]]
+        ["recipe", "decoder", "low-memory"], ["profile", "decoder", "cpu-fp32"]]
 
-    summary = gpu_check("--part", "2", "--budget_s", "600")
+    summary = gpu_check("--part", "5", "--budget_s", "600")
     assert "| curves, decoder, cache | ok |" in summary and "| smoke, decoder, fp16 | ok |" in summary
-    part2 = [json.loads(line) for line in (out / "gpu_check-part2.jsonl").read_text().splitlines()]
+    part2 = [json.loads(line) for line in (out / "gpu_check-part5.jsonl").read_text().splitlines()]
     curve = next(r for r in part2 if r.get("check") == "cache curve")
     assert curve["steps"] == 3 and curve["mean_difference"] == 0  # the CPU's cached run is bit-identical
     smoke = next(r for r in part2 if r.get("check") == "fp16")
@@ -113,7 +113,7 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
 
     (out / "gpu_check-part1.jsonl").unlink()
     summary = gpu_check("--part", "1", "--budget_s", "0.5")
-    assert "| profile, decoder, cpu-fp32 | cut at 0.5 s |\n| recipe, decoder, low-memory | not run: out of time |" \
+    assert "| recipe, decoder, low-memory | cut at 0.5 s |\n| profile, decoder, cpu-fp32 | not run: out of time |" \
         in summary
     outcomes = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
     assert [r["outcome"] for r in outcomes] == ["cut at 0.5 s", "not run: out of time"]
@@ -128,3 +128,20 @@ def test_the_low_memory_recipe_is_one_definition():
     assert f"**Low-memory recipe** (full fine-tuning on a small card): `{benchmark.LOW_MEMORY}`" in readme
     for stage in ("prior", "decoder"):
         assert benchmark.RECIPES[stage]["low-memory"][1].endswith("--optimizer adafactor")
+
+
+def test_gpu_check_measures_the_targets_first_and_each_part_fits_its_budget():
+    """Part 1 holds the decoder's low-memory and fastest recipes, first; every part but the last (the rest, given
+    time) fits the default budget by its items' expected costs; the fused pass is compared by weights, with
+    clipping out of reach."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    budget = gpu_check.parse_args(["--part", "1", "--quick"]).budget_s
+    parts = sorted({item[0] for item in gpu_check.PLAN})
+    assert [item[1:4] for item in gpu_check.PLAN[:2]] == [("recipe", "decoder", "low-memory"),
+                                                           ("recipe", "decoder", "fastest")]
+    for part in parts[:-1]:
+        assert sum(item[4] for item in gpu_check.PLAN if item[0] == part) <= budget, part
+    assert ("weights", "decoder", "fused") in [item[1:4] for item in gpu_check.PLAN if item[0] < parts[-1]]
+    assert all("--max_grad_norm 1e9" in flags for _, flags in gpu_check.FUSED_VARIANTS)
