@@ -331,7 +331,7 @@ class Table:
         self.versions = {lib: version(lib) for lib in ("torch", "diffusers", "transformers", "accelerate")}
         self.reference_speeds = {}  # (stage, setting) -> samples/s
         print("| GPU | stage | settings | script | variant | samples/s (mean / median) | MFU | "
-              "peak allocated GiB (--estimate_memory's) | speed-up |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+              "peak allocated GiB (--estimate_memory's) | speed-up |\n" + "|---" * 9 + "|", flush=True)
 
     def row(self, stage, setting, flags, name, label, result, against=None):
         cells = f"| {self.device} | {stage} | {setting}: `{flags}` | {name} | {label} |"

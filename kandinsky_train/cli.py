@@ -185,15 +185,18 @@ def _memory(add, stage, model):
     add("--fused_backward_pass", action="store_true",
         help="Step the optimizer for each weight inside the backward pass and free its gradient at once (kohya's "
         "sd-scripts name), so the gradients of the whole model never exist together. For --optimizer adamw (also "
-        "8-bit and 4-bit) and adafactor, on one process. --max_grad_norm then clips each weight tensor's gradient on its own "
-        "(as kohya's and OneTrainer's fused passes do), not their total norm; a threshold never reached gives the "
+        "8-bit), adamw4bit and adafactor, on one process; with --torch_compile each repeated block is compiled on its "
+        "own, so that its gradients are freed as its backward ends. --max_grad_norm then clips each weight tensor's "
+        "gradient on its own (as kohya's and OneTrainer's fused passes do), not their total norm; a threshold never "
+        "reached gives the "
         "plain step's result. With --gradient_accumulation_steps > 1 the gradients accumulate as usual and each "
         "weight is stepped in the last micro-batch's backward pass: same result, but no memory saved.")
     add("--full_bf16", action="store_true",
         help=f"Keep the {model}'s trained weights in bf16, without an fp32 master copy: half their memory and their "
         "gradients'. Each update is computed in fp32 and rounded stochastically into the bf16 weight, so updates "
-        "smaller than bf16's precision still count on average. The optimizer's states keep their own precision (AdamW's "
-        "fp32: 8 bytes a weight; 8-bit and 4-bit AdamW's: about 2 and 1; Adafactor's factored ones are tiny) and --use_ema averages in fp32. Needs --mixed_precision bf16; "
+        "smaller than bf16's precision still count on average. The optimizer's states keep their own precision "
+        "(AdamW's fp32: 8 bytes a weight; 8-bit and 4-bit AdamW's: about 2 and 1; Adafactor's factored ones are "
+        "tiny) and --use_ema averages in fp32. Needs --mixed_precision bf16; "
         "not with --use_lora or Prodigy. Checkpoints and the final model hold the bf16 weights.")
 
 

@@ -73,10 +73,11 @@ def adamw_4bit():
 def state_bytes(optimizer_name, shapes, use_8bit_adam=False):
     """The bytes of an optimizer's states after its first step, for weights of these shapes, from the libraries'
     layouts (no tensor is made): AdamW two fp32 moments; bitsandbytes' 8-bit AdamW two uint8 moments and a fp32
-    absmax per 256 values (and a code book) for tensors of at least 4096 values (smaller ones fp32); torchao's 4-bit AdamW two 4-bit
-    moments and a fp32 scale per 128 values (same threshold, and only for multiples of 128); Adafactor a row and a
-    column fp32 moment for a matrix, as factored here (its weights of more than 2 dimensions as matrices), a full
-    fp32 one for a vector; Prodigy four fp32 copies (two moments, its sum s and the starting weights p0)."""
+    absmax per 256 values (and a code book) for tensors of at least 4096 values (smaller ones fp32); torchao's
+    4-bit AdamW two 4-bit moments and a fp32 scale per 128 values (same threshold, and only for multiples of 128);
+    Adafactor a row and a column fp32 moment for a matrix, as factored here (its weights of more than 2 dimensions
+    as matrices), a full fp32 one for a vector; Prodigy four fp32 copies (two moments, its sum s and the starting
+    weights p0)."""
     total = 0
     for shape in shapes:
         n = int(torch.Size(shape).numel())
