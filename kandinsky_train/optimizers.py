@@ -31,7 +31,7 @@ def factored_adafactor():
                         matrix = p.detach().reshape(p.shape[0], -1)  # a view, unless the weight is channels-last
                         matrix.grad = p.grad.reshape(matrix.shape)
                         if p in self.state:
-                            self.state[matrix] = self.state.pop(p)
+                            self.state[matrix] = refactored(self.state.pop(p), matrix.shape)
                         flat[id(matrix)] = (p, matrix)
                         group["params"][i] = matrix
             try:
@@ -48,6 +48,19 @@ def factored_adafactor():
                             group["params"][i] = p
 
     return ConvFactoredAdafactor
+
+
+def refactored(state, shape):
+    """A weight's Adafactor state for its matrix of `shape`. A checkpoint written before this factoring (by
+    transformers' Adafactor: rows and columns over the kernel's two dimensions) resumes with the second moment that
+    those factors stand for, factored anew: V = row / mean(row) x col, as Adafactor's own update reads it."""
+    row = state.get("exp_avg_sq_row")
+    if row is None or row.shape == shape[:1]:
+        return state
+    moment = (row / row.mean(-1, keepdim=True)).unsqueeze(-1) * state["exp_avg_sq_col"].unsqueeze(-2)
+    logger.info(f"Adafactor state of a {tuple(moment.shape)} weight factored anew as the matrix {tuple(shape)}.")
+    moment = moment.reshape(shape)
+    return {**state, "exp_avg_sq_row": moment.mean(-1), "exp_avg_sq_col": moment.mean(0)}
 
 
 def adamw_4bit():

@@ -118,3 +118,31 @@ def test_state_sizes_on_the_real_decoder_unet():
     assert 1.2e9 < n < 1.3e9
     assert sizes["adamw"] == pytest.approx(8 * n / GIB)
     assert 2.2 < sizes["8bit"] < 2.4 and 1.1 < sizes["adamw4bit"] < 1.3 and sizes["adafactor"] < 0.01, sizes
+
+
+def test_adafactor_resumes_a_state_factored_over_the_kernel():
+    """A checkpoint of an Adafactor run from before this factoring (transformers': rows and columns over a
+    convolution's kernel) loads and steps on: its second moment is factored anew as the matrix's, the one that
+    the old factors stand for when they are exact (a moment of rank one)."""
+    from transformers.optimization import Adafactor
+
+    options = dict(lr=1e-2, relative_step=False, scale_parameter=False, warmup_init=False)
+    weight = torch.nn.Parameter(torch.ones(4, 3, 3, 3))
+    old = Adafactor([weight], **options)
+    # a gradient that is a product of one factor per dimension: both factorings of its square are exact
+    weight.grad = (torch.arange(1.0, 5.0).view(4, 1, 1, 1) * torch.arange(1.0, 4.0).view(1, 3, 1, 1)
+                   * torch.tensor([1.0, 0.5, 2.0]).view(1, 1, 3, 1) * torch.tensor([3.0, 1.0, 0.25]).view(1, 1, 1, 3))
+    old.step()
+    ours = factored_adafactor()([weight], **options)
+    ours.load_state_dict(old.state_dict())
+    weight.grad = weight.grad.clone()
+    ours.step()
+    state = ours.state[weight]
+    assert state["exp_avg_sq_row"].shape == (4,) and state["exp_avg_sq_col"].shape == (27,)
+    fresh = factored_adafactor()([torch.nn.Parameter(torch.ones(4, 3, 3, 3))], **options)
+    again = next(iter(fresh.param_groups[0]["params"]))
+    again.grad = weight.grad.clone()
+    fresh.step()
+    again.grad = weight.grad.clone()
+    fresh.step()
+    torch.testing.assert_close(weight.detach(), again.detach())
