@@ -61,11 +61,11 @@ PLAN = [
     (5, "side by side", "prior", "guide", 200),
     (5, "side by side", "prior", "bf16-b32", 200),
 ]
-# --quick: the decoder's items at the CPU's one setting, but no 8-bit Adam (bitsandbytes needs CUDA; without it the
-# 24 GB recipe is the cache curve's cached run), no side by side (the recipes take the same path through
-# benchmark.py, whose own --quick test runs the reference beside ours and the fastest recipe), and neither the
-# fastest recipe nor the fused curves (the low-memory recipe's and the cache curves' paths with other flags: three
-# runs more of the test suite's time).
+# --quick: the decoder's items at the CPU's one setting, but no 8-bit Adam (tests/test_optimizers.py runs it on the
+# CPU; the 24 GB recipe adds only it to the cache curve's cached run), no side by side (the recipes take the same path
+# through benchmark.py, whose own --quick test runs the reference beside ours and the fastest recipe), and neither
+# the fastest recipe nor the fused weights (the low-memory recipe's and the cache curves' paths with other flags:
+# three runs more of the test suite's time; tests/test_memory.py compares the fused pass with the plain step).
 QUICK_LEFT_OUT = ("side by side", "8-bit Adam", "24gb-card", "weights", "fastest")
 QUICK_SETTING = next(iter(benchmark.QUICK_SETTINGS["decoder"]))
 CURVES = {"cache": (check_fast_path.CACHE_VARIANTS, "cache curve")}
