@@ -7,8 +7,8 @@ order a run meets them:
     cli         the command line (the reference scripts' flags, then ours)
     checks      errors that need nothing loaded: flags, model folders, output folder
       output_dir  --output_dir: writable, none of the run's inputs, one stage's, no checkpoint overwritten
-    runtime     the Accelerator, dtypes, optimizer (AdamW, Adafactor, Prodigy, 4-bit AdamW) and schedule, LoRA, models that wait
-                on the CPU, the console through the progress bar
+    runtime     the Accelerator, dtypes, optimizer (AdamW, Adafactor, Prodigy, 4-bit AdamW) and schedule, LoRA,
+                models that wait on the CPU, the console through the progress bar
     hub         the Hub repository, background checkpoint uploads, the final upload (alone, when only it is missing)
     data        the training data set, checked; the held-out set; samples and batches  (images: PIL decoding, crops)
     stage       what a script plugs into the loop; the CLIP image embedding both stages compute alike
