@@ -17,6 +17,7 @@ tools/tiny_kandinsky.py (a smoke test of this script, not a benchmark).
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -61,16 +62,19 @@ QUICK_FLAGS = "--dataloader_num_workers 0 --resolution 64 --train_batch_size 2"
 # compared with the reference at the setting named first. A recipe whose flags this checkout's script does not
 # accept (read from its --help) is skipped with a note: the low-memory one needs issue 24's --fused_backward_pass
 # and --full_bf16.
+# The low-memory recipe, the README's word for word (tests/test_benchmark.py): Adafactor, whose factored moments
+# count smallest of the optimizers (kandinsky_train/optimizers.state_bytes: 0.007 GiB for the decoder UNet, against
+# 1.24 for 4-bit AdamW, 2.37 for 8-bit, 9.34 for AdamW); the prior takes it without --resolution.
+LOW_MEMORY = ("--mixed_precision bf16 --resolution 768 --train_batch_size 1 --fused_backward_pass --full_bf16 "
+              "--gradient_checkpointing --cache_embeddings --optimizer adafactor")
 RECIPES = {
     "prior": {
-        "low-memory": ("guide", "--mixed_precision bf16 --train_batch_size 1 --fused_backward_pass --full_bf16 "
-                                "--gradient_checkpointing --cache_embeddings --use_8bit_adam"),
+        "low-memory": ("guide", LOW_MEMORY.replace(" --resolution 768", "")),
         "fastest": ("bf16-b32", "--mixed_precision bf16 --train_batch_size 32 --cache_embeddings --allow_tf32 "
                                 "--torch_compile"),
     },
     "decoder": {
-        "low-memory": ("guide", "--mixed_precision bf16 --resolution 768 --train_batch_size 1 --fused_backward_pass "
-                                "--full_bf16 --gradient_checkpointing --cache_embeddings --use_8bit_adam"),
+        "low-memory": ("guide", LOW_MEMORY),
         "fastest": ("bf16-b8", "--mixed_precision bf16 --resolution 768 --train_batch_size 8 --cache_embeddings "
                                "--allow_tf32 --torch_compile"),
         # the guide's command on a 24 GB card: the cache and one memory flag
@@ -131,9 +135,16 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
         "--pretrained_decoder_model_name_or_path", str(paths["decoder"]),
         "--output_dir", str(output_dir), *shlex.split(cli.extra)]
     print(f"Running {stage} / {setting} / {cli.label}", file=sys.stderr, flush=True)
+    estimate = None if cli.quick else start_estimate(script, script_args, run_dir)
     start = time.perf_counter()
-    returncode = launch(script, script_args, run_dir, cpu_only=cli.quick)
+    try:
+        returncode = launch(script, script_args, run_dir, cpu_only=cli.quick)
+    except BaseException:  # cut (gpu_check.py's budget, Ctrl-C): the estimate goes with the run
+        if estimate is not None:
+            os.killpg(estimate.pid, signal.SIGKILL)
+        raise
     wall = time.perf_counter() - start
+    estimated = estimated_peak(estimate, run_dir)
     if returncode != 0:  # say why, and go on: a GPU session is too short to lose the other runs
         tail = (run_dir / "stderr.log").read_text(errors="replace").splitlines()[-40:]
         print(f"\n{script} failed with exit code {returncode} ({stage} / {setting}); stderr tail:\n"
@@ -165,7 +176,37 @@ def run_setting(stage, setting, flags, paths, cli, run_dir, script):
             "samples_per_second_median": statistics.median(speeds), "peak_memory_gib": peak,
             "measured_steps": measured[-1] - measured[0], "final_train_loss": losses[measured[-1]][1],
             "wall_seconds": round(wall, 1), "mixed_precision": flag_value(script_args, "--mixed_precision", "no"),
-            "script_args": shlex.join(script_args)}
+            "estimated_peak_gib": estimated, "script_args": shlex.join(script_args)}
+
+
+ESTIMATE_LINE = re.compile(r"Estimated peak device memory: ([0-9.]+) GiB")
+
+
+def start_estimate(script, script_args, run_dir):
+    """The same command with --estimate_memory (issue 30), on the CPU beside the run (it reads no weight), so that
+    its figure stands beside the measured peak at no cost of GPU time. None where the script has no such flag (the
+    reference's, a checkout without it)."""
+    if "--estimate_memory" not in accepted_flags(script):
+        return None
+    precision = flag_value(script_args, "--mixed_precision", "no")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", precision, str(script), *script_args, "--estimate_memory"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with open(run_dir / "estimate.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def estimated_peak(proc, run_dir, wait_s=120):
+    """The GiB of the estimate's last line naming the peak, or None (no estimate, it failed or took too long)."""
+    if proc is None:
+        return None
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None
+    found = ESTIMATE_LINE.findall((run_dir / "estimate.log").read_text(errors="replace"))
+    return float(found[-1]) if found else None
 
 
 def device_name(quick):
@@ -174,6 +215,7 @@ def device_name(quick):
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() and not quick else "cpu"
 
 
+@functools.lru_cache(maxsize=None)
 def accepted_flags(script):
     """The flags a training script's --help lists (it answers before loading any model)."""
     proc = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, capture_output=True, text=True)
@@ -288,8 +330,8 @@ class Table:
         self.cli, self.device, self.peak = cli, device, peak
         self.versions = {lib: version(lib) for lib in ("torch", "diffusers", "transformers", "accelerate")}
         self.reference_speeds = {}  # (stage, setting) -> samples/s
-        print("| GPU | stage | settings | script | variant | samples/s (mean / median) | MFU | peak allocated GiB | "
-              "speed-up |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+        print("| GPU | stage | settings | script | variant | samples/s (mean / median) | MFU | "
+              "peak allocated GiB (--estimate_memory's) | speed-up |\n" + "|---" * 9 + "|", flush=True)
 
     def row(self, stage, setting, flags, name, label, result, against=None):
         cells = f"| {self.device} | {stage} | {setting}: `{flags}` | {name} | {label} |"
@@ -303,6 +345,8 @@ class Table:
                 self.reference_speeds[(stage, setting)] = speed
             reference = self.reference_speeds.get((stage, against or setting))
             peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
+            if result.get("estimated_peak_gib") is not None:  # --estimate_memory's figure for the same command
+                peak += f" (est. {result['estimated_peak_gib']:.1f})"
             mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
             ratio = f"{speed / reference:.2f}x" if reference and name == "ours" else ""
             print(f"{cells} {speed:.2f} / {result['samples_per_second_median']:.2f} | {mfu} | {peak} | {ratio} |",

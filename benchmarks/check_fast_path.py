@@ -113,6 +113,32 @@ def check_curves(stage, steps, paths, work_dir, variants=CACHE_VARIANTS, check="
             "ok": abs(mean_diff) <= limit, f"curve_{first}": a, f"curve_{second}": b}
 
 
+def check_weights(stage, steps, paths, work_dir, variants, check, quick=False):
+    """Two bf16 runs of `steps` steps from the same seed that must end with the same weights (variants: two (label,
+    flags) pairs, the fused pass and the plain step with clipping out of reach): the largest difference between
+    their trained weights must be a small share (under 2%) of the largest change training made."""
+    import torch
+    from safetensors.torch import load_file
+
+    sub = "prior" if stage == "prior" else "unet"
+    start = load_file(next((Path(paths[stage]) / sub).glob("*.safetensors")))
+    trained = {}
+    for label, extra in variants:
+        losses, output, _ = train(stage, f"--mixed_precision bf16 {extra}", steps, paths,
+                                  work_dir / "checks" / f"{stage}-weights-{label}", quick)
+        if losses is None:
+            return {"check": check, "stage": stage, "ok": False, "why": f"{label}: {output}"}
+        trained[label] = {}
+        for file in (Path(output) / sub).glob("*.safetensors"):
+            trained[label].update(load_file(file))
+        drop_weights(output)
+    (first, a), (second, b) = trained.items()
+    moved = max((a[k].float() - start[k].float()).abs().max().item() for k in start)
+    difference = max((a[k].float() - b[k].float()).abs().max().item() for k in start)
+    return {"check": check, "stage": stage, "steps": steps, "max_change": moved, "max_difference": difference,
+            "ok": moved > 0 and difference <= 0.02 * moved}
+
+
 def check_option(stage, name, paths, work_dir, steps=6, quick=False):
     flags = (QUICK_OPTIONS if quick else OPTIONS)[name]
     losses, output, peak = train(stage, flags, steps, paths,

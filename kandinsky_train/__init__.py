@@ -7,8 +7,8 @@ order a run meets them:
     cli         the command line (the reference scripts' flags, then ours)
     checks      errors that need nothing loaded: flags, model folders, output folder
       output_dir  --output_dir: writable, none of the run's inputs, one stage's, no checkpoint overwritten
-    runtime     the Accelerator, dtypes, optimizer (AdamW, Adafactor, Prodigy) and schedule, LoRA, models that wait
-                on the CPU, the console through the progress bar
+    runtime     the Accelerator, dtypes, optimizer (AdamW, Adafactor, Prodigy, 4-bit AdamW) and schedule, LoRA,
+                models that wait on the CPU, the console through the progress bar
     hub         the Hub repository, background checkpoint uploads, the final upload (alone, when only it is missing)
     data        the training data set, checked; the held-out set; samples and batches  (images: PIL decoding, crops)
     stage       what a script plugs into the loop; the CLIP image embedding both stages compute alike
@@ -29,6 +29,7 @@ order a run meets them:
       flag_changes  flags whose values a checkpoint holds too (learning rate, optimizer, EMA decay): on resume
                   the command line's win, said in one line and noted in the model card
       memory      the weights' dtypes; --fused_backward_pass, --full_bf16: the optimizer steps one tensor at a time
+      optimizers  small optimizer states: Adafactor factored per matrix, torchao's 4-bit AdamW; states' sizes
       tracking    TensorBoard / W&B figures and images
       validation  validation images; when they and the held-out evaluation are due (and owed after a stop)
       evaluation  the held-out set's eval_loss (and the prior's eval_cosine), at fixed timesteps and noise

@@ -158,12 +158,15 @@ def restore(accelerator, path, state):
         "not exactly the images not seen yet; later epochs are unaffected.")
 
 
-def size_estimate(model, trained, ema=None, lora=False):
-    """The size of a first checkpoint, before one exists to measure: the model (its adapters with LoRA), the EMA,
-    and AdamW's two moments per trained weight."""
-    trained_bytes = storage.tensor_bytes(trained)
-    model_bytes = trained_bytes if lora else storage.tensor_bytes(model.parameters())
-    return model_bytes * (2 if ema is not None else 1) + 2 * trained_bytes
+def size_estimate(model, trained, ema=None, lora=False, optimizer="adamw", use_8bit_adam=False):
+    """The size of a first checkpoint, before one exists to measure, as it is written: the model at its weights'
+    dtypes (its adapters with LoRA), the EMA (fp32, also with --full_bf16), and the optimizer's states at their own
+    precision (AdamW's fp32 moments, also for bf16 weights; 8-bit and 4-bit ones at their size)."""
+    from .optimizers import state_bytes
+
+    model_bytes = storage.tensor_bytes(trained if lora else model.parameters())
+    ema_bytes = storage.tensor_bytes(ema.shadow_params) if ema is not None else 0
+    return model_bytes + ema_bytes + state_bytes(optimizer, [p.shape for p in trained], use_8bit_adam)
 
 
 def save(accelerator, output_dir, state, total_limit, before_remove=None, *, layout, expected_bytes=0):

@@ -184,7 +184,7 @@ def _check_memory_levers(args):
     levers = [f"--{name}" for name in ("fused_backward_pass", "full_bf16") if getattr(args, name)]
     if levers and args.optimizer == "prodigy":
         fail(f"Conflicting flags: {levers[0]} steps each weight tensor on its own, and Prodigy estimates its step size "
-             "from all of them together; use --optimizer adamw or adafactor, or drop one of them.")
+             "from all of them together; use --optimizer adamw, adamw4bit or adafactor, or drop one of them.")
     precision = mixed_precision(args)
     if args.full_bf16 and precision != "bf16":
         fail(f"--full_bf16 needs --mixed_precision bf16 (this run's is {precision}): the bf16 weights need bf16 "
@@ -197,7 +197,8 @@ def _check_memory_levers(args):
              "scaling must see every gradient before any weight is stepped; use --mixed_precision bf16.")
     if args.fused_backward_pass and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fail("--fused_backward_pass runs on one process only: it steps each weight inside the backward pass, before "
-             "the processes average their gradients, so they would drift apart. Drop it or train on one process.")
+             "the processes average their gradients, so they would drift apart. Drop it or train on one process.",
+             every_rank=True)
 
 
 def _check_packages(args):
@@ -208,7 +209,9 @@ def _check_packages(args):
         if args.report_to != "all" and not installed(tracker):
             fail(f"--report_to {tracker} needs the `{tracker}` package: pip install {tracker}")
     if args.use_8bit_adam and not installed("bitsandbytes"):
-        fail("--use_8bit_adam needs bitsandbytes (CUDA only): pip install bitsandbytes")
+        fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.optimizer == "adamw4bit" and not installed("torchao"):
+        fail("--optimizer adamw4bit needs the `torchao` package: pip install torchao")
     if args.optimizer == "prodigy" and not installed("prodigyopt"):
         fail("--optimizer prodigy needs the `prodigyopt` package: pip install prodigyopt")
     if getattr(args, "enable_xformers_memory_efficient_attention", False) and not installed("xformers"):

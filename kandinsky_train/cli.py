@@ -10,7 +10,7 @@ from .images import RESAMPLING
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRACKERS = ("tensorboard", "wandb", "comet_ml")
-OPTIMIZERS = ("adamw", "adafactor", "prodigy")
+OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw4bit")
 
 
 def add_common_arguments(parser, stage):
@@ -84,11 +84,14 @@ def _optimization(add, stage, model):
     add("--snr_gamma", type=float, default=None,
         help="Min-SNR-gamma loss weighting (https://huggingface.co/papers/2303.09556); 5.0 is recommended.")
     add("--optimizer", type=str, default="adamw", choices=OPTIMIZERS,
-        help="adamw (torch's, fused on CUDA); adafactor (transformers' Adafactor at --learning_rate, with factored "
-        "second moments and no first moment: far less optimizer memory; the official Kandinsky 2.1 training's choice); "
-        "prodigy (the prodigyopt package: it estimates the step size itself, give --learning_rate 1.0). "
-        "--adam_weight_decay applies to all three; --adam_beta1/2 and --adam_epsilon to adamw and prodigy.")
-    add("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (CUDA only).")
+        help="adamw (torch's, fused on CUDA: 8 bytes of state a weight); adafactor (transformers' Adafactor at "
+        "--learning_rate, with factored second moments, a convolution's over its output channels and the rest, and "
+        "no first moment: almost no optimizer memory; the official Kandinsky 2.1 training's choice); prodigy (the "
+        "prodigyopt package: it estimates the step size itself, give --learning_rate 1.0); adamw4bit (torchao's "
+        "4-bit AdamW: about 1 byte a weight). --adam_weight_decay applies to all four; --adam_beta1/2 and "
+        "--adam_epsilon to the AdamWs and prodigy.")
+    add("--use_8bit_adam", action="store_true",
+        help="Use bitsandbytes' 8-bit AdamW (about 2 bytes of state a weight; runs on CUDA and the CPU).")
     add("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     add("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     add("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -168,7 +171,7 @@ def _tracking_and_hub(add, stage, model):
 def _speed(add, stage, model):
     add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
         help="Mixed precision; defaults to the `accelerate config` value. Frozen models run in the half "
-        "dtype, the trained model keeps fp32 master weights.")
+        "dtype, the trained model keeps fp32 master weights (bf16 ones with --full_bf16).")
     add("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer GPUs.")
     add("--cache_embeddings", action="store_true",
         help="Compute the frozen encoders' outputs once, store them on disk keyed by a fingerprint of model, data, "
@@ -182,15 +185,18 @@ def _memory(add, stage, model):
     add("--fused_backward_pass", action="store_true",
         help="Step the optimizer for each weight inside the backward pass and free its gradient at once (kohya's "
         "sd-scripts name), so the gradients of the whole model never exist together. For --optimizer adamw (also "
-        "8-bit) and adafactor, on one process. --max_grad_norm then clips each weight tensor's gradient on its own "
-        "(as kohya's and OneTrainer's fused passes do), not their total norm; a threshold never reached gives the "
+        "8-bit), adamw4bit and adafactor, on one process; with --torch_compile each repeated block is compiled on its "
+        "own, so that its gradients are freed as its backward ends. --max_grad_norm then clips each weight tensor's "
+        "gradient on its own (as kohya's and OneTrainer's fused passes do), not their total norm; a threshold never "
+        "reached gives the "
         "plain step's result. With --gradient_accumulation_steps > 1 the gradients accumulate as usual and each "
         "weight is stepped in the last micro-batch's backward pass: same result, but no memory saved.")
     add("--full_bf16", action="store_true",
         help=f"Keep the {model}'s trained weights in bf16, without an fp32 master copy: half their memory and their "
         "gradients'. Each update is computed in fp32 and rounded stochastically into the bf16 weight, so updates "
-        "smaller than bf16's precision still count on average. The optimizer's states stay fp32 (AdamW's: 8 bytes a "
-        "weight; Adafactor's factored ones are small) and --use_ema averages in fp32. Needs --mixed_precision bf16; "
+        "smaller than bf16's precision still count on average. The optimizer's states keep their own precision "
+        "(AdamW's fp32: 8 bytes a weight; 8-bit and 4-bit AdamW's: about 2 and 1; Adafactor's factored ones are "
+        "tiny) and --use_ema averages in fp32. Needs --mixed_precision bf16; "
         "not with --use_lora or Prodigy. Checkpoints and the final model hold the bf16 weights.")
 
 

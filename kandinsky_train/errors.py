@@ -2,11 +2,17 @@
 """Errors a user can fix: raised anywhere as `UserError`, printed by `main_guard` as one line without a traceback."""
 
 import contextlib
+import os
 import sys
 
 
 class UserError(Exception):
-    """A problem with the command line or the data that the user can fix; printed without a traceback."""
+    """A problem with the command line or the data that the user can fix; printed without a traceback. every_rank:
+    every process of a run finds it alike (a flag that no number of processes takes), so the first one says it."""
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class Stopped(BaseException):
@@ -18,8 +24,8 @@ class Stopped(BaseException):
         self.exit_code = exit_code
 
 
-def fail(message):
-    raise UserError(message)
+def fail(message, every_rank=False):
+    raise UserError(message, every_rank)
 
 
 def first_line(error):
@@ -73,7 +79,8 @@ def main_guard(main):
         main()
     except UserError as error:
         _close_progress_bars()
-        print(f"error: {_raised_in_worker(str(error))}", file=sys.stderr)
+        if not (error.every_rank and int(os.environ.get("RANK", "0")) > 0):  # the launcher's RANK: no process group yet
+            print(f"error: {_raised_in_worker(str(error))}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
         _close_progress_bars()

@@ -68,7 +68,10 @@ def reapply(asked, optimizer, lr_scheduler, ema, state, held=None):
 
 
 def _plain(value):
-    """JSON's form of a value (betas are a tuple in the optimizer, a list once recorded)."""
+    """JSON's form of a value (betas are a tuple in the optimizer, a list once recorded; torchao keeps the learning
+    rate in a tensor)."""
+    if getattr(value, "ndim", None) == 0:
+        return value.item()
     return list(value) if isinstance(value, tuple) else value
 
 

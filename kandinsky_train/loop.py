@@ -87,13 +87,14 @@ class Trainer:
         lr_scheduler = make_lr_scheduler(args, optimizer, self.max_steps - self.schedule_offset,
                                          accelerator.num_processes)
         self.ema = make_ema(args, stage.model, device)
-        self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora)
+        self.checkpoint_estimate = checkpoint.size_estimate(stage.model, self.params, self.ema, args.use_lora,
+                                                            args.optimizer, args.use_8bit_adam)
         model_state.ModelStateHooks(accelerator, stage, self.ema, lora=args.use_lora,
                                    ema_device=ema_device(args, device)).register()
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
         self.update = OptimizerUpdate(args, accelerator, self.optimizer, self.params, self.state)
         if args.torch_compile:
-            self.model = compile_model(self.model)
+            self.model = compile_model(self.model, regional=args.fused_backward_pass)
         self.uploads = CheckpointUploads(args, hub_repo_id, stage.subfolder)
         self.generator = torch.Generator(device=device)
         self.validations = Validations(args, accelerator, stage, self.model, self.ema, self.evaluation, self.state,

@@ -5,7 +5,8 @@ weight inside the backward pass and frees its gradient, so the gradients of the 
 stochastically into the bf16 weight).
 
 Both levers step the optimizer one weight tensor at a time. That is exact for optimizers whose update of a weight
-depends on that weight's gradient and state alone (AdamW, 8-bit AdamW, Adafactor); checks.py refuses the others."""
+depends on that weight's gradient and state alone (AdamW, 8-bit and 4-bit AdamW, Adafactor); checks.py refuses the
+others."""
 
 import contextlib
 

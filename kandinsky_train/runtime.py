@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import faults
+from . import faults, optimizers
 from .cli import report_targets
 
 logger = logging.getLogger(__name__)
@@ -115,12 +115,31 @@ def configure_backends(args):
 COMPILED_SHAPES = 64
 
 
-def compile_model(model):
+# The repeated blocks that --torch_compile compiles one by one with --fused_backward_pass (the outermost where they
+# nest): the decoder UNet's ResNet and attention blocks, the prior's transformer blocks.
+REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
+
+
+def compile_model(model, regional=False):
     """--torch_compile: one static graph per training shape. Left to guess, torch.compile turns a second shape (a
     bucket, a smaller last batch) into symbolic sizes, on which Inductor failed with the tiny decoder and buckets
-    on the CPU ("cannot determine truth value of Relational"); static graphs are also the ones it tunes best."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
-    return torch.compile(model, dynamic=False, backend=faults.compile_backend())
+    on the CPU ("cannot determine truth value of Relational"); static graphs are also the ones it tunes best.
+    regional (--fused_backward_pass): each repeated block compiled on its own instead of the whole model. A compiled
+    model's backward is one node that returns every weight's gradient at once, before any per-weight hook runs, so
+    the fused pass would save almost nothing; a block's backward returns only its own, stepped and freed as it ends.
+    Blocks of one shape share a graph; each shape of block is a graph, hence the higher limit."""
+    limit = COMPILED_SHAPES * (16 if regional else 1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
+    options = dict(dynamic=False, backend=faults.compile_backend())
+    if not regional:
+        return torch.compile(model, **options)
+    compiled = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in REGIONS and not any(name.startswith(f"{outer}.") for outer in compiled):
+            module.compile(**options)
+            compiled.append(name)
+    return model
 
 
 def weight_dtype_of(accelerator):
@@ -129,14 +148,14 @@ def weight_dtype_of(accelerator):
 
 
 def make_optimizer(args, parameters, device):
-    """--optimizer: AdamW (or bitsandbytes' 8-bit one), Adafactor or Prodigy, at --learning_rate."""
+    """--optimizer: AdamW (or bitsandbytes' 8-bit one), torchao's 4-bit AdamW, Adafactor or Prodigy, at
+    --learning_rate."""
     if args.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
         # Our learning rate and schedule, as the official Kandinsky 2.1 training configures it: no step size of its
         # own (relative_step), no scaling by each weight's magnitude (scale_parameter), hence no warmup_init.
-        return Adafactor(parameters, lr=args.learning_rate, relative_step=False, scale_parameter=False,
-                         warmup_init=False, weight_decay=args.adam_weight_decay)
+        return optimizers.factored_adafactor()(parameters, lr=args.learning_rate, relative_step=False,
+                                               scale_parameter=False, warmup_init=False,
+                                               weight_decay=args.adam_weight_decay)
     if args.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
@@ -145,7 +164,9 @@ def make_optimizer(args, parameters, device):
                            "that estimate (1.0 is the intended value).")
         return Prodigy(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.use_8bit_adam:
+    if args.optimizer == "adamw4bit":
+        optimizer_cls, extra = optimizers.adamw_4bit(), {}
+    elif args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls, extra = bnb.optim.AdamW8bit, {}

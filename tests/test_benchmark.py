@@ -65,28 +65,37 @@ def test_reference_dir_without_the_scripts_is_refused(tmp_path):
 
 
 def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_what_did_not_run(work, tmp_path):
-    """benchmarks/gpu_check.py --quick, both parts on the tiny decoder: the profile of one optimizer step (its
-    top-20 table and busy share), a recipe through benchmark.py (skipped with a note that names the flags a checkout
-    lacks; the other recipe in the benchmark test above), the cached/uncached loss curves, a smoke run whose saved
-    pipeline renders; then part 1 again with half a second's budget: cut in its first item, the rest listed as not
-    run, and still the summary."""
+    """benchmarks/gpu_check.py --quick, its parts on the tiny decoder: a recipe through benchmark.py (skipped with a
+    note that names the flags a checkout lacks; the other recipe in the benchmark test above), the profile of one
+    optimizer step (its top-20 table and busy share), the cached/uncached loss curves, a smoke run whose saved
+    pipeline renders; then the last part again with half a second's budget: cut in its first item, the rest listed
+    as not run, and still the summary."""
     out = tmp_path / "out"
 
-    def gpu_check(*args):
+    def gpu_check(part, budget):
         proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--quick", "--out", str(out), "--work_dir",
-                               str(work), *args], cwd=REPO, env=offline_env(), capture_output=True, text=True,
-                              timeout=1200)
+                               str(work), "--part", part, "--budget_s", budget], cwd=REPO, env=offline_env(),
+                              capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        return proc.stdout
+        results = (out / f"gpu_check-part{part}.jsonl").read_text().splitlines()
+        return proc.stdout, [json.loads(line) for line in results]
 
     help_text = subprocess.run([sys.executable, "train_text_to_image_decoder.py", "--help"], cwd=REPO,
                                capture_output=True, text=True).stdout
     missing = [flag for flag in ("--full_bf16", "--fused_backward_pass") if flag not in help_text]
-    summary = gpu_check("--part", "1", "--budget_s", "600")
-    assert f"| profile, decoder, cpu-fp32 | ok |\n| recipe, decoder, low-memory | {'skipped' if missing else 'ok'} |" \
-        in summary
-    part1 = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
-    profile = part1[0]
+    summary, part1 = gpu_check("1", "600")
+    assert f"| recipe, decoder, low-memory | {'skipped' if missing else 'ok'} |" in summary
+    low_memory = next(r for r in part1 if r.get("label") == "low-memory recipe")
+    if missing:  # issue 24's memory flags, not in every checkout
+        assert low_memory["skipped"] == f"skipped: this checkout's script does not accept {', '.join(missing)}"
+    else:
+        assert_measured(low_memory, steps=2)
+        assert low_memory["against"] == "cpu-fp32" and "--fused_backward_pass --full_bf16" in low_memory["script_args"]
+    assert [r["item"] for r in part1 if "outcome" in r] == [["recipe", "decoder", "low-memory"]]
+
+    summary, part3 = gpu_check("3", "600")
+    assert "| profile, decoder, cpu-fp32 | ok |" in summary
+    profile = part3[0]
     assert profile["check"] == "profile" and profile["ok"] and profile["step"] == 4 and profile["clock"] == "cpu"
     assert 0 < profile["busy_seconds"] and 0 < profile["step_seconds"]
     rows = [line for line in profile["top20"].splitlines()
@@ -94,26 +103,43 @@ def test_quick_gpu_check_writes_each_result_as_it_comes_and_a_cut_part_lists_wha
     assert len(rows) == 20 and any("aten::convolution" in row for row in rows)
     assert (out / "profile-decoder-cpu-fp32.txt").read_text() == profile["top20"]
     assert (out / "profile-decoder-cpu-fp32.txt.trace.json.gz").stat().st_size > 0
-    low_memory = next(r for r in part1 if r.get("label") == "low-memory recipe")
-    if missing:  # issue 24's memory flags, not in every checkout
-        assert low_memory["skipped"] == f"skipped: this checkout's script does not accept {', '.join(missing)}"
-    else:
-        assert_measured(low_memory, steps=2)
-        assert low_memory["against"] == "cpu-fp32" and "--fused_backward_pass --full_bf16" in low_memory["script_args"]
-    assert [r["item"] for r in part1 if "outcome" in r] == [
-        ["profile", "decoder", "cpu-fp32"], ["recipe", "decoder", "low-memory"]]
 
-    summary = gpu_check("--part", "2", "--budget_s", "600")
-    assert "| curves, decoder, cache | ok |" in summary and "| smoke, decoder, fp16 | ok |" in summary
-    part2 = [json.loads(line) for line in (out / "gpu_check-part2.jsonl").read_text().splitlines()]
-    curve = next(r for r in part2 if r.get("check") == "cache curve")
+    summary, part5 = gpu_check("5", "600")
+    assert "| curves, decoder, cache | ok |\n| smoke, decoder, fp16 | ok |" in summary
+    curve = next(r for r in part5 if r.get("check") == "cache curve")
     assert curve["steps"] == 3 and curve["mean_difference"] == 0  # the CPU's cached run is bit-identical
-    smoke = next(r for r in part2 if r.get("check") == "fp16")
+    smoke = next(r for r in part5 if r.get("check") == "fp16")
     assert smoke["ok"] and smoke["generated_shape"] == [1, 256, 256, 3] and len(smoke["losses"]) == 6
 
-    (out / "gpu_check-part1.jsonl").unlink()
-    summary = gpu_check("--part", "1", "--budget_s", "0.5")
-    assert "| profile, decoder, cpu-fp32 | cut at 0.5 s |\n| recipe, decoder, low-memory | not run: out of time |" \
-        in summary
-    outcomes = [json.loads(line) for line in (out / "gpu_check-part1.jsonl").read_text().splitlines()]
+    (out / "gpu_check-part5.jsonl").unlink()
+    summary, outcomes = gpu_check("5", "0.5")
+    assert "| curves, decoder, cache | cut at 0.5 s |\n| smoke, decoder, fp16 | not run: out of time |" in summary
     assert [r["outcome"] for r in outcomes] == ["cut at 0.5 s", "not run: out of time"]
+
+
+def test_the_low_memory_recipe_is_one_definition():
+    """The README's low-memory recipe is benchmark.py's, which gpu_check.py runs (through RECIPES)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import benchmark
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"**Low-memory recipe** (full fine-tuning on a small card): `{benchmark.LOW_MEMORY}`" in readme
+    for stage in ("prior", "decoder"):
+        assert benchmark.RECIPES[stage]["low-memory"][1].endswith("--optimizer adafactor")
+
+
+def test_gpu_check_measures_the_targets_first_and_each_part_fits_its_budget():
+    """Part 1 holds the decoder's low-memory and fastest recipes, first; every part but the last (the rest, given
+    time) fits the default budget by its items' expected costs; the fused pass is compared by weights, with
+    clipping out of reach."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    budget = gpu_check.parse_args(["--part", "1", "--quick"]).budget_s
+    parts = sorted({item[0] for item in gpu_check.PLAN})
+    assert [item[1:4] for item in gpu_check.PLAN[:2]] == [("recipe", "decoder", "low-memory"),
+                                                           ("recipe", "decoder", "fastest")]
+    for part in parts[:-1]:
+        assert sum(item[4] for item in gpu_check.PLAN if item[0] == part) <= budget, part
+    assert ("weights", "decoder", "fused") in [item[1:4] for item in gpu_check.PLAN if item[0] < parts[-1]]
+    assert all("--max_grad_norm 1e9" in flags for _, flags in gpu_check.FUSED_VARIANTS)

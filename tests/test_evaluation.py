@@ -127,16 +127,17 @@ def test_eval_loss_is_the_same_for_the_same_weights_whatever_the_batching_and_pr
     assert torch.equal(model.linear.weight, trained)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor", "prodigy"])
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "prodigy", "adamw4bit"])
 def test_optimizer_choice(name):
-    if name == "prodigy":
-        pytest.importorskip("prodigyopt")
+    if name in ("prodigy", "adamw4bit"):
+        pytest.importorskip({"prodigy": "prodigyopt", "adamw4bit": "torchao"}[name])
     lr = 1.0 if name == "prodigy" else 1e-3
     args = SimpleNamespace(optimizer=name, use_8bit_adam=False, learning_rate=lr, adam_beta1=0.8, adam_beta2=0.99,
                            adam_weight_decay=0.01, adam_epsilon=1e-7)
     optimizer = make_optimizer(args, torch.nn.Linear(3, 2).parameters(), torch.device("cpu"))
     group = optimizer.param_groups[0]
-    assert type(optimizer).__name__ == {"adamw": "AdamW", "adafactor": "Adafactor", "prodigy": "Prodigy"}[name]
+    assert type(optimizer).__mro__[1 if name in ("adafactor", "adamw4bit") else 0].__name__ == {
+        "adamw": "AdamW", "adafactor": "Adafactor", "prodigy": "Prodigy", "adamw4bit": "AdamW4bit"}[name]
     assert group["lr"] == lr and group["weight_decay"] == 0.01
     if name == "adafactor":  # our learning rate and schedule, not Adafactor's own
         assert not group["relative_step"] and not group["scale_parameter"] and not group["warmup_init"]
