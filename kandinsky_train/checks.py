@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets, tracker_names
 from .checkpoint_folders import mixed_precision
-from .errors import fail
+from .errors import UserError, fail
 from .output_dir import check_output_dir
 from .images import IMAGE_EXTENSIONS
 
@@ -23,15 +23,19 @@ logger = logging.getLogger(__name__)
 
 
 def check_args(args, stage):
-    _check_image_options(args, stage)
-    _check_data(args)
-    _check_numbers(args)
-    _check_optimization(args)
-    _check_conflicts(args)
-    _check_memory_levers(args)
-    _check_packages(args)
-    _check_precision(args)
-    check_output_dir(args, stage)
+    try:
+        _check_image_options(args, stage)
+        _check_data(args)
+        _check_numbers(args)
+        _check_optimization(args)
+        _check_conflicts(args)
+        _check_memory_levers(args)
+        _check_packages(args)
+        _check_precision(args)
+        check_output_dir(args, stage)
+    except UserError as error:
+        error.everywhere = True  # each process checks the same command line: one line is enough
+        raise
 
 
 def _check_image_options(args, stage):

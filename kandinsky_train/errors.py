@@ -2,11 +2,15 @@
 """Errors a user can fix: raised anywhere as `UserError`, printed by `main_guard` as one line without a traceback."""
 
 import contextlib
+import os
 import sys
 
 
 class UserError(Exception):
-    """A problem with the command line or the data that the user can fix; printed without a traceback."""
+    """A problem with the command line or the data that the user can fix; printed without a traceback. `everywhere`:
+    every process raises it alike (a check of the command line), so only the first process prints it."""
+
+    everywhere = False
 
 
 class Stopped(BaseException):
@@ -59,7 +63,8 @@ def main_guard(main):
         main()
     except UserError as error:
         _close_progress_bars()
-        print(f"error: {error}", file=sys.stderr)
+        if not error.everywhere or os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
         _close_progress_bars()

@@ -235,6 +235,22 @@ def test_memory_levers_refuse_what_they_cannot_do(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_fused_backward_pass_on_two_processes_is_refused_in_one_line(tiny, tmp_path):
+    """A real launch of two CPU processes (--multi_gpu with ACCELERATE_USE_CPU: a CPU launch of --num_processes 2
+    alone starts one): both refuse, the line is printed once, nothing is written."""
+    from test_robustness import DDP
+
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "out", **{"--fused_backward_pass": True}), launcher=DDP,
+                  env=offline_env(ACCELERATE_USE_CPU="true"), check=False)
+    assert proc.returncode != 0
+    assert "local_rank: 1" in proc.stderr, proc.stderr[-3000:]  # two processes ran
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: --fused_backward_pass runs on one process only: it steps each weight inside the backward "
+                     "pass, before the processes average their gradients, so they would drift apart. Drop it or "
+                     "train on one process."], proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_full_bf16_on_two_processes_keeps_them_identical(tiny, tmp_path):
     """DDP averages the bf16 gradients and every process rounds alike: the run's own check finds the weights
     identical on both processes (it fails the run otherwise)."""
