@@ -30,7 +30,7 @@ def stage_checkpoint(folder, step, stage, record=True):
     return path
 
 
-def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp_path, capsys):
+def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp_path, capsys, no_model_loads):
     import train_text_to_image_decoder
     import train_text_to_image_prior
 

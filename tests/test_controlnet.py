@@ -278,7 +278,7 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
      "given."),
 ])
 def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controlnet, odd_sized, hint_file, tmp_path,
-                                                             capsys, case, overrides, message):
+                                                             capsys, case, overrides, message, no_model_loads):
     import train_text_to_image_decoder
 
     notes = tmp_path / "notes.png"

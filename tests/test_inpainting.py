@@ -285,7 +285,7 @@ def with_a_small_mask(tiny_inpaint, folder):
      r"^error: --validation_image pairs with --validation_prompts, which is not given\.$"),
 ])
 def test_bad_inpainting_input_is_one_line_and_writes_nothing(tiny, tiny_inpaint, tmp_path, capsys, overrides,
-                                                             message):
+                                                             message, no_model_loads):
     import train_text_to_image_decoder
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "picture.png")
