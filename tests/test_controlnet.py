@@ -295,6 +295,38 @@ def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controln
     assert not (tmp_path / "out").exists()
 
 
+def test_conditioning_dropout_drops_the_image_embedding_and_keeps_the_hint(tiny, tiny_controlnet, tmp_path):
+    """--conditioning_dropout_prob, in a launched run with the spy UNet: a dropped sample reaches the UNet with the
+    embedding of an all-zero image (what the script drops to) and still with its own hint; the others with their
+    own embedding."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from kandinsky_train.images import center_crop_resize
+
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    launch(str(spy), [DECODER_SCRIPT, *controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
+        "--conditioning_dropout_prob": 0.5})],
+        env=offline_env(SPY_OUTPUT=str(tmp_path / "seen.pt"), KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl")))
+    seen = torch.load(tmp_path / "seen.pt")
+    order = [i for line in (tmp_path / "trace.jsonl").read_text().splitlines() for i in json.loads(line)["index"]]
+    hints = torch.cat([step["hint"] for step in seen])
+    embeds = torch.cat([step["image_embeds"] for step in seen])
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny["prior"], subfolder="image_encoder")
+    with torch.no_grad():
+        side = encoder.config.image_size  # CLIP's crop of the tiny encoder
+        zero = encoder(torch.zeros(1, 3, side, side)).image_embeds[0]
+    data, dropped = rows(tiny_controlnet["data"]), []
+    for index, hint, embed in zip(order, hints, embeds):
+        hint_picture = center_crop_resize(data[index]["conditioning_image"].convert("RGB"), 64, Image.BICUBIC)
+        expected = torch.from_numpy(np.array(hint_picture)).float().permute(2, 0, 1) / 255.0
+        assert torch.equal(hint, expected), index  # dropped or not
+        dropped.append(bool(torch.allclose(embed, zero, atol=1e-5)))
+    assert len(order) == 8 and True in dropped and False in dropped, dropped
+    kept = embeds[[not d for d in dropped]]
+    assert not any(torch.allclose(e, zero, atol=1e-3) for e in kept)
+
+
 @pytest.fixture(scope="module")
 def hint_is_picture(tiny_controlnet, tmp_path_factory):
     """The tiny ControlNet decoder with a hint block whose features vary with the hint, as a trained one's do (the
