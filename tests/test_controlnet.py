@@ -242,11 +242,16 @@ def odd_sized(tiny_controlnet, tmp_path_factory):
 
 
 def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_in_one_line(
-        tiny, tiny_controlnet, odd_sized, tmp_path, capsys):
-    """--streaming checks each hint's size as its row comes (rows 0 to 3 train first, in the file's order). In this
-    process: a launch would cost more than the two steps."""
+        tiny, tiny_controlnet, odd_sized, tmp_path, capsys, monkeypatch):
+    """--streaming checks each hint's size as its row comes: rows 0 to 3 train first (two optimizer steps, in the
+    file's order), then row 5 stops the run. In this process: a launch would cost more than the two steps."""
     import train_text_to_image_decoder
 
+    from kandinsky_train import faults
+
+    monkeypatch.setattr(faults, "_TRACE", str(tmp_path / "trace.jsonl"))  # test hook: the micro-batches' samples
+    steps, adamw_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or adamw_step(self, *a, **k))
     args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
         "--dataset_name": odd_sized / "odd", "--streaming": True, "--shuffle_buffer_size": 1})
     error = run_in_process(train_text_to_image_decoder, args, capsys)
@@ -254,6 +259,11 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     assert len(lines) == 1 and lines[0].endswith(
         "error: A conditioning image of 32x32 pairs with a picture of 80x64 (column 'conditioning_image'); it must "
         "match its picture pixel for pixel."), error[-3000:]
+    trace = tmp_path / "trace.jsonl"
+    trained = [json.loads(line)["index"] for line in trace.read_text().splitlines()] if trace.exists() else []
+    # (a streamed sample's index is its key in the stream, not its row)
+    assert [len(batch) for batch in trained] == [2, 2] and len({i for b in trained for i in b}) == 4, trained
+    assert len(steps) == 2
 
 
 @pytest.mark.parametrize("case, overrides, message", [
