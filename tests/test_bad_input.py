@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch
 from test_robustness import error_line, run_in_process
@@ -108,11 +109,14 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path)
                       r"\(--resume_from_checkpoint checkpoint-\3\) with a lower --learning_rate", proc.stderr)
     assert error, proc.stderr[-3000:]
     value, step, last = error.group(1), int(error.group(2)), int(error.group(3))
+    for folder in checkpoints(out):  # every checkpoint kept holds finite weights, as the README promises
+        weights = [load_file(f) for f in (out / folder).rglob("*.safetensors")]
+        assert weights and all(torch.isfinite(t).all() for w in weights for t in w.values()), folder
+        saved = torch.load(out / folder / "optimizer.bin", weights_only=False)
+        assert all(torch.isfinite(v).all() for s in saved["state"].values() for v in s.values() if torch.is_tensor(v))
     assert value in ("nan", "inf", "-inf") and last == step - 1
     assert checkpoints(out) == [f"checkpoint-{s}" for s in range(1, step)]
     assert not (out / "model_index.json").exists() and not (out / "unet").exists()
-    saved = torch.load(out / f"checkpoint-{last}" / "optimizer.bin", weights_only=False)
-    assert all(torch.isfinite(v).all() for s in saved["state"].values() for v in s.values() if torch.is_tensor(v))
 
 
 @pytest.fixture(scope="module")
