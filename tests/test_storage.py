@@ -249,8 +249,8 @@ def plain_write(tensors, path):
 def test_a_disk_that_fills_during_the_lora_adapter_write_removes_the_partial_file(writer, tmp_path, monkeypatch):
     """The adapter's write stopped in its middle, on a simulated 512 KiB disk that the check lets it start on:
     safetensors' writer (what diffusers' save_lora_adapter uses) and a writer that leaves its partial file behind,
-    each cut by the kernel at 8 KiB. One line, and nothing is left. (A fake adapted model: peft refuses the torchao installed
-    here in-process.)"""
+    each cut by the kernel at 8 KiB. One line, and nothing is left. (A fake adapted model: peft refuses the torchao
+    installed here in-process.)"""
     from safetensors.torch import save_file
 
     failed = []
