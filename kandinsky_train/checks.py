@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets, tracker_names
 from .checkpoint_folders import mixed_precision
-from .errors import UserError, fail
+from .errors import fail
 from .output_dir import check_output_dir
 from .images import IMAGE_EXTENSIONS
 
@@ -23,19 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 def check_args(args, stage):
-    try:
-        _check_image_options(args, stage)
-        _check_data(args)
-        _check_numbers(args)
-        _check_optimization(args)
-        _check_conflicts(args)
-        _check_memory_levers(args)
-        _check_packages(args)
-        _check_precision(args)
-        check_output_dir(args, stage)
-    except UserError as error:
-        error.everywhere = True  # each process checks the same command line: one line is enough
-        raise
+    _check_image_options(args, stage)
+    _check_data(args)
+    _check_numbers(args)
+    _check_optimization(args)
+    _check_conflicts(args)
+    _check_memory_levers(args)
+    _check_packages(args)
+    _check_precision(args)
+    check_output_dir(args, stage)
 
 
 def _check_image_options(args, stage):
@@ -179,7 +175,8 @@ def _check_memory_levers(args):
              "scaling must see every gradient before any weight is stepped; use --mixed_precision bf16.")
     if args.fused_backward_pass and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fail("--fused_backward_pass runs on one process only: it steps each weight inside the backward pass, before "
-             "the processes average their gradients, so they would drift apart. Drop it or train on one process.")
+             "the processes average their gradients, so they would drift apart. Drop it or train on one process.",
+             every_rank=True)
 
 
 def _check_packages(args):

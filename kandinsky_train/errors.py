@@ -7,10 +7,12 @@ import sys
 
 
 class UserError(Exception):
-    """A problem with the command line or the data that the user can fix; printed without a traceback. `everywhere`:
-    every process raises it alike (a check of the command line), so only the first process prints it."""
+    """A problem with the command line or the data that the user can fix; printed without a traceback. every_rank:
+    every process of a run finds it alike (a flag that no number of processes takes), so the first one says it."""
 
-    everywhere = False
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class Stopped(BaseException):
@@ -22,8 +24,8 @@ class Stopped(BaseException):
         self.exit_code = exit_code
 
 
-def fail(message):
-    raise UserError(message)
+def fail(message, every_rank=False):
+    raise UserError(message, every_rank)
 
 
 def first_line(error):
@@ -63,7 +65,7 @@ def main_guard(main):
         main()
     except UserError as error:
         _close_progress_bars()
-        if not error.everywhere or os.environ.get("RANK", "0") == "0":
+        if not (error.every_rank and int(os.environ.get("RANK", "0")) > 0):  # the launcher's RANK: no process group yet
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
