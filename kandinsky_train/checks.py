@@ -175,8 +175,7 @@ def _check_memory_levers(args):
              "scaling must see every gradient before any weight is stepped; use --mixed_precision bf16.")
     if args.fused_backward_pass and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fail("--fused_backward_pass runs on one process only: it steps each weight inside the backward pass, before "
-             "the processes average their gradients, so they would drift apart. Drop it or train on one process.",
-             every_rank=True)
+             "the processes average their gradients, so they would drift apart. Drop it or train on one process.")
 
 
 def _check_packages(args):

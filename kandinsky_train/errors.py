@@ -2,17 +2,11 @@
 """Errors a user can fix: raised anywhere as `UserError`, printed by `main_guard` as one line without a traceback."""
 
 import contextlib
-import os
 import sys
 
 
 class UserError(Exception):
-    """A problem with the command line or the data that the user can fix; printed without a traceback. every_rank:
-    every process of a run finds it alike (a flag that no number of processes takes), so the first one says it."""
-
-    def __init__(self, message, every_rank=False):
-        super().__init__(message)
-        self.every_rank = every_rank
+    """A problem with the command line or the data that the user can fix; printed without a traceback."""
 
 
 class Stopped(BaseException):
@@ -24,8 +18,8 @@ class Stopped(BaseException):
         self.exit_code = exit_code
 
 
-def fail(message, every_rank=False):
-    raise UserError(message, every_rank)
+def fail(message):
+    raise UserError(message)
 
 
 def first_line(error):
@@ -65,8 +59,7 @@ def main_guard(main):
         main()
     except UserError as error:
         _close_progress_bars()
-        if not (error.every_rank and int(os.environ.get("RANK", "0")) > 0):  # the launcher's RANK: no process group yet
-            print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stopped:
         _close_progress_bars()

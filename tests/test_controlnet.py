@@ -255,15 +255,15 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
     args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
         "--dataset_name": odd_sized / "odd", "--streaming": True, "--shuffle_buffer_size": 1})
     error = run_in_process(train_text_to_image_decoder, args, capsys)
-    lines = [line for line in error.splitlines() if "error: " in line]
-    assert len(lines) == 1 and lines[0].endswith(
-        "error: A conditioning image of 32x32 pairs with a picture of 80x64 (column 'conditioning_image'); it must "
-        "match its picture pixel for pixel."), error[-3000:]
     trace = tmp_path / "trace.jsonl"
     trained = [json.loads(line)["index"] for line in trace.read_text().splitlines()] if trace.exists() else []
     # (a streamed sample's index is its key in the stream, not its row)
     assert [len(batch) for batch in trained] == [2, 2] and len({i for b in trained for i in b}) == 4, trained
     assert len(steps) == 2
+    lines = [line for line in error.splitlines() if "error: " in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "error: A conditioning image of 32x32 pairs with a picture of 80x64 (column 'conditioning_image'); it must "
+        "match its picture pixel for pixel."), error[-3000:]
 
 
 @pytest.mark.parametrize("case, overrides, message", [

@@ -14,7 +14,7 @@ from kandinsky_train.errors import UserError
 from kandinsky_train.memory import OptimizerUpdate, round_stochastically
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch, offline_env
-from test_robustness import DDP, assert_same_state, state_of
+from test_robustness import assert_same_state, state_of
 
 BF16 = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
 
@@ -238,6 +238,8 @@ def test_memory_levers_refuse_what_they_cannot_do(tmp_path, monkeypatch):
 def test_fused_backward_pass_on_two_processes_is_refused_in_one_line(tiny, tmp_path):
     """A real launch of two CPU processes (--multi_gpu with ACCELERATE_USE_CPU: a CPU launch of --num_processes 2
     alone starts one): both refuse, the line is printed once, nothing is written."""
+    from test_robustness import DDP
+
     proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "out", **{"--fused_backward_pass": True}), launcher=DDP,
                   env=offline_env(ACCELERATE_USE_CPU="true"), check=False)
     assert proc.returncode != 0
