@@ -51,6 +51,7 @@ def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp
     cases = [
         (PRIOR_SCRIPT, {"--learning_rate": "nan"}, "--learning_rate must be a finite number, got nan"),
         (DECODER_SCRIPT, {"--learning_rate": -1e-4}, "--learning_rate must be at least 0, got -0.0001"),
+        (DECODER_SCRIPT, {"--learning_rate": 4e39}, r"--learning_rate 4e\+39 is beyond float32's range \(3.403e\+38\)"),
         (PRIOR_SCRIPT, {"--adam_beta1": 1.5}, r"--adam_beta1 must be in \[0, 1\), got 1.5"),
         (PRIOR_SCRIPT, {"--report_to": "foo"}, "Unknown --report_to 'foo'; choose one of .*tensorboard.*, all or none"),
         (DECODER_SCRIPT, {"--dataloader_num_workers": -1}, "--dataloader_num_workers must be at least 0"),
