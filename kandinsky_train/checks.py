@@ -20,6 +20,7 @@ OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "checkpoints_total_limit", "max_trai
 
 
 logger = logging.getLogger(__name__)
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 
 
 def check_args(args, stage):
@@ -152,6 +153,9 @@ def _check_optimization(args):
     for name in ("learning_rate", "adam_epsilon", "adam_weight_decay"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be at least 0, got {getattr(args, name)}.")
+        if getattr(args, name) > FLOAT32_MAX:  # torch's step would fail to turn it into float32, with a traceback
+            fail(f"--{name} {getattr(args, name):g} is beyond float32's range ({FLOAT32_MAX:.4g}), which training "
+                 "computes in.")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:  # also refuses nan
             fail(f"--{name} must be in [0, 1), got {getattr(args, name)}.")

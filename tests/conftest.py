@@ -98,6 +98,20 @@ def tiny_controlnet(tmp_path_factory):
 
 
 @pytest.fixture
+def no_model_loads(monkeypatch):
+    """Test hook for refusals promised "before any model loads" (in-process runs): loading a model or pipeline fails
+    the test, so a check moved after the loading shows up as this error instead of its own line."""
+    from diffusers import DiffusionPipeline, ModelMixin
+    from transformers import PreTrainedModel
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__}.from_pretrained ran before the refusal")
+
+    for owner in (ModelMixin, DiffusionPipeline, PreTrainedModel):
+        monkeypatch.setattr(owner, "from_pretrained", classmethod(refuse))
+
+
+@pytest.fixture
 def tmpfs(tmp_path):
     """mount(size): a folder on a fresh tmpfs of that size ("1m"), unmounted after the test; or a skip that says why
     there cannot be one (mounting needs root on Linux)."""

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import DECODER_SCRIPT, PRIOR_SCRIPT, base_args, checkpoints, launch
 from fakes import fake_checkpoint
@@ -31,7 +32,7 @@ def stage_checkpoint(folder, step, stage, record=True):
     return path
 
 
-def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp_path, capsys):
+def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp_path, capsys, no_model_loads):
     import train_text_to_image_decoder
     import train_text_to_image_prior
 
@@ -59,6 +60,7 @@ def test_bad_values_and_folders_are_refused_before_anything_is_written(tiny, tmp
     cases = [
         (PRIOR_SCRIPT, {"--learning_rate": "nan"}, "--learning_rate must be a finite number, got nan"),
         (DECODER_SCRIPT, {"--learning_rate": -1e-4}, "--learning_rate must be at least 0, got -0.0001"),
+        (DECODER_SCRIPT, {"--learning_rate": 4e39}, r"--learning_rate 4e\+39 is beyond float32's range \(3.403e\+38\)"),
         (PRIOR_SCRIPT, {"--adam_beta1": 1.5}, r"--adam_beta1 must be in \[0, 1\), got 1.5"),
         (PRIOR_SCRIPT, {"--report_to": "foo"}, "Unknown --report_to 'foo'; choose one of .*tensorboard.*, all or none"),
         (DECODER_SCRIPT, {"--dataloader_num_workers": -1}, "--dataloader_num_workers must be at least 0"),
@@ -138,11 +140,14 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path)
                       r"\(--resume_from_checkpoint checkpoint-\3\) with a lower --learning_rate", proc.stderr)
     assert error, proc.stderr[-3000:]
     value, step, last = error.group(1), int(error.group(2)), int(error.group(3))
+    for folder in checkpoints(out):  # every checkpoint kept holds finite weights, as the README promises
+        weights = [load_file(f) for f in (out / folder).rglob("*.safetensors")]
+        assert weights and all(torch.isfinite(t).all() for w in weights for t in w.values()), folder
+        saved = torch.load(out / folder / "optimizer.bin", weights_only=False)
+        assert all(torch.isfinite(v).all() for s in saved["state"].values() for v in s.values() if torch.is_tensor(v))
     assert value in ("nan", "inf", "-inf") and last == step - 1
     assert checkpoints(out) == [f"checkpoint-{s}" for s in range(1, step)]
     assert not (out / "model_index.json").exists() and not (out / "unet").exists()
-    saved = torch.load(out / f"checkpoint-{last}" / "optimizer.bin", weights_only=False)
-    assert all(torch.isfinite(v).all() for s in saved["state"].values() for v in s.values() if torch.is_tensor(v))
 
 
 @pytest.fixture(scope="module")

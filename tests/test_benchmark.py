@@ -3,6 +3,7 @@ benchmarks/measure.py, and reads their TensorBoard logs back, so the benchmark c
 Our own scripts stand in for diffusers' reference scripts (they take the same command line)."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -23,9 +24,21 @@ def work(tiny, tmp_path):
     return work
 
 
+def logged_speed(record, work):
+    """Samples per second over the record's measured steps, from its run's TensorBoard train_loss events (their wall
+    times) and its command line's batch: what the record must say."""
+    from kandinsky_train.tracking import read_scalars
+
+    name = f"{record['stage']}-{record['setting']}-{record['script']}-{record['label']}"
+    losses = read_scalars(work / "runs" / re.sub(r"[^A-Za-z0-9._-]+", "_", name) / "output" / "logs")["train_loss"]
+    first, last = record["warmup"], record["warmup"] + record["measured_steps"]
+    batch = int(re.search(r"--train_batch_size (\d+)", record["script_args"]).group(1))
+    return batch * (last - first) / (losses[last][0] - losses[first][0])
+
+
 def assert_measured(record, steps):
     """A run of ours or the reference's measured on the CPU: `steps` steps, no CUDA figures."""
-    assert record["samples_per_second"] > 0 and record["measured_steps"] == steps and record["exit_code"] == 0
+    assert record["measured_steps"] == steps and record["exit_code"] == 0
     assert record["device"] == "cpu" and record["peak_memory_gib"] is None  # no CUDA figure on the CPU
     assert record["mfu"] is None and record["flops_per_sample"] > 0  # no peak FLOP/s for a CPU
     assert set(record["versions"]) == {"torch", "diffusers", "transformers", "accelerate"}
@@ -51,10 +64,18 @@ def test_quick_benchmark_measures_variants_side_by_side_with_the_reference(work,
     # the cached run's sample skips the frozen MoVQ and CLIP forwards; the reference counts as ours uncached
     assert records[0]["flops_per_sample"] == records[1]["flops_per_sample"] > records[2]["flops_per_sample"]
     assert records[3]["against"] == "cpu-fp32" and "--cache_embeddings --allow_tf32" in records[3]["script_args"]
+    for record in records:
+        assert math.isclose(record["samples_per_second"], logged_speed(record, work), rel_tol=1e-6), record
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| cpu |")]
-    assert len(rows) == 4  # one Markdown row per run
-    assert all(re.search(r"\| n/a \| n/a \(CPU\) \| \d+\.\d\dx \|$", row) for row in rows
-               if "| ours |" in row)  # MFU, peak and speed-up columns
+    assert len(rows) == 4  # one Markdown row per run, in the records' order
+    reference = records[0]["samples_per_second"]  # every row of ours is against the reference's cpu-fp32
+    for row, record in zip(rows, records):
+        cells = re.search(r"\| (\S+) / (\S+) \| n/a \| n/a \(CPU\) \| (\S*) \|$", row)  # MFU, peak, speed-up
+        assert cells, row
+        assert cells.group(1, 2) == (f"{record['samples_per_second']:.2f}",
+                                     f"{record['samples_per_second_median']:.2f}"), (row, record)
+        speed_up = f"{record['samples_per_second'] / reference:.2f}x" if record["script"] == "ours" else ""
+        assert cells.group(3) == speed_up, (row, record)  # ours / reference, not the other way round
 
 
 def test_reference_dir_without_the_scripts_is_refused(tmp_path):

@@ -255,14 +255,24 @@ def odd_sized(tiny_controlnet, tmp_path_factory):
 
 
 def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_in_one_line(
-        tiny, tiny_controlnet, odd_sized, tmp_path, capsys):
-    """--streaming checks each hint's size as its row comes (rows 0 to 3 train first, in the file's order). In this
-    process: a launch would cost more than the two steps."""
+        tiny, tiny_controlnet, odd_sized, tmp_path, capsys, monkeypatch):
+    """--streaming checks each hint's size as its row comes: rows 0 to 3 train first (two optimizer steps, in the
+    file's order), then row 5 stops the run. In this process: a launch would cost more than the two steps."""
     import train_text_to_image_decoder
 
+    from kandinsky_train import faults
+
+    monkeypatch.setattr(faults, "_TRACE", str(tmp_path / "trace.jsonl"))  # test hook: the micro-batches' samples
+    steps, adamw_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or adamw_step(self, *a, **k))
     args = controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
         "--dataset_name": odd_sized / "odd", "--streaming": True, "--shuffle_buffer_size": 1})
     error = run_in_process(train_text_to_image_decoder, args, capsys)
+    trace = tmp_path / "trace.jsonl"
+    trained = [json.loads(line)["index"] for line in trace.read_text().splitlines()] if trace.exists() else []
+    # (a streamed sample's index is its key in the stream, not its row)
+    assert [len(batch) for batch in trained] == [2, 2] and len({i for b in trained for i in b}) == 4, trained
+    assert len(steps) == 2
     lines = [line for line in error.splitlines() if "error: " in line]
     assert len(lines) == 1 and lines[0].endswith(
         "error: A conditioning image of 32x32 pairs with a picture stored in the data set of 80x64 (column "
@@ -301,7 +311,7 @@ def test_a_streamed_set_trains_on_its_hints_until_one_of_another_size_stops_it_i
      "own, in another column."),
 ])
 def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controlnet, odd_sized, hint_file, tmp_path,
-                                                             capsys, case, overrides, message):
+                                                             capsys, case, overrides, message, no_model_loads):
     import train_text_to_image_decoder
 
     notes, transparent = tmp_path / "notes.png", tmp_path / "transparent.png"
@@ -318,6 +328,38 @@ def test_bad_controlnet_input_is_one_line_and_writes_nothing(tiny, tiny_controln
     error = run_in_process(train_text_to_image_decoder, args, capsys)
     assert error_line(error, case).startswith(f"error: {message}"), error[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_conditioning_dropout_drops_the_image_embedding_and_keeps_the_hint(tiny, tiny_controlnet, tmp_path):
+    """--conditioning_dropout_prob, in a launched run with the spy UNet: a dropped sample reaches the UNet with the
+    embedding of an all-zero image (what the script drops to) and still with its own hint; the others with their
+    own embedding."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from kandinsky_train.images import center_crop_resize
+
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    launch(str(spy), [DECODER_SCRIPT, *controlnet_args(tiny, tiny_controlnet, tmp_path / "out", steps=4, **{
+        "--conditioning_dropout_prob": 0.5})],
+        env=offline_env(SPY_OUTPUT=str(tmp_path / "seen.pt"), KANDINSKY_TRAIN_TRACE=str(tmp_path / "trace.jsonl")))
+    seen = torch.load(tmp_path / "seen.pt")
+    order = [i for line in (tmp_path / "trace.jsonl").read_text().splitlines() for i in json.loads(line)["index"]]
+    hints = torch.cat([step["hint"] for step in seen])
+    embeds = torch.cat([step["image_embeds"] for step in seen])
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny["prior"], subfolder="image_encoder")
+    with torch.no_grad():
+        side = encoder.config.image_size  # CLIP's crop of the tiny encoder
+        zero = encoder(torch.zeros(1, 3, side, side)).image_embeds[0]
+    data, dropped = rows(tiny_controlnet["data"]), []
+    for index, hint, embed in zip(order, hints, embeds):
+        hint_picture = center_crop_resize(data[index]["conditioning_image"].convert("RGB"), 64, Image.BICUBIC)
+        expected = torch.from_numpy(np.array(hint_picture)).float().permute(2, 0, 1) / 255.0
+        assert torch.equal(hint, expected), index  # dropped or not
+        dropped.append(bool(torch.allclose(embed, zero, atol=1e-5)))
+    assert len(order) == 8 and True in dropped and False in dropped, dropped
+    kept = embeds[[not d for d in dropped]]
+    assert not any(torch.allclose(e, zero, atol=1e-3) for e in kept)
 
 
 @pytest.fixture(scope="module")

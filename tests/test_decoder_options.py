@@ -27,7 +27,7 @@ VALUES = {"--enable_bucket": [], "--min_bucket_reso": ["32"], "--max_bucket_reso
           "--image_interpolation_mode": ["lanczos"], "--validation_resolutions": ["64x128"]}
 
 
-def test_the_prior_refuses_every_decoder_option_by_name(tiny, tmp_path):
+def test_the_prior_refuses_every_decoder_option_by_name(tiny, tmp_path, no_model_loads):
     assert set(VALUES) == set(DECODER_OPTIONS)
     base = [str(a) for a in base_args(tiny, tmp_path / "out")]
     for flag, value in VALUES.items():
@@ -54,7 +54,8 @@ def test_the_prior_refuses_every_decoder_option_by_name(tiny, tmp_path):
     ({"--validation_resolutions": "64x96"},
      "--validation_resolutions 64x96: the pipeline renders sides in multiples of 64"),
 ])
-def test_bad_decoder_options_are_one_line_errors_before_any_model_loads(overrides, message, tiny, tmp_path):
+def test_bad_decoder_options_are_one_line_errors_before_any_model_loads(overrides, message, tiny, tmp_path,
+                                                                         no_model_loads):
     with pytest.raises(UserError, match=re.escape(message)):
         decoder.main(decoder.parse_args([str(a) for a in base_args(tiny, tmp_path / "out", **overrides)]))
     assert not (tmp_path / "out").exists()

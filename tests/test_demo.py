@@ -70,6 +70,9 @@ def test_demo_fits_its_pictures_and_reports_it(tmp_path):
         assert picture["from_caption_distance"] < picture["untrained_distance"] / 4, picture
     for stage in report["stages"].values():
         assert stage["last_loss"] < stage["first_loss"] / 5, stage
+    for name, stage in report["stages"].items():  # the console says what the report's numbers say
+        assert (f"{name}: {stage['steps']} steps, {stage['samples_per_second']:.1f} samples/s, "
+                f"loss {stage['first_loss']:.4g} -> {stage['last_loss']:.4g}") in proc.stdout.splitlines(), name
 
     with Image.open(out / "report.png") as image:
         assert image.width > 800 and image.height > 800

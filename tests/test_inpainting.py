@@ -438,7 +438,7 @@ def strokes_on_transparency(size):
      r"mask is cropped and resized with its picture, so it must match it pixel for pixel\.$"),
 ])
 def test_bad_inpainting_input_is_one_line_and_writes_nothing(tiny, tiny_inpaint, tmp_path, capsys, overrides,
-                                                             message):
+                                                             message, no_model_loads):
     import train_text_to_image_decoder
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "picture.png")

@@ -178,16 +178,56 @@ def test_fused_backward_pass_of_the_decoder_with_adafactor(tiny, tmp_path):
         torch.testing.assert_close(fused[name], tensor, rtol=0, atol=1e-7)
 
 
+# Test hook: records each gradient as the backward pass completes it (before the fused step's hook sees it) and the
+# gradient each AdamW step is given, then runs the script given.
+GRADIENT_SPY = '''
+import atexit, os, runpy, sys
+import torch
+
+arrived, stepped = [], []
+register, step = torch.Tensor.register_post_accumulate_grad_hook, torch.optim.AdamW.step
+
+def recording(self, hook):
+    def recorded(p):
+        arrived.append(p.grad.detach().clone())
+        return hook(p)
+    return register(self, recorded)
+
+def spied_step(self, *args, **kwargs):
+    stepped.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]
+                    if p.grad is not None])
+    return step(self, *args, **kwargs)
+
+torch.Tensor.register_post_accumulate_grad_hook, torch.optim.AdamW.step = recording, spied_step
+atexit.register(lambda: torch.save({"arrived": arrived, "stepped": stepped}, os.environ["SPY_OUTPUT"]))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
 def test_fused_backward_pass_clips_each_tensor(tiny, tmp_path):
-    """A --max_grad_norm that is reached: the fused pass clips each tensor on its own, which differs from clipping
-    the total norm (so the fused pass did run), and the prior still trains."""
-    for name, flags in {"plain": {}, "fused": {"--fused_backward_pass": True}}.items():
-        launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / name, steps=2, **flags, **{"--max_grad_norm": 1e-3}))
-    plain, fused = weights(tmp_path / "plain", "prior"), weights(tmp_path / "fused", "prior")
-    start = weights(tiny["prior"], "prior")
+    """A --max_grad_norm that is reached, in a launched run: AdamW steps each weight tensor alone, with its gradient
+    g clipped on its own to g * min(1, c / |g|) (so its norm is at most c), and the prior still trains."""
+    limit, spy = 1e-3, tmp_path / "spy.py"
+    spy.write_text(GRADIENT_SPY)
+    launch(str(spy), [PRIOR_SCRIPT, *base_args(tiny, tmp_path / "fused", steps=2, **{
+        "--fused_backward_pass": True, "--max_grad_norm": limit})], env=offline_env(SPY_OUTPUT=str(tmp_path / "g.pt")))
+    seen, start = torch.load(tmp_path / "g.pt"), weights(tiny["prior"], "prior")
+    trained = [name for name in start if name not in ("clip_mean", "clip_std")]  # the CLIP statistics are frozen
+    assert len(seen["stepped"]) == len(seen["arrived"]) == 2 * len(trained), "not one AdamW step per tensor and step"
+    clipped = 0
+    for gradient, given in zip(seen["arrived"], seen["stepped"]):
+        assert len(given) == 1  # the tensor alone
+        norm = gradient.norm()
+        assert given[0].norm() <= limit * (1 + 1e-5), (norm, given[0].norm())
+        # (torch divides by |g| + 1e-6: a relative 1e-4 here)
+        torch.testing.assert_close(given[0], gradient * min(1.0, limit / norm.item()), rtol=1e-3, atol=1e-12)
+        clipped += bool(norm > limit)
+    assert clipped > len(trained), "the limit was hardly ever reached"
+    fused = weights(tmp_path / "fused", "prior")
     assert all(torch.isfinite(t).all() for t in fused.values())
     assert any(not torch.equal(start[k], fused[k]) for k in start), "the clipped run did not train"
-    assert any(not torch.equal(plain[k], fused[k]) for k in start), "the same result as clipping the total norm"
 
 
 def moved_share(trained, start, lr):
@@ -277,6 +317,22 @@ def test_memory_levers_refuse_what_they_cannot_do(tmp_path, monkeypatch):
                     argv += [flag] if value is True else [flag, value]
             with pytest.raises(UserError, match=message):
                 checks.check_args(decoder.parse_args(argv), "decoder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fused_backward_pass_on_two_processes_is_refused_in_one_line(tiny, tmp_path):
+    """A real launch of two CPU processes (--multi_gpu with ACCELERATE_USE_CPU: a CPU launch of --num_processes 2
+    alone starts one): both refuse, the line is printed once, nothing is written."""
+    from test_robustness import DDP
+
+    proc = launch(PRIOR_SCRIPT, base_args(tiny, tmp_path / "out", **{"--fused_backward_pass": True}), launcher=DDP,
+                  env=offline_env(ACCELERATE_USE_CPU="true"), check=False)
+    assert proc.returncode != 0
+    assert "local_rank: 1" in proc.stderr, proc.stderr[-3000:]  # torchrun's summary: rank 1 exited with it too
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: --fused_backward_pass runs on one process only: it steps each weight inside the backward "
+                     "pass, before the processes average their gradients, so they would drift apart. Drop it or "
+                     "train on one process."], proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 

@@ -256,6 +256,46 @@ def test_a_full_disk_in_the_lora_adapter_save_removes_it(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def plain_write(tensors, path):
+    """save_file's stand-in for a writer that leaves its partial file when the disk fills (safetensors does not)."""
+    with open(path, "wb") as f:
+        for tensor in tensors.values():
+            f.write(tensor.numpy().tobytes())
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "leaves its partial file"])
+def test_a_disk_that_fills_during_the_lora_adapter_write_removes_the_partial_file(writer, tmp_path, monkeypatch):
+    """The adapter's write stopped in its middle, on a simulated 512 KiB disk that the check lets it start on:
+    safetensors' writer (what diffusers' save_lora_adapter uses) and a writer that leaves its partial file behind,
+    each cut by the kernel at 8 KiB. One line, and nothing is left. (A fake adapted model: peft refuses the torchao
+    installed here in-process.)"""
+    from safetensors.torch import save_file
+
+    failed = []
+
+    class Adapted(torch.nn.Linear):
+        def save_lora_adapter(self, folder, weight_name):
+            try:
+                (save_file if writer == "safetensors" else plain_write)(
+                    {"lora.weight": self.weight.detach()}, os.path.join(folder, weight_name))
+            except Exception as error:
+                failed.append((str(error), os.listdir(folder)))
+                raise
+
+    model = Adapted(128, 128, bias=False)  # 64 KiB of weights
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    monkeypatch.setattr(faults, "_DISK", f"{disk}:{512 << 10}")
+    with writes_fail_beyond(8 << 10), pytest.raises(UserError, match=f"write the LoRA adapter in {disk}: it needs "
+                                                                     r"about 64.0 KiB .* What it had written was "
+                                                                     r"removed\."):
+        storage.save_lora_adapter(model, str(disk))
+    # stopped midway by the kernel, not before (the second writer's partial file was there)
+    assert len(failed) == 1 and "File too large" in failed[0][0], failed
+    assert failed[0][1] == ([] if writer == "safetensors" else [storage.LORA_WEIGHTS]), failed
+    assert os.listdir(disk) == []
+
+
 def test_other_errors_pass_through(tmp_path):
     with pytest.raises(ValueError, match="not about space"):
         with storage.writing("a file", str(tmp_path), 0):
