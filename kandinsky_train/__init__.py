@@ -44,3 +44,11 @@ Imports flow one way (no module imports one above it in this list's dependency o
 (diffusers, transformers, datasets, huggingface_hub) are imported inside functions, so that `--help` and the
 command-line checks answer before they load.
 """
+
+import logging as _logging
+
+# torchao, where installed (--optimizer adamw4bit), is imported by diffusers' model classes whatever the run uses,
+# and its import logs torch's deprecation of how it registers its Enums and diffusers' note that torchao's
+# quantized tensor types are missing: neither concerns a run, which loads no torchao-quantized checkpoint.
+for _noisy in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    _logging.getLogger(_noisy).setLevel(_logging.ERROR)
