@@ -1,0 +1,62 @@
+"""--estimate_memory: its figure against the tensor memory of a real run of the same command, and that it needs the
+models' configuration files alone."""
+
+import sys
+
+import pytest
+
+from kandinsky_train import loop
+from kandinsky_train.live_bytes import LiveBytes
+
+from conftest import REPO, base_args
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import train_text_to_image_decoder as decoder_script  # noqa: E402
+import train_text_to_image_prior as prior_script  # noqa: E402
+
+
+def tracked_peak(module, args, monkeypatch):
+    """The peak bytes of tensor storage alive during a real CPU run's training: the models the run keeps on the
+    device (the trained one and, without the cache, the frozen encoders), and every tensor an operator makes from
+    the start of training on (the same dispatch-mode counter as the estimate's, here on real tensors)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run's precision
+    tracker = LiveBytes(fake_only=False)
+    train = loop.train
+
+    def tracked(run_args, accelerator, stage, *rest, **kwargs):
+        on_device = [stage.model]
+        if not run_args.cache_embeddings:
+            on_device += [*stage.frozen_models, *stage.image_embedding.models]
+        tracker.add([t for m in on_device for t in (*m.parameters(), *m.buffers())])
+        with tracker:
+            return train(run_args, accelerator, stage, *rest, **kwargs)
+
+    monkeypatch.setattr(loop, "train", tracked)
+    module.main(module.parse_args([str(a) for a in args]))
+    return tracker.peak
+
+
+COMMANDS = {
+    "decoder, bf16, checkpointing, EMA, accumulation": (
+        decoder_script, {"--mixed_precision": "bf16", "--gradient_checkpointing": True, "--use_ema": True,
+                         "--gradient_accumulation_steps": 2}),
+    "decoder, fused pass, full bf16, adafactor": (
+        decoder_script, {"--mixed_precision": "bf16", "--fused_backward_pass": True, "--full_bf16": True,
+                         "--optimizer": "adafactor"}),
+    "prior, fp32, AdamW": (prior_script, {"--train_batch_size": 4}),
+}
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_estimate_is_within_5_percent_of_a_real_runs_tensor_memory(name, tiny, tmp_path, monkeypatch, capsys):
+    module, flags = COMMANDS[name]
+    args = base_args(tiny, tmp_path / "run", steps=2, **flags)
+    real = tracked_peak(module, args, monkeypatch)
+    estimated = module.main(module.parse_args([str(a) for a in args] + ["--estimate_memory"]))
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("Estimated peak device memory: ")
+    print(f"\nFIGURES {name}: estimated {estimated} tracked {real} ratio {estimated / real:.4f}")
+    assert abs(estimated - real) <= 0.05 * real, f"{name}: estimated {estimated} bytes, tracked {real}\n{out}"
