@@ -12,6 +12,7 @@ Not counted: the CUDA context and cuBLAS/cuDNN workspaces (outside torch's alloc
 fragmentation, validation and the held-out evaluation."""
 
 import contextlib
+import os
 from types import SimpleNamespace
 
 import torch
@@ -235,6 +236,8 @@ def report(args, figures, stage_name):
                 lines.append(f"    {part:<30} {parts[part] / GiB:8.2f} GiB")
         lines.append(f"    {'total':<30} {peak / GiB:8.2f} GiB")
     lines += [f"  note: {note}" for note in figures["notes"]]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        lines.append("  note: counted for one process; DistributedDataParallel adds buckets as large as the gradients")
     if mixed_precision(args) == "fp16":
         lines.append("  note: fp16's loss scaling unscales the gradients in place (no memory counted for it)")
     return lines

@@ -1,6 +1,8 @@
 """--estimate_memory: its figure against the tensor memory of a real run of the same command, and that it needs the
 models' configuration files alone."""
 
+import re
+import shutil
 import sys
 
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from kandinsky_train import loop
 from kandinsky_train.live_bytes import LiveBytes
 
-from conftest import REPO, base_args
+from conftest import DECODER_SCRIPT, REPO, base_args, launch
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -60,3 +62,29 @@ def test_estimate_is_within_5_percent_of_a_real_runs_tensor_memory(name, tiny, t
     assert out.splitlines()[-1].startswith("Estimated peak device memory: ")
     print(f"\nFIGURES {name}: estimated {estimated} tracked {real} ratio {estimated / real:.4f}")
     assert abs(estimated - real) <= 0.05 * real, f"{name}: estimated {estimated} bytes, tracked {real}\n{out}"
+
+
+def config_only_copy(folder, into):
+    """The model folder's configuration files (JSON) alone, no weight, no tokenizer vocabulary."""
+    for path in folder.rglob("*.json"):
+        target = into / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return into
+
+
+def test_estimate_needs_only_the_configurations_and_plans_the_launchers_precision(tiny, tmp_path):
+    prior = config_only_copy(tiny["prior"], tmp_path / "prior")
+    decoder = config_only_copy(tiny["decoder"], tmp_path / "decoder")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".json"]
+    # fp16 from the launcher, on a machine without a GPU: planned for the GPU run, not refused
+    launcher = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "fp16", "--dynamo_backend", "no"]
+    proc = launch(DECODER_SCRIPT, ["--pretrained_prior_model_name_or_path", prior, "--pretrained_decoder_model_name_or_path",
+                                   decoder, "--output_dir", tmp_path / "out", "--resolution", 64,
+                                   "--gradient_checkpointing", "--estimate_memory", "--memory_budget_gib", "0.001"],
+                  launcher=launcher)
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(r"Estimated peak device memory: \d+\.\d\d GiB", lines[-1]), proc.stdout
+    assert "precision fp16" in lines[0] and "weights" in proc.stdout and "activations and temporaries" in proc.stdout
+    assert "Over the budget of 0.00 GiB" in proc.stdout and re.search(r"--cache_embeddings +saves", proc.stdout)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
