@@ -88,3 +88,11 @@ def test_estimate_needs_only_the_configurations_and_plans_the_launchers_precisio
     assert "precision fp16" in lines[0] and "weights" in proc.stdout and "activations and temporaries" in proc.stdout
     assert "Over the budget of 0.00 GiB" in proc.stdout and re.search(r"--cache_embeddings +saves", proc.stdout)
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_a_budget_that_is_no_size_is_refused_in_one_line(tiny, tmp_path, capsys):
+    from test_robustness import error_line, run_in_process
+
+    error = run_in_process(prior_script, ["--pretrained_prior_model_name_or_path", tiny["prior"], "--output_dir",
+                                          tmp_path / "out", "--estimate_memory", "--memory_budget_gib", "0"], capsys)
+    assert error_line(error) == "error: --memory_budget_gib must be a positive number of GiB, got 0.0."
