@@ -21,6 +21,7 @@ from . import checks
 from .cache import frozen_outputs
 from .checkpoint_folders import mixed_precision
 from .ema import make_ema, ema_step
+from .errors import fail
 from .live_bytes import AUTOCAST, OTHER, LiveBytes, counted_optimizer, state_tensors
 from .memory import OptimizerUpdate, set_weight_dtypes
 
@@ -246,8 +247,14 @@ def report(args, figures, stage_name):
 def main(args, stage_name, build_stage):
     """Print the estimate of the command `args`; return the peak in bytes. build_stage(accelerator) -> the
     script's Stage."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
     checks.check_estimate_args(args, stage_name)
-    figures = count(args, build_stage)
+    try:
+        figures = count(args, build_stage)
+    except DataDependentOutputException:  # code that reads a tensor's values (an optimizer without a layout)
+        fail("--estimate_memory cannot count this command: a part of its step reads tensor values, which fake tensors "
+             f"do not hold (--optimizer {args.optimizer} needs a state layout in kandinsky_train/live_bytes.py).")
     for line in report(args, figures, stage_name):
         print(line)
     from .estimate_advice import advise

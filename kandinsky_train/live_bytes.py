@@ -143,10 +143,32 @@ class AdamW8bitLayout(torch.optim.Optimizer):
                     state["absmax" + moment] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
 
+class ProdigyLayout(torch.optim.Optimizer):
+    """Stands in for Prodigy, which reads values as it steps (whether a weight is all zeros, its step-size
+    estimate): the states it keeps at slice_p 1 (the scripts' setting), each of the weight's size and dtype: the
+    initial weight, its running sum s, and the two Adam moments."""
+
+    NOTE = ("Prodigy's states counted from its layout (it reads values as it steps, which fake tensors hold none "
+            "of): 4 tensors of each weight's size")
+
+    def __init__(self, params, beta1):
+        super().__init__(params, {})
+        self.names = ("p0", "s", "exp_avg", "exp_avg_sq") if beta1 > 0 else ("p0", "s", "exp_avg_sq")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not self.state[p]:
+                    self.state[p].update({name: torch.zeros_like(p) for name in self.names})
+
+
 # Optimizers that cannot run on fake tensors, counted by a stand-in that allocates their states: (whether the run
-# uses it, factory, note for the output). Any other optimizer is the real one, stepped on fake tensors.
+# uses it, factory(params, args), note for the output). Any other optimizer is the real one, stepped on fake tensors.
 STATE_LAYOUTS = [
-    (lambda args: args.use_8bit_adam, AdamW8bitLayout, AdamW8bitLayout.NOTE),
+    (lambda args: args.use_8bit_adam, lambda params, args: AdamW8bitLayout(params), AdamW8bitLayout.NOTE),
+    (lambda args: args.optimizer == "prodigy", lambda params, args: ProdigyLayout(params, args.adam_beta1),
+     ProdigyLayout.NOTE),
 ]
 
 
@@ -157,5 +179,5 @@ def counted_optimizer(args, params):
 
     for used, layout, note in STATE_LAYOUTS:
         if used(args):
-            return layout(params), note
+            return layout(params, args), note
     return make_optimizer(args, params, torch.device("cuda")), None
