@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, holdout, hub, images, loop, preemption,
-                             runtime, storage, streaming, validation)
+from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, estimate, holdout, hub, images, loop,
+                             preemption, runtime, storage, streaming, validation)
 from kandinsky_train.model_card import TAGS, hub_id, output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
@@ -56,6 +56,10 @@ def parse_args(input_args=None):
 
 
 def main(args):
+    if args.estimate_memory:  # the models from their configurations, on fake tensors: no weight, no data
+        decoder, shapes = check_models_and_shapes(args)
+        return estimate.main(args, STAGE, lambda accelerator: DecoderStage(
+            args, accelerator, load_models(args, accelerator), shapes, decoder).stage())
     checks.check_args(args, STAGE)
     decoder, shapes = check_models_and_shapes(args)
     accelerator = runtime.make_accelerator(args)

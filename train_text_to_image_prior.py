@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky_train import (checks, cli, data, diffusion, errors, holdout, hub, loop, preemption, runtime, storage,
-                             streaming, validation)
+from kandinsky_train import (checks, cli, data, diffusion, errors, estimate, holdout, hub, loop, preemption, runtime,
+                             storage, streaming, validation)
 from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.model_card import output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
@@ -43,6 +43,10 @@ def enable_prior_gradient_checkpointing(prior):
 
 
 def main(args):
+    if args.estimate_memory:  # the models from their configurations, on fake tensors: no weight, no data
+        check_model_folders(args)
+        return estimate.main(args, STAGE, lambda accelerator: PriorStage(
+            args, accelerator, load_models(args, accelerator)).stage())
     checks.check_args(args, STAGE)
     check_model_folders(args)
     accelerator = runtime.make_accelerator(args)
@@ -112,7 +116,7 @@ def load_models(args, accelerator):
     # DistributedDataParallel from waiting for gradients they never get.
     prior.clip_mean.requires_grad_(False)
     prior.clip_std.requires_grad_(False)
-    if not torch.all(prior.clip_std != 0):
+    if not args.estimate_memory and not torch.all(prior.clip_std != 0):  # fake tensors hold no values
         errors.fail(f"The prior in {prior_path!r} has zeros in clip_std (an untrained PriorTransformer?); training "
                     "divides the image embeddings by it. Start from a trained Kandinsky 2.2 prior.")
     if args.use_lora:

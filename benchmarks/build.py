@@ -94,6 +94,28 @@ BUILDERS = {"prior": build_prior, "prior-vision": build_prior_vision, "decoder":
             "images": build_images}
 
 
+# The files of a model folder that holds nothing but configurations (--estimate_memory needs no more)
+CONFIG_FILES = {"prior": {"prior": "prior/config.json", "text_encoder": "text_encoder/config.json",
+                          "image_encoder": "image_encoder/config.json",
+                          "image_processor": "image_processor/preprocessor_config.json",
+                          "scheduler": "scheduler/scheduler_config.json"},
+                "decoder": {"unet": "unet/config.json", "movq": "movq/config.json",
+                            "scheduler": "scheduler/scheduler_config.json"}}
+
+
+def build_configs(root):
+    """{"prior": folder, "decoder": folder}: the full-size models' configuration files, laid out as the Hub repos
+    are, and no weight (the prior's tokenizer folder holds only its configuration)."""
+    for stage, files in CONFIG_FILES.items():
+        for name, file in files.items():
+            (root / stage / file).parent.mkdir(parents=True, exist_ok=True)
+            (root / stage / file).write_text(json.dumps(_config(stage, name), indent=2))
+    tokenizer = root / "prior" / "tokenizer"
+    tokenizer.mkdir(exist_ok=True)
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    return {stage: root / stage for stage in CONFIG_FILES}
+
+
 def build_full(root, parts=("prior", "decoder", "images")):
     """The full-size repos and image folder under root; each part is built once (a .done marker says complete).
     Returns their paths by role: "prior" is the prior-vision folder where that was built instead."""

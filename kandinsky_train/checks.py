@@ -35,6 +35,18 @@ def check_args(args, stage):
     check_output_dir(args, stage)
 
 
+def check_estimate_args(args, stage):
+    """--estimate_memory: the checks of what the command asks of the model and the step; the data, packages and
+    the device are the planned run's, not this machine's."""
+    _check_image_options(args, stage)
+    _check_numbers(args)
+    _check_optimization(args)
+    _check_conflicts(args)
+    _check_memory_levers(args)
+    if args.memory_budget_gib is not None and not args.memory_budget_gib > 0:
+        fail(f"--memory_budget_gib must be a positive number of GiB, got {args.memory_budget_gib}.")
+
+
 def _check_image_options(args, stage):
     """The decoder's image options: refused by name by the prior, checked for range by the decoder (the bucket
     sides against the model's size multiple once its configuration is read: buckets.Buckets.from_args)."""

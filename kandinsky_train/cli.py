@@ -198,6 +198,13 @@ def _memory(add, stage, model):
         "(AdamW's fp32: 8 bytes a weight; 8-bit and 4-bit AdamW's: about 2 and 1; Adafactor's factored ones are "
         "tiny) and --use_ema averages in fp32. Needs --mixed_precision bf16; "
         "not with --use_lora or Prodigy. Checkpoints and the final model hold the bf16 weights.")
+    add("--estimate_memory", action="store_true",
+        help="Print the peak GPU memory this command would reach (a table by part: weights, gradients, optimizer "
+        "states, EMA, frozen models, activations) and exit, without training, without a GPU and reading only the "
+        "models' configuration files. Plans for the precision the command asks for (the flag or the launcher's).")
+    add("--memory_budget_gib", type=float, default=None,
+        help="With --estimate_memory: the GPU memory to fit in (default: this machine's GPU, if any); when the "
+        "estimate is over it, the memory flags that would bring it under are listed with their counted savings.")
 
 
 # The decoder's image options; the prior accepts them only to refuse them by name (checks.py).
