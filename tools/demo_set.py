@@ -3,9 +3,10 @@
 in about a minute of CPU training.
 
 A random MoVQ turns any latent into noise, so a random decoder repo could never show a fitted picture. Here the
-MoVQ is the one part that is not random: its weights are set by hand so that it is an exact autoencoder of flat
-colours (the latent of each 8x8 cell is its mean colour; decoding paints the cell with it). The UNet and both CLIP
-encoders stay random, and the UNet is what the demo trains.
+MoVQ is not random: its weights are set by hand so that it is an exact autoencoder of flat
+colours (the latent of each 8x8 cell is its mean colour; decoding paints the cell with it). The UNets and both CLIP
+encoders stay random, and the UNets are what the demo trains; only the ControlNet UNet's hint block is set by hand
+too (it passes each cell's depth on, see set_cell_mean_hint_block).
 
     python tools/demo_set.py OUT_DIR     # writes OUT_DIR/{prior,decoder,inpaint,controlnet,images,hints}
 """
