@@ -57,6 +57,25 @@ def configure_logging(accelerator):
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else lib.utils.logging.set_verbosity_error)()
+    quiet_library_progress_bars()
+
+
+def quiet_library_progress_bars():
+    """No progress bar for what the libraries do in a blink and say nothing by: loading or writing each model's
+    weights, a pipeline's components (transformers', diffusers'). Kept: ours (steps, caching, checking images, which
+    is datasets' map), datasets' preparing of a data set and the Hub's downloads, whose bars tell how long a large
+    one will take. (Pipelines' denoising bars are each pipeline's: set_progress_bar_config(disable=True).)"""
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    downloads_shown = not are_progress_bars_disabled()
+    with warnings.catch_warnings():  # the Hub's notice that HF_HUB_DISABLE_PROGRESS_BARS decides: it still does
+        warnings.simplefilter("ignore")
+        transformers.utils.logging.disable_progress_bar()  # turns the Hub's bars off too: back on as they were
+        if downloads_shown:
+            enable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

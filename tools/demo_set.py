@@ -3,11 +3,12 @@
 in about a minute of CPU training.
 
 A random MoVQ turns any latent into noise, so a random decoder repo could never show a fitted picture. Here the
-MoVQ is the one part that is not random: its weights are set by hand so that it is an exact autoencoder of flat
-colours (the latent of each 8x8 cell is its mean colour; decoding paints the cell with it). The UNet and both CLIP
-encoders stay random, and the UNet is what the demo trains.
+MoVQ is not random: its weights are set by hand so that it is an exact autoencoder of flat
+colours (the latent of each 8x8 cell is its mean colour; decoding paints the cell with it). The UNets and both CLIP
+encoders stay random, and the UNets are what the demo trains; only the ControlNet UNet's hint block is set by hand
+too (it passes each cell's depth on, see set_cell_mean_hint_block).
 
-    python tools/demo_set.py OUT_DIR     # writes OUT_DIR/{prior,decoder,images}
+    python tools/demo_set.py OUT_DIR     # writes OUT_DIR/{prior,decoder,inpaint,controlnet,images,hints}
 """
 
 import argparse
@@ -33,20 +34,40 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), 
 K, OFFSET = 100.0, 10.0
 
 
+def _shape(pen, shape, size, fill):
+    box = [size // 5, size // 5, size * 4 // 5, size * 4 // 5]
+    if shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif shape == "square":
+        pen.rectangle(box, fill=fill)
+    else:
+        pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
+
+
 def draw(shape, colour, background, size):
     image = Image.new("RGB", (size, size), COLOURS[background])
-    box = [size // 5, size // 5, size * 4 // 5, size * 4 // 5]
-    pen = ImageDraw.Draw(image)
-    if shape == "circle":
-        pen.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        pen.rectangle(box, fill=COLOURS[colour])
-    else:
-        pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
+    _shape(ImageDraw.Draw(image), shape, size, COLOURS[colour])
     return image
 
 
-def build_pictures(path, size):
+def silhouette(shape, size):
+    """Where the shape is: a bool (size x size) array."""
+    image = Image.new("L", (size, size), 0)
+    _shape(ImageDraw.Draw(image), shape, size, 255)
+    return np.asarray(image) > 127
+
+
+def depth_hint(shape, size):
+    """The ControlNet decoder's hint, a depth map as MiDaS draws one (near is bright): the shape stands near, in front
+    of a floor that recedes from the bottom edge to the top. It says where the shape is, never its colours."""
+    floor = np.linspace(40, 110, size, dtype=np.float32)[:, None].repeat(size, 1)
+    depth = np.where(silhouette(shape, size), 230, floor).astype(np.uint8)
+    return Image.fromarray(depth).convert("RGB")
+
+
+def build_pictures(path, size, hints=False):
+    """The six pictures and their captions as an image folder; with hints, each picture's depth hint beside it
+    (metadata's conditioning_image_file_name, the ControlNet decoder's column)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -54,6 +75,9 @@ def build_pictures(path, size):
         name = f"{i:02d}_{colour}_{shape}.png"
         draw(shape, colour, background, size).save(path / name)
         rows.append({"file_name": name, "text": f"a {colour} {shape} on a {background} background"})
+        if hints:
+            rows[-1]["conditioning_image_file_name"] = f"{i:02d}_depth.png"
+            depth_hint(shape, size).save(path / rows[-1]["conditioning_image_file_name"])
     (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
 
@@ -107,14 +131,43 @@ def set_flat_colour_autoencoder(movq):
     return movq
 
 
+def set_cell_mean_hint_block(unet):
+    """Set a ControlNet UNet's hint block (diffusers' ImageHintTimeEmbedding: eight convolutions, three of them
+    stride 2) to pass each 8x8 cell's mean grey of the hint on as latent channel 0, in [-1, 1] as MoVQ's colours.
+    A random one passes nearly nothing on (each random layer shrinks how the hint varies), so a random ControlNet
+    could not show it follows a hint in a minute of CPU; a real one's is trained to read depth maps."""
+    convs = [module for module in unet.add_embedding.input_hint_block if isinstance(module, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for i, conv in enumerate(convs):
+            # padding 1: a stride-2 output at i reads 2i and 2i+1 with kernel rows (columns) 1 and 2
+            taps = [(1, 1), (1, 2), (2, 1), (2, 2)] if conv.stride[0] == 2 else [(1, 1)]
+            pairs = [(0, c) for c in range(conv.in_channels)] if i == 0 else [(0, 0)]
+            if i == 0:  # grey, raised by OFFSET so that each SiLU after it is the identity
+                _identity_taps(conv, pairs, taps, gain=1.0 / len(pairs), bias=torch.eye(conv.out_channels)[0] * OFFSET)
+            elif i < len(convs) - 1:
+                _identity_taps(conv, pairs, taps)
+            else:  # 2 * grey - 1
+                _identity_taps(conv, pairs, taps, gain=2.0, bias=torch.eye(conv.out_channels)[0] * (-2 * OFFSET - 1))
+    return unet
+
+
 def build_demo_set(root, size=128):
-    from diffusers import VQModel
+    """The prior, the three decoders (text-to-image, inpainting, depth ControlNet; random UNets, one hand-set MoVQ),
+    the pictures, and the pictures with their depth hints."""
+    from diffusers import UNet2DConditionModel, VQModel
 
     root = Path(root)
-    prior, decoder = build_tiny_prior(root / "prior"), build_tiny_decoder(root / "decoder")
-    movq = set_flat_colour_autoencoder(VQModel.from_pretrained(decoder, subfolder="movq"))
-    movq.save_pretrained(str(Path(decoder) / "movq"))
-    return {"prior": prior, "decoder": decoder, "images": build_pictures(root / "images", size)}
+    built = {"prior": build_tiny_prior(root / "prior")}
+    for name, decoder_type in (("decoder", "text2img"), ("inpaint", "inpaint"), ("controlnet", "controlnet")):
+        built[name] = build_tiny_decoder(root / name, decoder_type=decoder_type)
+        movq = set_flat_colour_autoencoder(VQModel.from_pretrained(built[name], subfolder="movq"))
+        movq.save_pretrained(str(Path(built[name]) / "movq"))
+        if decoder_type == "controlnet":
+            unet = set_cell_mean_hint_block(UNet2DConditionModel.from_pretrained(built[name], subfolder="unet"))
+            unet.save_pretrained(str(Path(built[name]) / "unet"))
+    built["images"] = build_pictures(root / "images", size)
+    built["hints"] = build_pictures(root / "hints", size // 2, hints=True)
+    return built
 
 
 def pixels_of(image):
@@ -132,8 +185,13 @@ def autoencoder_error(movq, image):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build the demo's tiny Kandinsky 2.2 repos and six pictures.")
-    parser.add_argument("out_dir", help="Folder to create prior/, decoder/ and images/ in.")
+    parser.add_argument("out_dir", help="Folder to create prior/, decoder/, inpaint/, controlnet/, images/ and "
+                        "hints/ in.")
     parser.add_argument("--resolution", type=int, default=128, help="Side of the square pictures, in pixels.")
     cli = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from kandinsky_train.runtime import quiet_library_progress_bars
+
+    quiet_library_progress_bars()
     for name, built in build_demo_set(cli.out_dir, cli.resolution).items():
         print(f"{name}: {built}")
