@@ -117,7 +117,6 @@ def check_weights(stage, steps, paths, work_dir, variants, check, quick=False):
     """Two bf16 runs of `steps` steps from the same seed that must end with the same weights (variants: two (label,
     flags) pairs, the fused pass and the plain step with clipping out of reach): the largest difference between
     their trained weights must be a small share (under 2%) of the largest change training made."""
-    import torch
     from safetensors.torch import load_file
 
     sub = "prior" if stage == "prior" else "unet"
