@@ -10,7 +10,7 @@ from pathlib import Path
 from .cli import DECODER_OPTIONS, LR_SCHEDULERS, installed, report_targets, tracker_names
 from .checkpoint_folders import mixed_precision
 from .errors import fail
-from .output_dir import check_output_dir
+from .output_dir import check_output_dir, local_inputs
 from .images import IMAGE_EXTENSIONS
 
 AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs",
@@ -87,15 +87,7 @@ def _check_embedding_cache_dir(args):
     if getattr(args, "embedding_cache_dir", None) is None:
         return
     cache = os.path.realpath(args.embedding_cache_dir)
-    inputs = (("--pretrained_prior_model_name_or_path", args.pretrained_prior_model_name_or_path),
-              ("--pretrained_decoder_model_name_or_path", args.pretrained_decoder_model_name_or_path),
-              ("--train_data_dir", args.train_data_dir), ("--dataset_name", args.dataset_name),
-              ("--validation_data_dir", args.validation_data_dir),
-              ("--validation_dataset_name", args.validation_dataset_name))
-    for flag, path in inputs:
-        if path is None or not os.path.isdir(path):
-            continue  # a Hub id: nothing local to write into
-        folder = os.path.realpath(path)
+    for flag, path, folder in local_inputs(args):
         if os.path.commonpath([cache, folder]) == folder:
             fail(f"--embedding_cache_dir {args.embedding_cache_dir!r} is {'' if cache == folder else 'inside '}"
                  f"{flag} {path!r}: the cache would write its files into what the run reads. Choose a folder "

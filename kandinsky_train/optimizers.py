@@ -41,7 +41,7 @@ def factored_adafactor():
                     for i, matrix in enumerate(group["params"]):
                         if id(matrix) in flat:
                             p, _ = flat[id(matrix)]
-                            if matrix.data_ptr() != p.data_ptr():  # a copy: the update goes back into the weight
+                            if not p.is_contiguous():  # the matrix was a copy: the update goes back into the weight
                                 p.copy_(matrix.view(p.shape))
                             if matrix in self.state:
                                 self.state[p] = self.state.pop(matrix)

@@ -84,14 +84,7 @@ def _check_output_is_not_an_input(args):
     """The final save and the checkpoints must never land in (or over) the models or images the run reads, nor the
     final save's folders (unet/, ...) and its cleanup after a failed save reach into them."""
     output = os.path.realpath(args.output_dir)
-    inputs = (("--pretrained_prior_model_name_or_path", args.pretrained_prior_model_name_or_path),
-              ("--pretrained_decoder_model_name_or_path", args.pretrained_decoder_model_name_or_path),
-              ("--train_data_dir", args.train_data_dir), ("--dataset_name", args.dataset_name),
-              ("--validation_data_dir", args.validation_data_dir))
-    for flag, path in inputs:
-        if path is None or not os.path.isdir(path):
-            continue  # a Hub id: nothing local to overwrite
-        folder = os.path.realpath(path)
+    for flag, path, folder in local_inputs(args):
         if output == folder or _inside(output, folder) or _inside(folder, output):
             if _inside(folder, output):  # the final save writes unet/, movq/, ... and removes them if it fails
                 fail(f"--output_dir {args.output_dir!r} contains {flag} {path!r}: the run would write its final save "
@@ -100,6 +93,16 @@ def _check_output_is_not_an_input(args):
             where = "is" if output == folder else "is inside"
             fail(f"--output_dir {args.output_dir!r} {where} {flag} {path!r}: the run would write its checkpoints and "
                  "final save over what it reads. Choose an --output_dir outside it.")
+
+
+def local_inputs(args):
+    """(flag, path, real path) of each local folder the run reads: the models and the data (a Hub id has none)."""
+    inputs = (("--pretrained_prior_model_name_or_path", args.pretrained_prior_model_name_or_path),
+              ("--pretrained_decoder_model_name_or_path", args.pretrained_decoder_model_name_or_path),
+              ("--train_data_dir", args.train_data_dir), ("--dataset_name", args.dataset_name),
+              ("--validation_data_dir", args.validation_data_dir),
+              ("--validation_dataset_name", getattr(args, "validation_dataset_name", None)))
+    return [(flag, path, os.path.realpath(path)) for flag, path in inputs if path is not None and os.path.isdir(path)]
 
 
 def _check_readme(output_dir):

@@ -48,7 +48,7 @@ def warning_lines(console):
 # The progress bars the demo's console may draw: ours (the steps, caching the frozen models' outputs, checking the
 # images) and datasets' preparing of a data set, which takes long on a large one. The libraries' others (loading or
 # writing each model's weights, a pipeline's components, every denoising step of a picture) say nothing.
-OUR_BARS = {"Steps", "Caching frozen outputs", "Checking images", "Checking each conditioning image's size",
+OUR_BARS = {"Steps", "Caching frozen outputs", "Checking images", "Checking each conditioning image",
             "Generating train split"}
 
 
