@@ -78,7 +78,7 @@ def test_demo_fits_its_pictures_and_reports_it(tmp_path):
     assert re.fullmatch(rf"prior: 300 steps, {number} samples/s, loss {number} -> {number}", prior_line)
     assert re.fullmatch(rf"decoder: 800 steps, {number} samples/s, loss {number} -> {number}", decoder_line)
     assert re.fullmatch(rf"inpaint: 400 steps, {number} samples/s, loss {number} -> {number}", inpaint_line)
-    assert re.fullmatch(rf"controlnet: 600 steps, {number} samples/s, loss {number} -> {number}", controlnet_line)
+    assert re.fullmatch(rf"controlnet: 300 steps, {number} samples/s, loss {number} -> {number}", controlnet_line)
 
     report = json.loads((out / "report.json").read_text())
     assert len(report["pictures"]) == 6
@@ -113,6 +113,6 @@ def test_demo_fits_its_pictures_and_reports_it(tmp_path):
     assert checkpoints(out / "prior") == ["checkpoint-200", "checkpoint-300"]
     assert checkpoints(out / "decoder") == ["checkpoint-600", "checkpoint-800"]
     assert checkpoints(out / "inpaint") == ["checkpoint-200", "checkpoint-400"]
-    assert checkpoints(out / "controlnet") == ["checkpoint-300", "checkpoint-600"]
+    assert checkpoints(out / "controlnet") == ["checkpoint-150", "checkpoint-300"]
     assert sorted(p.name for p in (out / "decoder" / "validation").iterdir()) == [
         "step-000400-00.png", "step-000400-01.png", "step-000800-00.png", "step-000800-01.png"]

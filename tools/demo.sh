@@ -34,5 +34,5 @@ python tools/demo_set.py "$OUT/tiny"
   --train_data_dir "$OUT/tiny/images" --resolution 128 --max_train_steps 400 --checkpointing_steps 200
 "${LAUNCH[@]}" train_text_to_image_decoder.py "${COMMON[@]}" "${OTHER[@]}" --output_dir "$OUT/controlnet" \
   --pretrained_decoder_model_name_or_path "$OUT/tiny/controlnet" --decoder_type controlnet \
-  --train_data_dir "$OUT/tiny/hints" --resolution 64 --max_train_steps 600 --checkpointing_steps 300
+  --train_data_dir "$OUT/tiny/hints" --resolution 64 --max_train_steps 300 --checkpointing_steps 150
 python tools/demo_report.py "$OUT"
