@@ -133,7 +133,7 @@ def load_models(args, accelerator):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    weight_dtype, device = runtime.weight_dtype_of(accelerator), accelerator.device
+    weight_dtype, device = runtime.weight_dtype_of(accelerator), runtime.frozen_device(args, accelerator)
     load = dict(cache_dir=args.cache_dir)
     with errors.loading("decoder model", "--pretrained_decoder_model_name_or_path", decoder_path):
         noise_scheduler = DDPMScheduler.from_pretrained(decoder_path, subfolder="scheduler", **load)
@@ -177,7 +177,7 @@ def prompt_embeddings(args, accelerator, image_encoder, image_processor):
     prior_pipe.text_encoder.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed or 0)
     embeds = []
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, image_encoder):  # the zero image's
         for prompt in args.validation_prompts:
             for _ in range(args.num_validation_images):
                 out = prior_pipe(prompt, num_inference_steps=args.validation_inference_steps,
@@ -196,7 +196,7 @@ class DecoderStage:
         self.device, self.dtype = accelerator.device, runtime.weight_dtype_of(accelerator)  # the frozen models'
         self.resample = images.RESAMPLING[args.image_interpolation_mode]
         # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
-        with torch.no_grad():
+        with torch.no_grad(), runtime.on_device(self.device, models.image_encoder):
             crop = models.image_processor.crop_size
             self.zero_embed = models.image_encoder(torch.zeros(1, 3, crop["height"], crop["width"],
                                                                device=self.device,

@@ -76,8 +76,9 @@ def check_model_folders(args):
 
 @dataclass
 class PriorModels:
-    """What the prior stage runs: the trained prior, the frozen CLIP encoders on the device, the schedulers, and the
-    decoder that renders validation images (main process only; it waits on the CPU)."""
+    """What the prior stage runs: the trained prior, the frozen CLIP encoders (on the device; with
+    --cache_embeddings waiting on the CPU, runtime.frozen_device), the schedulers, and the decoder that renders
+    validation images (main process only; it waits on the CPU)."""
 
     prior: torch.nn.Module
     tokenizer: object
@@ -95,7 +96,7 @@ def load_models(args, accelerator):
     from transformers import CLIPVisionModelWithProjection
 
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    weight_dtype, device = runtime.weight_dtype_of(accelerator), accelerator.device
+    weight_dtype, device = runtime.weight_dtype_of(accelerator), runtime.frozen_device(args, accelerator)
     load = dict(cache_dir=args.cache_dir)
     with errors.loading("prior model", "--pretrained_prior_model_name_or_path", prior_path):
         tokenizer = CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer", **load)
@@ -142,7 +143,7 @@ class PriorStage:
         self.clip_mean = models.prior.clip_mean.detach().to(self.device)
         self.clip_std = models.prior.clip_std.detach().to(self.device)
         # The unconditional input that classifier-free guidance uses at inference: the empty caption.
-        with torch.no_grad():
+        with torch.no_grad(), runtime.on_device(self.device, models.text_encoder):
             self.uncond = self.encode(self.tokens([""]))
         self.eval_scheduler = UnCLIPScheduler.from_config(models.inference_scheduler.config)  # set_timesteps: own
 

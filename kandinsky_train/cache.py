@@ -12,22 +12,28 @@ from pathlib import Path
 
 import torch
 
-from . import storage
+from . import runtime, storage
 from .data import collate
 from .fingerprints import model_fingerprint, picture_files_fingerprint
-from .runtime import weight_dtype_of
 from .stage import FrozenPart
 
 logger = logging.getLogger(__name__)
 
 
+def frozen_parts(stage):
+    """The stage's frozen outputs in the parts cached apart: the CLIP image embeddings (shared by both stages) and
+    the stage's own (the prior's text embeddings, the decoder's MoVQ latents)."""
+    return [part for part in (stage.image_embedding, FrozenPart("frozen outputs", stage.encode, stage.frozen_models,
+                                                                {"stage": stage.name, **stage.cache_key},
+                                                                picture_columns=stage.picture_columns)) if part]
+
+
 def frozen_outputs(args, accelerator, stage, sample_sets):
     """What the loop trains and evaluates on, and the encoder it runs on each batch. sample_sets: (samples, data
     fingerprint) pairs, the training set and the held-out one. With --cache_embeddings: the cached outputs of each
-    set and no encoder (the frozen models leave the GPU); else the raw samples and the stage's encoders."""
-    parts = [part for part in (stage.image_embedding, FrozenPart("frozen outputs", stage.encode, stage.frozen_models,
-                                                                 {"stage": stage.name, **stage.cache_key},
-                                                                 picture_columns=stage.picture_columns)) if part]
+    set and no encoder (the frozen models wait on the CPU, runtime.frozen_device); else the raw samples and the
+    stage's encoders."""
+    parts = frozen_parts(stage)
     if not args.cache_embeddings:
         batch_size = encoding_batch_size(accelerator.device, args.train_batch_size)
         return [samples for samples, _ in sample_sets], at_batch_size(encode_all(parts), batch_size)
@@ -38,12 +44,12 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
     # versions, encoder, processor and dtype, so the second stage finds the first one's and never runs the tower.
     # "layout": caches written before they held every version of a sample lack its "variant" rows.
     keys = [{"part": part.name, "frozen": model_fingerprint(*part.models), "image_column": args.image_column,
-             "dtype": str(weight_dtype_of(accelerator)), "layout": "versions and shapes", **part.key}
+             "dtype": str(runtime.weight_dtype_of(accelerator)), "layout": "versions and shapes", **part.key}
             for part in parts]
     loaded = []
     for samples, data_fingerprint in sample_sets:
         pictures = picture_files_fingerprint(samples.dataset, samples.image_column)
-        caches, missing = [], {}  # missing: rows per sample -> the (cache, encode) pairs one pass builds
+        caches = []
         for part, key in zip(parts, keys):
             rows = rows_per_sample(samples, part)
             # a mask or hint edited in place, like a picture, must rebuild the entry (absent: the keys of before)
@@ -53,14 +59,13 @@ def frozen_outputs(args, accelerator, stage, sample_sets):
                                                             "rows per sample": rows, **paired, **key})))
             if caches[-1].complete():
                 logger.info(f"Reusing cached {part.name} from {caches[-1].folder}")
-            else:
-                missing.setdefault(tuple(rows), []).append((caches[-1], part.encode))
-        for rows, pending in missing.items():
-            build(accelerator, samples, pending, encoding_batch_size(accelerator.device, args.train_batch_size), rows)
+                continue
+            # A pass over the data for each part, its models alone on the device: decoding the pictures again
+            # costs less than holding a second tower.
+            with runtime.on_device(accelerator.device, *part.models):
+                build(accelerator, samples, [(caches[-1], part.encode)],
+                      encoding_batch_size(accelerator.device, args.train_batch_size), rows)
         loaded.append(JoinedSamples([cache.load(samples, part.per_version) for part, cache in zip(parts, caches)]))
-    for part in parts:  # not needed until validation, which brings back what it uses
-        for frozen in part.models:
-            frozen.to("cpu")
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
     return loaded, None

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from . import checks
-from .cache import frozen_outputs
+from .cache import at_batch_size, encode_all, encoding_batch_size, frozen_parts
 from .checkpoint_folders import mixed_precision
 from .ema import make_ema, ema_step
 from .errors import fail
@@ -28,6 +28,7 @@ from .memory import OptimizerUpdate, set_weight_dtypes
 GiB = 2 ** 30
 PARTS = ("weights", AUTOCAST, "gradients", "optimizer states", "EMA", "frozen models", OTHER)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+GPU = torch.device("cuda")  # the device planned for: its batch sizes (the frozen encoders')
 STEPS = 2  # optimizer steps run: the second one's forward and backward carry the first one's optimizer states
 
 
@@ -138,21 +139,30 @@ def count(args, build_stage):
     mode = fake_mode()
     with mode, config_only():
         stage = build_stage(accelerator)
-        frozen = [m for part in (stage.image_embedding,) if part for m in part.models] + list(stage.frozen_models)
-        encode = frozen_outputs(SimpleNamespace(**{**vars(args), "cache_embeddings": False}), accelerator, stage,
-                                [(None, None)])[1]
+        parts = frozen_parts(stage)
+        frozen = [m for part in parts for m in part.models]
+        encode = at_batch_size(encode_all(parts), encoding_batch_size(GPU, args.train_batch_size))
         caching, cached = None, None
-        if args.cache_embeddings:  # the frozen encoders' pass over the data, before the trained model is on the device
-            tracker = LiveBytes()
-            tracker.label(model_tensors(*frozen), "frozen models")
-            with tracker, torch.no_grad():
-                batch = micro_batch(args, stage, mode)
-                tracker.add(batch)
-                cached = {k: v.contiguous() for k, v in encode(batch).items()}
-                del batch
-            caching = (tracker.peak, tracker.parts_at_peak())
+        if args.cache_embeddings:  # before training: a pass over the data per part, its models alone on the device
+            passes = [caching_pass(args, stage, mode, part) for part in parts]
+            caching = max((figures for figures, _ in passes), key=lambda figures: figures[0])
+            cached = {key: value for _, outputs in passes for key, value in outputs.items()}
         training, notes = count_training(args, accelerator, stage, mode, None if cached else encode, cached, frozen)
     return {"caching": caching, "training": training, "notes": notes}
+
+
+def caching_pass(args, stage, mode, part):
+    """((peak, parts), outputs) of one part's caching pass (cache.frozen_outputs): its models on the device, a
+    micro-batch and what they make of it."""
+    tracker = LiveBytes()
+    tracker.label(model_tensors(*part.models), "frozen models")
+    with tracker, torch.no_grad():
+        batch = micro_batch(args, stage, mode)
+        tracker.add(batch)
+        encode = at_batch_size(part.encode, encoding_batch_size(GPU, args.train_batch_size))
+        outputs = {k: v.contiguous() for k, v in encode(batch).items()}
+        del batch
+    return (tracker.peak, tracker.parts_at_peak()), outputs
 
 
 def count_training(args, accelerator, stage, mode, encode, cached, frozen):

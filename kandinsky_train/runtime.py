@@ -243,6 +243,14 @@ def weight_checksums(model):
     return torch.stack(sums)
 
 
+def frozen_device(args, accelerator):
+    """Where the frozen encoders wait. With --cache_embeddings on the CPU: each comes to the device for its own
+    caching pass (cache.frozen_outputs) and for the few encodings outside it, so the device never holds two at once
+    (the prior's CLIP towers take 4.7 GiB together in half precision, the image tower alone 3.4). Else on the device,
+    where every step runs them."""
+    return torch.device("cpu") if args.cache_embeddings else accelerator.device
+
+
 @contextlib.contextmanager
 def on_device(device, *models):
     """Bring models that wait on the CPU (frozen encoders after caching, validation-only models) to the device."""

@@ -1,13 +1,16 @@
 """--estimate_memory: its figure against the tensor memory of a real run of the same command, and that it needs the
 models' configuration files alone."""
 
+import contextlib
 import re
 import shutil
 import sys
+from unittest import mock
 
 import pytest
 
-from kandinsky_train import loop
+from kandinsky_train import cache, loop, runtime
+from kandinsky_train.estimate import model_tensors
 from kandinsky_train.live_bytes import LiveBytes
 
 from conftest import DECODER_SCRIPT, REPO, base_args, launch
@@ -20,25 +23,50 @@ import train_text_to_image_prior as prior_script  # noqa: E402
 
 def tracked_peak(module, args, monkeypatch):
     """The peak bytes of tensor storage alive during a real CPU run's training: the models the run keeps on the
-    device (the trained one and, without the cache, the frozen encoders), and every tensor an operator makes from
-    the start of training on (the same dispatch-mode counter as the estimate's, here on real tensors)."""
+    device (the trained one and, without the cache, the frozen encoders), those it brings to the device for a while
+    (runtime.on_device: the cache's passes), and every tensor an operator makes from the start of training on (the
+    same dispatch-mode counter as the estimate's, here on real tensors). Also the most frozen models that were on
+    the device at once."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run's precision
     tracker = LiveBytes(fake_only=False)
-    train = loop.train
+    train, frozen_outputs, resident, together = loop.train, loop.frozen_outputs, set(), [0]
+
+    @contextlib.contextmanager
+    def brought(device, *models):  # the CPU is the device here: what would move is counted as if it did
+        new = [m for m in models if id(m) not in resident]
+        tensors = model_tensors(*new)
+        resident.update(map(id, new))
+        together[0] = max(together[0], len(resident) - 1)  # the trained model aside
+        tracker.to_device(tensors)
+        try:
+            yield
+        finally:
+            tracker.to_host(tensors)
+            resident.difference_update(map(id, new))
 
     def tracked(run_args, accelerator, stage, *rest, **kwargs):
-        on_device = [stage.model]
-        if not run_args.cache_embeddings:
-            on_device += [*stage.frozen_models, *stage.image_embedding.models]
-        tracker.add([t for m in on_device for t in (*m.parameters(), *m.buffers())])
-        with tracker:
+        frozen = [] if run_args.cache_embeddings else [*stage.frozen_models, *stage.image_embedding.models]
+        resident.update(map(id, [stage.model, *frozen]))
+        together[0] = len(frozen)
+        tracker.add(model_tensors(*frozen))
+
+        def outputs_then_model(*args):  # the trained model comes to the device after the cache's passes
+            outputs = frozen_outputs(*args)
+            tracker.add(model_tensors(stage.model))
+            return outputs
+
+        with tracker, mock.patch.object(runtime, "on_device", brought), \
+                mock.patch.object(loop, "frozen_outputs", outputs_then_model):
             return train(run_args, accelerator, stage, *rest, **kwargs)
 
     monkeypatch.setattr(loop, "train", tracked)
+    # the frozen encoders at the training batch, as on the GPU the estimate plans for (one sample at a time on the
+    # CPU, for identical bits, cache.encoding_batch_size)
+    monkeypatch.setattr(cache, "encoding_batch_size", lambda device, train_batch_size: train_batch_size)
     module.main(module.parse_args([str(a) for a in args]))
-    return tracker.peak
+    return tracker.peak, together[0]
 
 
 COMMANDS = {
@@ -49,6 +77,11 @@ COMMANDS = {
         decoder_script, {"--mixed_precision": "bf16", "--fused_backward_pass": True, "--full_bf16": True,
                          "--optimizer": "adafactor"}),
     "prior, fp32, AdamW": (prior_script, {"--train_batch_size": 4}),
+    # the low-memory recipe, whose peak is the caching pass of the larger CLIP tower (alone on the device)
+    "prior, low-memory recipe": (
+        prior_script, {"--mixed_precision": "bf16", "--fused_backward_pass": True, "--full_bf16": True,
+                       "--optimizer": "adafactor", "--gradient_checkpointing": True, "--cache_embeddings": True,
+                       "--train_batch_size": 1}),
 }
 
 
@@ -56,12 +89,14 @@ COMMANDS = {
 def test_estimate_is_within_5_percent_of_a_real_runs_tensor_memory(name, tiny, tmp_path, monkeypatch, capsys):
     module, flags = COMMANDS[name]
     args = base_args(tiny, tmp_path / "run", steps=2, **flags)
-    real = tracked_peak(module, args, monkeypatch)
+    real, together = tracked_peak(module, args, monkeypatch)
     estimated = module.main(module.parse_args([str(a) for a in args] + ["--estimate_memory"]))
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("Estimated peak device memory: ")
     print(f"\nFIGURES {name}: estimated {estimated} tracked {real} ratio {estimated / real:.4f}")
     assert abs(estimated - real) <= 0.05 * real, f"{name}: estimated {estimated} bytes, tracked {real}\n{out}"
+    # with the cache, each frozen model comes to the device for its own pass, alone
+    assert together == (1 if "--cache_embeddings" in flags else 2)
 
 
 def config_only_copy(folder, into):

@@ -374,3 +374,21 @@ def test_mixed_precision_help_says_what_full_bf16_keeps():
     cli.add_common_arguments(parser, "decoder")
     text = " ".join(parser.format_help().split())
     assert "the trained model keeps fp32 master weights (bf16 ones with --full_bf16)" in text
+
+
+@pytest.mark.parametrize("script", ["prior", "decoder"])
+def test_frozen_encoders_wait_on_the_cpu_with_the_cache(script, tiny, tmp_path):
+    """With --cache_embeddings the frozen encoders are loaded on the CPU (the cache's passes bring each to the device
+    alone, tests/test_estimate.py); without it they are on the device, which every step uses them on. The "meta"
+    device stands in for the GPU."""
+    import importlib
+
+    module = importlib.import_module(f"train_text_to_image_{script}")
+    accelerator = SimpleNamespace(device=torch.device("meta"), mixed_precision="bf16", is_main_process=True)
+    for cached in (False, True):
+        flags = base_args(tiny, tmp_path / "out", **({"--cache_embeddings": True} if cached else {}))
+        args = module.parse_args([str(a) for a in flags])
+        models = module.load_models(args, accelerator)
+        frozen = ((models.text_encoder, models.image_encoder) if script == "prior"
+                  else (models.movq, models.image_encoder))
+        assert {next(m.parameters()).device.type for m in frozen} == {"cpu" if cached else "meta"}
