@@ -14,6 +14,7 @@ import torch
 
 from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, estimate, holdout, hub, images, loop,
                              preemption, runtime, storage, streaming, validation)
+from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.model_card import TAGS, hub_id, output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
@@ -331,7 +332,7 @@ def save_final(args, accelerator, trained, scheduler, hub_repo_id, decoder):
         movq = VQModel.from_pretrained(decoder_path, subfolder="movq", cache_dir=args.cache_dir)  # as stored
         return getattr(diffusers, decoder.pipeline_class)(unet=unet, scheduler=scheduler, movq=movq)
 
-    storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
+    storage.save_trained(trained, args.output_dir, Layout.of(args, STAGE), pipeline)
     # An adapter loads into the stock decoder, whose scheduler predicts what the base model was trained to: the
     # one trained with, saved beside the adapter, is what sampling it needs.
     own_scheduler = args.use_lora and args.prediction_type is not None

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from kandinsky_train import (checks, cli, data, diffusion, errors, estimate, holdout, hub, loop, preemption, runtime,
                              storage, streaming, validation)
 from kandinsky_train.evaluation import fixed_noise
+from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.model_card import output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
 
@@ -263,7 +264,7 @@ def save_final(args, accelerator, trained, models, hub_repo_id):
                                          tokenizer=models.tokenizer, scheduler=models.inference_scheduler,
                                          image_processor=models.image_processor)
 
-    storage.save_trained(trained, args.output_dir, args.use_lora, pipeline)
+    storage.save_trained(trained, args.output_dir, Layout.of(args, STAGE), pipeline)
     pair = dict(decoder=snippet_name(args.pretrained_decoder_model_name_or_path),
                 prompt=(args.validation_prompts or ["a photo"])[0])
     snippet = (pair_snippet(prior=snippet_name(prior_path), prior_lora=output, **pair) if args.use_lora

@@ -12,7 +12,7 @@ import shutil
 import stat
 
 from . import faults
-from .checkpoint_folders import CHECKPOINT_RE
+from .checkpoint_folders import list_checkpoints
 from .errors import UserError, fail
 
 # A write that failed while less than this was free ran out of space, whatever the library called the error.
@@ -131,15 +131,17 @@ def writing(what, folder, needed, partial=None, advice="", outcome=None, basis="
         no_space(what, folder, needed, basis, free_bytes(folder), outcome, advice)
 
 
-def save_output(what, save, folder, needed, written):
+def save_output(what, save, folder, needed, written, layout):
     """A final output written straight into `folder` (too large to write twice for atomicity), with the room checked
     first. If the disk fills up during the write, what it wrote under `written` (names in `folder`) is removed: a
     half-written pipeline must neither pass for a whole one nor keep the last free bytes. What was there before and
-    the save left alone stays (a folder of the user's, a file the save does not write); the checkpoints stay."""
+    the save left alone stays (a folder of the user's, a file the save does not write); the checkpoints stay. The
+    advice names the checkpoint `--resume_from_checkpoint latest` would take: the newest complete one of the run's
+    `layout` (checkpoint_folders.Layout)."""
     before = _snapshot(folder, written)
-    newest = _newest_checkpoint(folder)
+    complete = list_checkpoints(folder, layout)
     advice = (f"Free some space and run the same command with --resume_from_checkpoint latest: it resumes from "
-              f"{newest} (untouched) and saves it again." if newest else
+              f"{os.path.basename(complete[-1][1])} (untouched) and saves it again." if complete else
               "This run saved no checkpoint to resume from: free some space and run the same command again.")
     with writing(what, folder, needed, partial=lambda: _written_since(folder, written, before),
                  basis="the size of its weights", fault_point="final", advice=advice):
@@ -169,31 +171,24 @@ def _written_since(folder, names, before):
     return [path for path in made if not any(path.startswith(top + os.sep) for top in created)]
 
 
-def _newest_checkpoint(folder):
-    """The name of the checkpoint-STEP folder of the highest step in `folder`, or None."""
-    steps = [(int(m.group(1)), name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-             if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(folder, name))]
-    return max(steps)[1] if steps else None
-
-
-def save_pipeline(pipe, folder):
+def save_pipeline(pipe, folder, layout):
     """A diffusers pipeline's save_pretrained: model_index.json and a folder per component."""
     save_output("the fine-tuned pipeline", pipe.save_pretrained, folder, module_bytes(*pipe.components.values()),
-                written=["model_index.json", *pipe.components])
+                written=["model_index.json", *pipe.components], layout=layout)
 
 
-def save_lora_adapter(model, folder):
+def save_lora_adapter(model, folder, layout):
     """The trained LoRA adapter of a diffusers model, as one file."""
     save_output("the LoRA adapter", lambda to: model.save_lora_adapter(to, weight_name=LORA_WEIGHTS), folder,
-                tensor_bytes(p for p in model.parameters() if p.requires_grad), written=[LORA_WEIGHTS])
+                tensor_bytes(p for p in model.parameters() if p.requires_grad), written=[LORA_WEIGHTS], layout=layout)
 
 
-def save_trained(trained, folder, lora, make_pipeline):
-    """A run's final save: the LoRA adapter file with --use_lora; else the pipeline that make_pipeline(model) builds
-    around the trained model, holding the EMA's weights when the run kept an EMA."""
-    if lora:
-        save_lora_adapter(trained.model, folder)
+def save_trained(trained, folder, layout, make_pipeline):
+    """A run's final save: the LoRA adapter file with --use_lora (layout.lora); else the pipeline that
+    make_pipeline(model) builds around the trained model, holding the EMA's weights when the run kept an EMA."""
+    if layout.lora:
+        save_lora_adapter(trained.model, folder, layout)
         return
     if trained.ema is not None:
         trained.ema.copy_to(trained.model.parameters())
-    save_pipeline(make_pipeline(trained.model), folder)
+    save_pipeline(make_pipeline(trained.model), folder, layout)

@@ -171,12 +171,25 @@ class Pipeline:
         self.write_weights(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
 
+LAYOUT = Layout("unet")
+
+
+def complete_checkpoint(folder):
+    """A checkpoint folder with what a plain decoder run resumes from (checkpoint_folders.Layout.missing)."""
+    os.makedirs(os.path.join(folder, "unet"))
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet/config.json",
+                 "unet/diffusion_pytorch_model.safetensors"):
+        open(os.path.join(folder, name), "w").close()
+
+
 def final_save_fails(folder, pipe):
-    """storage.save_pipeline into `folder` beside a checkpoint; the one line it stops with."""
-    os.makedirs(os.path.join(folder, "checkpoint-1"))
+    """storage.save_pipeline into `folder` beside a checkpoint and a newer half-written one; the one line it stops
+    with."""
+    complete_checkpoint(os.path.join(folder, "checkpoint-1"))
+    os.makedirs(os.path.join(folder, "checkpoint-2", "unet"))  # cut short: `latest` would not take it
     with pytest.raises(UserError) as raised:
-        storage.save_pipeline(pipe, str(folder))
-    assert sorted(os.listdir(folder)) == ["checkpoint-1"]  # what it wrote removed, the checkpoint kept
+        storage.save_pipeline(pipe, str(folder), LAYOUT)
+    assert sorted(os.listdir(folder)) == ["checkpoint-1", "checkpoint-2"]  # what it wrote removed, the rest kept
     return str(raised.value)
 
 
@@ -190,7 +203,7 @@ def test_a_full_disk_in_the_final_save_removes_what_it_wrote(tmp_path, monkeypat
     monkeypatch.setattr(faults, "_FAULT", None)
     with pytest.raises(UserError, match="free. Nothing was written"):  # checked before writing
         storage.save_output("the fine-tuned pipeline", pytest.fail, str(tmp_path), storage.free_bytes(tmp_path) + 2**30,
-                            written=[])
+                            written=[], layout=LAYOUT)
 
 
 def test_a_failed_final_save_removes_only_what_it_wrote(tmp_path, monkeypatch):
@@ -204,7 +217,7 @@ def test_a_failed_final_save_removes_only_what_it_wrote(tmp_path, monkeypatch):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text("{}")
     monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
     with pytest.raises(UserError) as raised:
-        storage.save_pipeline(Pipeline(lambda path: open(path, "wb").write(b"weights")), str(tmp_path))
+        storage.save_pipeline(Pipeline(lambda path: open(path, "wb").write(b"weights")), str(tmp_path), LAYOUT)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "scheduler", "scheduler/scheduler_config.json", "unet", "unet/notes.txt"]
     assert str(raised.value).endswith("What it had written was removed. This run saved no checkpoint to resume "
@@ -230,7 +243,7 @@ def test_a_safetensors_error_saying_the_disk_is_full_is_a_full_disk(tmp_path):
     denied = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
     assert not storage.ran_out_of_space(denied, str(tmp_path))
     with pytest.raises(SafetensorError, match="Permission denied"):  # not a full disk: passes through as it is
-        storage.save_pipeline(Pipeline(lambda path: (_ for _ in ()).throw(denied)), str(tmp_path))
+        storage.save_pipeline(Pipeline(lambda path: (_ for _ in ()).throw(denied)), str(tmp_path), LAYOUT)
 
 
 def test_the_final_save_on_a_real_full_disk(tmpfs):
@@ -252,7 +265,7 @@ def test_a_full_disk_in_the_lora_adapter_save_removes_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(faults, "_FAULT", "final:ENOSPC")
     with pytest.raises(UserError, match=f"write the LoRA adapter in {tmp_path}: it needs about 288 bytes "):
-        storage.save_lora_adapter(Adapted(8, 8), str(tmp_path))  # its 72 weights: 288 bytes
+        storage.save_lora_adapter(Adapted(8, 8), str(tmp_path), Layout("unet", lora=True))  # 72 weights: 288 bytes
     assert os.listdir(tmp_path) == []
 
 
@@ -289,7 +302,7 @@ def test_a_disk_that_fills_during_the_lora_adapter_write_removes_the_partial_fil
     with writes_fail_beyond(8 << 10), pytest.raises(UserError, match=f"write the LoRA adapter in {disk}: it needs "
                                                                      r"about 64.0 KiB .* What it had written was "
                                                                      r"removed\."):
-        storage.save_lora_adapter(model, str(disk))
+        storage.save_lora_adapter(model, str(disk), Layout("unet", lora=True))
     # stopped midway by the kernel, not before (the second writer's partial file was there)
     assert len(failed) == 1 and "File too large" in failed[0][0], failed
     assert failed[0][1] == ([] if writer == "safetensors" else [storage.LORA_WEIGHTS]), failed
