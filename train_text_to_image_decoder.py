@@ -16,7 +16,8 @@ from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, 
                              preemption, runtime, storage, streaming, validation)
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.model_card import TAGS, hub_id, output_name, pair_snippet, snippet_name
-from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
+from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, without_image_encoder,
+                                   zero_image_embedding)
 
 STAGE = "decoder"
 DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
@@ -174,16 +175,19 @@ def prompt_embeddings(args, accelerator, image_encoder, image_processor):
             prior_path, image_encoder=image_encoder, image_processor=image_processor,
             torch_dtype=runtime.weight_dtype_of(accelerator), cache_dir=args.cache_dir)
     prior_pipe.set_progress_bar_config(disable=True)
-    prior_pipe.prior.to(device)
-    prior_pipe.text_encoder.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed or 0)
     embeds = []
-    with torch.no_grad(), accelerator.autocast(), runtime.on_device(device, image_encoder):  # the zero image's
-        for prompt in args.validation_prompts:
-            for _ in range(args.num_validation_images):
-                out = prior_pipe(prompt, num_inference_steps=args.validation_inference_steps,
-                                 guidance_scale=args.validation_guidance_scale, generator=generator)
-                embeds.append((prompt, out.image_embeds, out.negative_image_embeds))
+    with torch.no_grad(), accelerator.autocast():
+        # the image tower's one use here, the negative embedding, computed alone: the tower waits on the CPU with
+        # --cache_embeddings, and is the largest model
+        without_image_encoder(prior_pipe, zero_image_embedding(image_encoder, image_processor, device,
+                                                               runtime.weight_dtype_of(accelerator)))
+        with runtime.on_device(device, prior_pipe.prior, prior_pipe.text_encoder):
+            for prompt in args.validation_prompts:
+                for _ in range(args.num_validation_images):
+                    out = prior_pipe(prompt, num_inference_steps=args.validation_inference_steps,
+                                     guidance_scale=args.validation_guidance_scale, generator=generator)
+                    embeds.append((prompt, out.image_embeds, out.negative_image_embeds))
     return embeds
 
 
@@ -197,11 +201,7 @@ class DecoderStage:
         self.device, self.dtype = accelerator.device, runtime.weight_dtype_of(accelerator)  # the frozen models'
         self.resample = images.RESAMPLING[args.image_interpolation_mode]
         # The unconditional embedding the pipelines use for classifier-free guidance: CLIP of an all-zero image.
-        with torch.no_grad(), runtime.on_device(self.device, models.image_encoder):
-            crop = models.image_processor.crop_size
-            self.zero_embed = models.image_encoder(torch.zeros(1, 3, crop["height"], crop["width"],
-                                                               device=self.device,
-                                                               dtype=self.dtype)).image_embeds
+        self.zero_embed = zero_image_embedding(models.image_encoder, models.image_processor, self.device, self.dtype)
 
     def stage(self):
         from diffusers import UNet2DConditionModel

@@ -15,7 +15,8 @@ from kandinsky_train import (checks, cli, data, diffusion, errors, estimate, hol
 from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.model_card import output_name, pair_snippet, snippet_name
-from kandinsky_train.stage import HeldOutHooks, Stage, clip_image_embedding, clip_pixels
+from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, without_image_encoder,
+                                   zero_image_embedding)
 
 STAGE = "prior"
 PRIOR_SUBFOLDERS = ["prior", "text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler"]
@@ -147,6 +148,11 @@ class PriorStage:
         with torch.no_grad(), runtime.on_device(self.device, models.text_encoder):
             self.uncond = self.encode(self.tokens([""]))
         self.eval_scheduler = UnCLIPScheduler.from_config(models.inference_scheduler.config)  # set_timesteps: own
+        self.zero_image = None  # the validation pipeline's negative image embedding (CLIP of a zero image)
+        if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
+            with torch.no_grad(), accelerator.autocast():  # as the pipeline would compute it
+                self.zero_image = zero_image_embedding(models.image_encoder, models.image_processor, self.device,
+                                                       self.dtype)
 
     def stage(self):
         from diffusers import PriorTransformer
@@ -231,19 +237,21 @@ class PriorStage:
                                          tokenizer=m.tokenizer, scheduler=m.inference_scheduler,
                                          image_processor=m.image_processor)
         pipe.set_progress_bar_config(disable=True)
+        without_image_encoder(pipe, self.zero_image)
         generator = torch.Generator(device=self.device).manual_seed(args.seed or 0)
-        images = []
+        prompts = [prompt for prompt in args.validation_prompts for _ in range(args.num_validation_images)]
         decoder = m.decoder_pipe
-        with torch.no_grad(), self.accelerator.autocast(), runtime.on_device(self.device, m.text_encoder,
-                                                                            m.image_encoder, decoder.unet,
-                                                                            decoder.movq):
-            for prompt in args.validation_prompts:
-                for _ in range(args.num_validation_images):
-                    embeds = pipe(prompt, num_inference_steps=args.validation_inference_steps,
-                                  guidance_scale=args.validation_guidance_scale, generator=generator)
-                    images.append((prompt, validation.render(decoder, args, embeds.image_embeds,
-                                                             embeds.negative_image_embeds, generator)))
-        return images
+        # Beside the prior being trained, one frozen model at a time on the device: the text tower for every
+        # prompt's embeddings, then the decoder to render them (the image tower not at all).
+        with torch.no_grad(), self.accelerator.autocast():
+            with runtime.on_device(self.device, m.text_encoder):
+                embeds = [pipe(prompt, num_inference_steps=args.validation_inference_steps,
+                               guidance_scale=args.validation_guidance_scale, generator=generator)
+                          for prompt in prompts]
+            with runtime.on_device(self.device, decoder.unet, decoder.movq):
+                return [(prompt, validation.render(decoder, args, out.image_embeds, out.negative_image_embeds,
+                                                   generator))
+                        for prompt, out in zip(prompts, embeds)]
 
 
 def save_final(args, accelerator, trained, models, hub_repo_id):

@@ -68,6 +68,26 @@ def clip_pixels(image_processor, image):
     return image_processor(image, return_tensors="pt").pixel_values[0]
 
 
+def zero_image_embedding(image_encoder, image_processor, device, dtype):
+    """CLIP's image embedding of an all-zero image, (1, dim) on `device`: the unconditional embedding of the
+    pipelines' classifier-free guidance (and of the decoder's dropped conditions). The encoder comes to the device
+    for it alone (runtime.on_device)."""
+    from .runtime import on_device
+
+    crop = image_processor.crop_size
+    with torch.no_grad(), on_device(device, image_encoder):
+        return image_encoder(torch.zeros(1, 3, crop["height"], crop["width"], device=device,
+                                         dtype=dtype)).image_embeds
+
+
+def without_image_encoder(prior_pipe, zero_embed):
+    """A KandinskyV22PriorPipeline whose negative image embeddings are `zero_embed` (what its get_zero_embed
+    computes with the CLIP image tower), so that the tower, the largest model of all, need not be on the device
+    while it runs."""
+    prior_pipe.get_zero_embed = lambda batch_size=1, device=None: zero_embed.to(device).repeat(batch_size, 1)
+    return prior_pipe
+
+
 def clip_image_embedding(image_encoder, image_processor, device, dtype, mirrored=False):
     """The CLIP image embedding of a batch's `clip_pixel_values`: one definition for both stages, so that the cache
     entry one writes is the other's. `mirrored`: a sample's second version is the picture's mirror (--random_flip);

@@ -392,3 +392,44 @@ def test_frozen_encoders_wait_on_the_cpu_with_the_cache(script, tiny, tmp_path):
         frozen = ((models.text_encoder, models.image_encoder) if script == "prior"
                   else (models.movq, models.image_encoder))
         assert {next(m.parameters()).device.type for m in frozen} == {"cpu" if cached else "meta"}
+
+
+@pytest.mark.parametrize("script", ["prior", "decoder"])
+def test_validation_brings_the_frozen_models_to_the_device_one_at_a_time(script, tiny, tmp_path, monkeypatch):
+    """With --cache_embeddings and validation prompts, in-process runs on the CPU (the device here): every model that
+    comes to the device (runtime.on_device) is recorded with those already there. The CLIP image tower, the largest,
+    is never there with another frozen model: the pipelines' negative embedding (CLIP of a zero image) is computed
+    with the tower alone; the prior's validation brings the text tower, then the decoder."""
+    import contextlib
+    import importlib
+
+    from accelerate.state import AcceleratorState
+
+    from kandinsky_train import runtime
+
+    module = importlib.import_module(f"train_text_to_image_{script}")
+    together, resident, on_device = [], [], runtime.on_device
+
+    @contextlib.contextmanager
+    def recorded(device, *models):
+        names = [type(m).__name__ for m in models]
+        resident.extend(names)
+        together.append(sorted(resident))
+        try:
+            with on_device(device, *models):
+                yield
+        finally:
+            del resident[-len(names):]
+
+    monkeypatch.setattr(runtime, "on_device", recorded)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    module.main(module.parse_args([str(a) for a in base_args(
+        tiny, tmp_path / "out", steps=2, **{"--cache_embeddings": True, "--validation_steps": 2,
+                                            "--validation_prompts": "a red circle"})]))
+    tower = "CLIPVisionModelWithProjection"
+    assert [names for names in together if tower in names and len(names) > 1] == [], together
+    # what ran: the tower for the negative embedding and the caching pass; the prior and text tower (the decoder's
+    # validation prompts); the text tower, then the decoder's UNet and MoVQ (the prior's validation)
+    wanted = ([["CLIPTextModelWithProjection"], ["UNet2DConditionModel", "VQModel"]] if script == "prior"
+              else [["CLIPTextModelWithProjection", "PriorTransformer"], ["VQModel"]])
+    assert [tower] in together and all(names in together for names in wanted), together
