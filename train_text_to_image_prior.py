@@ -12,8 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from kandinsky_train import (checks, cli, data, diffusion, errors, estimate, holdout, hub, loop, preemption, runtime,
                              storage, streaming, validation)
-from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.checkpoint_folders import Layout
+from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.model_card import output_name, pair_snippet, snippet_name
 from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, without_image_encoder,
                                    zero_image_embedding)
