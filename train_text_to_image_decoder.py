@@ -16,8 +16,8 @@ from kandinsky_train import (buckets, checks, cli, decoders, diffusion, errors, 
                              preemption, runtime, storage, streaming, validation)
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.model_card import TAGS, hub_id, output_name, pair_snippet, snippet_name
-from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, without_image_encoder,
-                                   zero_image_embedding)
+from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, load_clip_image_tower,
+                                   without_image_encoder, zero_image_embedding)
 
 STAGE = "decoder"
 DECODER_SUBFOLDERS = ["unet", "movq", "scheduler"]
@@ -132,10 +132,8 @@ class DecoderModels:
 
 def load_models(args, accelerator):
     from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    weight_dtype, device = runtime.weight_dtype_of(accelerator), runtime.frozen_device(args, accelerator)
+    decoder_path, weight_dtype = args.pretrained_decoder_model_name_or_path, runtime.weight_dtype_of(accelerator)
     load = dict(cache_dir=args.cache_dir)
     with errors.loading("decoder model", "--pretrained_decoder_model_name_or_path", decoder_path):
         noise_scheduler = DDPMScheduler.from_pretrained(decoder_path, subfolder="scheduler", **load)
@@ -143,12 +141,8 @@ def load_models(args, accelerator):
         unet = UNet2DConditionModel.from_pretrained(decoder_path, subfolder="unet", **load)
     if args.prediction_type is not None:  # trains with it, validates with it, and is saved with the pipeline
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    with errors.loading("CLIP image encoder", "--pretrained_prior_model_name_or_path", prior_path):
-        image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            prior_path, subfolder="image_encoder", torch_dtype=weight_dtype, **load)
-    movq.eval().requires_grad_(False).to(device)
-    image_encoder.eval().requires_grad_(False).to(device)
+    image_processor, image_encoder = load_clip_image_tower(args, accelerator, "CLIP image encoder")
+    runtime.freeze(movq, args, accelerator)
     validation_embeds = prompt_embeddings(args, accelerator, image_encoder, image_processor)
     if args.use_lora:
         runtime.add_lora(args, unet, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
@@ -156,7 +150,7 @@ def load_models(args, accelerator):
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    if device.type == "cuda":
+    if accelerator.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     unet.train()
     return DecoderModels(unet, movq, noise_scheduler, image_processor, image_encoder, validation_embeds)

@@ -15,8 +15,8 @@ from kandinsky_train import (checks, cli, data, diffusion, errors, estimate, hol
 from kandinsky_train.checkpoint_folders import Layout
 from kandinsky_train.evaluation import fixed_noise
 from kandinsky_train.model_card import output_name, pair_snippet, snippet_name
-from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, without_image_encoder,
-                                   zero_image_embedding)
+from kandinsky_train.stage import (HeldOutHooks, Stage, clip_image_embedding, clip_pixels, load_clip_image_tower,
+                                   without_image_encoder, zero_image_embedding)
 
 STAGE = "prior"
 PRIOR_SUBFOLDERS = ["prior", "text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler"]
@@ -94,21 +94,17 @@ class PriorModels:
 
 def load_models(args, accelerator):
     from diffusers import DDPMScheduler, KandinskyV22Pipeline, PriorTransformer, UnCLIPScheduler
-    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     prior_path, decoder_path = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    weight_dtype, device = runtime.weight_dtype_of(accelerator), runtime.frozen_device(args, accelerator)
-    load = dict(cache_dir=args.cache_dir)
+    weight_dtype, load = runtime.weight_dtype_of(accelerator), dict(cache_dir=args.cache_dir)
     with errors.loading("prior model", "--pretrained_prior_model_name_or_path", prior_path):
         tokenizer = CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer", **load)
-        image_processor = CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor", **load)
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(
-            prior_path, subfolder="text_encoder", torch_dtype=weight_dtype, **load).eval().requires_grad_(False)
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            prior_path, subfolder="image_encoder", torch_dtype=weight_dtype, **load).eval().requires_grad_(False)
+        text_encoder = runtime.freeze(CLIPTextModelWithProjection.from_pretrained(
+            prior_path, subfolder="text_encoder", torch_dtype=weight_dtype, **load), args, accelerator)
         prior = PriorTransformer.from_pretrained(prior_path, subfolder="prior", **load)
         inference_scheduler = UnCLIPScheduler.from_pretrained(prior_path, subfolder="scheduler", **load)
+    image_processor, image_encoder = load_clip_image_tower(args, accelerator, "prior model")
     decoder_pipe = None
     if args.validation_prompts and accelerator.is_main_process:  # only the main process renders
         with errors.loading("decoder (used to render validation images)", "--pretrained_decoder_model_name_or_path",
@@ -127,7 +123,7 @@ def load_models(args, accelerator):
     if args.gradient_checkpointing:
         enable_prior_gradient_checkpointing(prior)
     prior.train()
-    return PriorModels(prior, tokenizer, image_processor, text_encoder.to(device), image_encoder.to(device),
+    return PriorModels(prior, tokenizer, image_processor, text_encoder, image_encoder,
                        inference_scheduler, DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
                        decoder_pipe)
 

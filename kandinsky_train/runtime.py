@@ -251,6 +251,11 @@ def frozen_device(args, accelerator):
     return torch.device("cpu") if args.cache_embeddings else accelerator.device
 
 
+def freeze(model, args, accelerator):
+    """A frozen model: in eval mode, without gradients, where frozen models wait (frozen_device)."""
+    return model.eval().requires_grad_(False).to(frozen_device(args, accelerator))
+
+
 @contextlib.contextmanager
 def on_device(device, *models):
     """Bring models that wait on the CPU (frozen encoders after caching, validation-only models) to the device."""

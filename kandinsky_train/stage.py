@@ -8,6 +8,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import errors, runtime
+
 
 @dataclass
 class FrozenPart:
@@ -68,14 +70,25 @@ def clip_pixels(image_processor, image):
     return image_processor(image, return_tensors="pt").pixel_values[0]
 
 
+def load_clip_image_tower(args, accelerator, what):
+    """The CLIP image processor and the frozen CLIP image tower of the prior's folder (both stages use them), the
+    tower in the frozen models' dtype; `what` names the model a failed load is reported as."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    path, load = args.pretrained_prior_model_name_or_path, dict(cache_dir=args.cache_dir)
+    with errors.loading(what, "--pretrained_prior_model_name_or_path", path):
+        image_processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor", **load)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            path, subfolder="image_encoder", torch_dtype=runtime.weight_dtype_of(accelerator), **load)
+    return image_processor, runtime.freeze(image_encoder, args, accelerator)
+
+
 def zero_image_embedding(image_encoder, image_processor, device, dtype):
     """CLIP's image embedding of an all-zero image, (1, dim) on `device`: the unconditional embedding of the
     pipelines' classifier-free guidance (and of the decoder's dropped conditions). The encoder comes to the device
     for it alone (runtime.on_device)."""
-    from .runtime import on_device
-
     crop = image_processor.crop_size
-    with torch.no_grad(), on_device(device, image_encoder):
+    with torch.no_grad(), runtime.on_device(device, image_encoder):
         return image_encoder(torch.zeros(1, 3, crop["height"], crop["width"], device=device,
                                          dtype=dtype)).image_embeds
 
